@@ -1,0 +1,278 @@
+"""Concept data and its file format (safetensors, format 1; see docs/concept-format.md).
+
+A concept file never holds code: it is parsed from its JSON header and raw tensor bytes only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as _load_safetensors_bytes
+from safetensors.torch import save as _save_safetensors_bytes
+
+from .files import atomic_write
+
+FORMAT_VERSION = "1"
+METHODS = ("perfusion", "infusion")
+ARCHS = ("sd1", "sd2", "sdxl", "other")
+SDXL_EMBEDDINGS = {"clip_l": 768, "clip_g": 1280}
+MAX_FILE_BYTES = 64 * 2**20
+MAX_HEADER_BYTES = 2**20
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_NUMERIC_FIELDS = ("context_dim", "clip_skip", "train_beta", "train_tau", "beta", "tau", "steps")
+
+
+class ConceptError(ValueError):
+    """A concept file or concept that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Concept:
+    """One learned concept.
+
+    Shapes (d = context_dim, the text-encoding width the U-Net's cross-attention reads):
+      embedding   {"": [n, d_emb]} for one text encoder, {"clip_l": [n,768], "clip_g": [n,1280]} SDXL
+      i_star      [d]   target input: the concept word's encoding
+      a           [d]   C^-1 i* / energy, the gate direction (a . i* = 1)
+      energy      [1]   i*^T C^-1 i*
+      i_super     [d]   the superclass word's encoding at the same rows
+      values      {layer: [d_out]}  o*_V per edited attn2 (Infusion: the value residual)
+      keys        {layer: [d_out]}  optional o*_K; when absent o*_K = W_K i_super
+    """
+
+    token: str
+    superclass: str
+    embedding: dict[str, torch.Tensor]
+    i_star: torch.Tensor
+    a: torch.Tensor
+    energy: torch.Tensor
+    i_super: torch.Tensor
+    values: dict[str, torch.Tensor]
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    method: str = "perfusion"
+    arch: str = "other"
+    base_model_hash: str = ""
+    covariance_hash: str = ""
+    clip_skip: int = 1
+    train_beta: float = 0.75
+    train_tau: float = 0.10
+    beta: float = 0.7
+    tau: float = 0.15
+    steps: int = 0
+    created: str = ""
+    name: str = ""
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.i_star.shape[-1])
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted(self.values)
+
+
+def _tensors(concept: Concept) -> dict[str, torch.Tensor]:
+    out = {("embedding" if not k else f"embedding.{k}"): v for k, v in concept.embedding.items()}
+    out.update(i_star=concept.i_star, a=concept.a, energy=concept.energy.reshape(1), i_super=concept.i_super)
+    out.update({f"v.{layer}": v for layer, v in concept.values.items()})
+    out.update({f"k.{layer}": k for layer, k in concept.keys.items()})
+    return out
+
+
+def _metadata(concept: Concept) -> dict[str, str]:
+    created = concept.created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "perfusion_format": FORMAT_VERSION, "method": concept.method, "token": concept.token,
+        "superclass": concept.superclass, "arch": concept.arch, "context_dim": str(concept.context_dim),
+        "base_model_hash": concept.base_model_hash, "covariance_hash": concept.covariance_hash,
+        "clip_skip": str(concept.clip_skip), "train_beta": repr(float(concept.train_beta)),
+        "train_tau": repr(float(concept.train_tau)), "beta": repr(float(concept.beta)),
+        "tau": repr(float(concept.tau)), "steps": str(int(concept.steps)), "created": created,
+    }
+
+
+# Tensors that stay float32 on disk: the gate direction is precision-critical (s = a . e is a
+# dot product of large-norm rows), the scalar energy costs nothing.
+_FP32_TENSORS = ("a", "energy")
+
+
+def save_concept(concept: Concept, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Validate and write `concept` to `path` atomically (temp file + rename). Returns the path."""
+    path = Path(path)
+    validate(concept, source=str(path))
+    tensors = {
+        name: t.detach().to("cpu", torch.float32 if name in _FP32_TENSORS else dtype).contiguous()
+        for name, t in _tensors(concept).items()
+    }
+    return atomic_write(path, _save_safetensors_bytes(tensors, metadata=_metadata(concept)))
+
+
+def _read_header(data: bytes, source: str) -> dict:
+    """Parse and bounds-check a safetensors header before any tensor is built."""
+    def fail(problem: str) -> ConceptError:
+        return ConceptError(f"{source}: {problem}")
+
+    if len(data) < 8:
+        raise fail("not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise fail(f"header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit (not a concept file?)")
+    if 8 + n > len(data):
+        raise fail("file is truncated (header runs past the end of the file)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise fail("not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise fail("not a safetensors file (header is not a JSON object)")
+    body = len(data) - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise fail(f"tensor '{name}' has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        start, end = info.get("data_offsets", (0, -1))
+        if not (0 <= start <= end <= body):
+            raise fail(f"file is truncated (tensor '{name}' runs past the end of the file)")
+    return header
+
+
+def load_concept(path: str | os.PathLike) -> Concept:
+    """Read and validate a concept file; any problem raises ConceptError naming the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConceptError(f"{source}: {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit for concept files")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConceptError(f"{source}: cannot read the file ({e.strerror or e})") from None
+    header = _read_header(data, source)
+    meta = header.get("__metadata__") or {}
+    version = meta.get("perfusion_format")
+    if version is None:
+        raise ConceptError(f"{source}: not a Perfusion concept (no 'perfusion_format' metadata); "
+                           "textual-inversion or Lora files belong in their own folders")
+    if version != FORMAT_VERSION:
+        raise ConceptError(f"{source}: concept format {version!r} is not supported (this version reads "
+                           f"format {FORMAT_VERSION}); update the extension")
+    try:
+        tensors = _load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error types for malformed bodies
+        raise ConceptError(f"{source}: unreadable tensor data ({e})") from None
+    concept = _from_tensors(tensors, meta, source)
+    concept.name = path.stem
+    validate(concept, source=source)
+    return concept
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> Concept:
+    missing = [k for k in ("token", "superclass", "method", "arch", "context_dim") if k not in meta]
+    if missing:
+        raise ConceptError(f"{source}: metadata field(s) missing: {', '.join(missing)}")
+    numbers = {}
+    for key in _NUMERIC_FIELDS:
+        if key in meta:
+            try:
+                numbers[key] = float(meta[key])
+            except ValueError:
+                raise ConceptError(f"{source}: metadata field '{key}' is not a number: {meta[key]!r}") from None
+    required = ("i_star", "a", "energy", "i_super")
+    absent = [k for k in required if k not in tensors]
+    if absent:
+        raise ConceptError(f"{source}: tensor(s) missing: {', '.join(absent)}")
+    embedding, values, keys, extra = {}, {}, {}, []
+    for name, t in tensors.items():
+        if name == "embedding":
+            embedding[""] = t
+        elif name.startswith("embedding."):
+            embedding[name[len("embedding."):]] = t
+        elif name.startswith("v."):
+            values[name[2:]] = t
+        elif name.startswith("k."):
+            keys[name[2:]] = t
+        elif name not in required:
+            extra.append(name)
+    if extra:
+        raise ConceptError(f"{source}: unexpected tensor(s): {', '.join(sorted(extra))}")
+    if int(numbers["context_dim"]) != numbers["context_dim"]:
+        raise ConceptError(f"{source}: metadata 'context_dim' must be an integer")
+    kwargs = {k: (int(v) if k in ("clip_skip", "steps") else v) for k, v in numbers.items() if k != "context_dim"}
+    concept = Concept(
+        token=meta["token"], superclass=meta["superclass"], embedding=embedding,
+        i_star=tensors["i_star"], a=tensors["a"], energy=tensors["energy"], i_super=tensors["i_super"],
+        values=values, keys=keys, method=meta["method"], arch=meta["arch"],
+        base_model_hash=meta.get("base_model_hash", ""), covariance_hash=meta.get("covariance_hash", ""),
+        created=meta.get("created", ""), **kwargs,
+    )
+    if concept.context_dim != int(numbers["context_dim"]):
+        raise ConceptError(f"{source}: i_star has {concept.context_dim} entries but metadata says "
+                           f"context_dim {int(numbers['context_dim'])}")
+    return concept
+
+
+def validate(concept: Concept, source: str = "concept") -> None:
+    """Check fields, shapes and finiteness; raise ConceptError naming `source` and the problem."""
+    def fail(problem: str) -> ConceptError:
+        return ConceptError(f"{source}: {problem}")
+
+    if concept.method not in METHODS:
+        raise fail(f"method {concept.method!r} is not one of {', '.join(METHODS)}")
+    if concept.arch not in ARCHS:
+        raise fail(f"arch {concept.arch!r} is not one of {', '.join(ARCHS)}")
+    if not concept.token.strip() or not concept.superclass.strip():
+        raise fail("token and superclass must be non-empty words")
+    d = concept.context_dim
+    for name in ("i_star", "a", "i_super"):
+        t = getattr(concept, name)
+        if t.dim() != 1 or t.shape[0] != d:
+            raise fail(f"tensor '{name}' has shape {list(t.shape)}, expected [{d}]")
+    if concept.energy.numel() != 1:
+        raise fail(f"tensor 'energy' has shape {list(concept.energy.shape)}, expected [1]")
+    if not concept.embedding:
+        raise fail("no 'embedding' tensor")
+    if concept.arch == "sdxl" and set(concept.embedding) != set(SDXL_EMBEDDINGS):
+        raise fail(f"SDXL concepts need tensors embedding.clip_l and embedding.clip_g, found "
+                   f"{', '.join(sorted('embedding' + ('.' + k if k else '') for k in concept.embedding))}")
+    if concept.arch != "sdxl" and set(concept.embedding) != {""}:
+        raise fail("this architecture takes one tensor named 'embedding'")
+    rows = {t.shape[0] if t.dim() == 2 else -1 for t in concept.embedding.values()}
+    if len(rows) != 1 or -1 in rows:
+        raise fail("embedding tensors must be 2-D [n, d_emb] with the same n")
+    if rows == {0} and concept.method == "perfusion":
+        raise fail("a Perfusion concept needs at least one embedding row")
+    widths = {"sd1": 768, "sd2": 1024}
+    for key, t in concept.embedding.items():
+        want = SDXL_EMBEDDINGS.get(key) if concept.arch == "sdxl" else widths.get(concept.arch)
+        if want is not None and t.shape[1] != want:
+            raise fail(f"embedding{'.' + key if key else ''} is {t.shape[1]} wide, {concept.arch} needs {want}")
+    if not concept.values:
+        raise fail("no value targets (v.<layer> tensors)")
+    for kind, table in (("v", concept.values), ("k", concept.keys)):
+        for layer, t in table.items():
+            if t.dim() != 1 or t.numel() == 0:
+                raise fail(f"tensor '{kind}.{layer}' has shape {list(t.shape)}, expected [d_out]")
+    extra_keys = set(concept.keys) - set(concept.values)
+    if extra_keys:
+        raise fail(f"key targets for layers without value targets: {', '.join(sorted(extra_keys))}")
+    for layer, k in concept.keys.items():
+        if k.shape != concept.values[layer].shape:
+            raise fail(f"'k.{layer}' and 'v.{layer}' differ in shape")
+    for name, t in _tensors(concept).items():
+        if not torch.isfinite(t).all():
+            raise fail(f"tensor '{name}' holds NaN or Inf values")
+    if not float(concept.energy.reshape(())) > 0:
+        raise fail("energy must be positive")
+    for name in ("beta", "train_beta"):
+        if not math.isfinite(getattr(concept, name)):
+            raise fail(f"{name} must be finite")
+    for name in ("tau", "train_tau"):
+        if not getattr(concept, name) > 0:
+            raise fail(f"{name} must be positive")

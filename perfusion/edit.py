@@ -1,0 +1,71 @@
+"""The gated rank-1 edit of a cross-attention projection (Perfusion, Eq. 3 and its multi-concept form).
+
+For one projection W (d_out x d_in) and concepts c with target inputs i*_c, gate directions a_c
+(a_c . i*_c = 1), energies and output targets o*_c:
+
+    s_c(e) = a_c . e                                 similarity, fp32
+    g_c(e) = sigmoid((s_c(e) - beta_c) / tau_c)      gate, fp32
+    out(e) = W e - sum_c x_c(e) W i*_c + sum_c g_c(e) o*_c
+
+x = s (approximate projection), or x = G^-1 b with G_cd = energy_c a_c . i*_d and b_c = energy_c s_c
+(exact C^-1-orthogonal projection of e off span{i*_c}). Infusion concepts add g_c(e) r_c only.
+"""
+from __future__ import annotations
+
+import torch
+
+PROJECTIONS = ("approximate", "exact")
+
+
+def gate_direction(i_star: torch.Tensor, c_inv_i_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, energy) from i* [d] and C^-1 i* [d]: energy = i*^T C^-1 i*, a = C^-1 i* / energy."""
+    energy = (i_star * c_inv_i_star).sum()
+    return c_inv_i_star / energy, energy.reshape(1)
+
+
+def similarity(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """s = a . e in fp32: e [..., d], a [n, d] -> [..., n]."""
+    return e.float() @ a.float().T
+
+
+def gate(s: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """g = sigmoid((s - beta) / tau): s [..., n], beta and tau [n] -> [..., n]."""
+    return torch.sigmoid((s - beta) / tau)
+
+
+def projection_coefficients(s: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor,
+                            projection: str = "approximate") -> torch.Tensor:
+    """x [..., n]: how much of each W i*_c to remove from W e.
+
+    s [..., n] similarities; a, i_star [n, d]; energy [n]. The exact form solves the n x n Gram
+    system of the C^-1 inner product in float64; for one concept both forms equal s.
+    """
+    if projection == "approximate" or a.shape[0] == 1:
+        return s
+    if projection != "exact":
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    a64, i64, en64 = a.double(), i_star.double(), energy.double().reshape(-1)
+    gram = en64[:, None] * (a64 @ i64.T)
+    # x = G^-1 b with b_c = energy_c s_c, written as s @ (diag(energy) G^-T) for batched rows.
+    mix = torch.linalg.solve(gram, torch.diag(en64)).T
+    return s @ mix.to(s.dtype)
+
+
+def edited_output(y: torch.Tensor, e: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor,
+                  w_i_star: torch.Tensor, targets: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor,
+                  projected: torch.Tensor, projection: str = "approximate") -> torch.Tensor:
+    """The edited projection output.
+
+    y [..., d_out] = W e (any dtype); e [..., d_in]; a, i_star [n, d_in]; energy, beta, tau [n];
+    w_i_star [n, d_out] = W i*_c; targets [n, d_out] = o*_c; projected [n] bool: True for concepts
+    whose W i*_c is projected out (Perfusion), False for additive ones (Infusion residuals).
+    Gate and similarity are fp32; the result has y's dtype.
+    """
+    s = similarity(e, a)
+    g = gate(s, beta.float(), tau.float())
+    delta = g @ targets.float()
+    if projected.any():
+        idx = projected.nonzero().flatten()
+        x = projection_coefficients(s[..., idx], a[idx].float(), i_star[idx].float(), energy[idx], projection)
+        delta = delta - x @ w_i_star[idx].float()
+    return (y.float() + delta).to(y.dtype)

@@ -1,0 +1,270 @@
+"""Forward hooks on every cross-attention `to_k` / `to_v`: the one seam where concepts enter a U-Net.
+
+Works with any module tree whose cross-attention blocks are named `...attn2` and call
+`self.to_k(context)` / `self.to_v(context)` as modules (ldm, sgm, Forge). With no active concept
+the hooks return nothing and outputs are bit-identical to the bare model.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .concept import Concept, ConceptError
+from .edit import PROJECTIONS, edited_output
+
+LOCKS = ("local", "global")
+_HANDLE_ATTR = "_perfusion_hooks"
+
+
+class ConceptMismatch(ConceptError):
+    """A concept that does not fit the model it is applied to (context width or layer set)."""
+
+
+@dataclass
+class Activation:
+    """One concept switched on, with its gate (None: the concept file's suggested value)."""
+
+    concept: Concept
+    beta: Optional[float] = None
+    tau: Optional[float] = None
+    lock: str = "local"
+
+    @property
+    def gate(self) -> tuple[float, float]:
+        """(beta, tau) in use."""
+        return (self.concept.beta if self.beta is None else self.beta,
+                self.concept.tau if self.tau is None else self.tau)
+
+
+@dataclass
+class Activations:
+    """What the hooks apply on the next forward.
+
+    key_context: for global locking, maps the context a `to_k` receives [B, N, d] to the
+    row-aligned superclass-substituted context (or None to keep it).
+    """
+
+    items: list[Activation] = field(default_factory=list)
+    projection: str = "approximate"
+    key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+
+
+def find_cross_attention(diffusion_model: nn.Module, context_dim: Optional[int] = None) -> dict[str, nn.Module]:
+    """{module path: attn2 module} for every cross-attention reading `context_dim`-wide rows.
+
+    Self-attention (attn1) and cross-attention of another width (e.g. an SDXL refiner's 1280) are
+    left out. With context_dim None the width must be unique in the model.
+    """
+    found = {
+        name: m for name, m in diffusion_model.named_modules()
+        if name.rsplit(".", 1)[-1] == "attn2" and hasattr(m, "to_k") and hasattr(m, "to_v")
+    }
+    widths = {m.to_k.in_features for m in found.values()}
+    if context_dim is None:
+        if len(widths) > 1:
+            raise ValueError(f"cross-attention layers read several context widths {sorted(widths)}: pass context_dim")
+        context_dim = widths.pop() if widths else None
+    return {name: m for name, m in found.items() if m.to_k.in_features == context_dim}
+
+
+class Hooks:
+    """Hooks on one U-Net. A context manager; `detach()` removes them. Use `attach()` to make one."""
+
+    def __init__(self, diffusion_model: nn.Module, layers: dict[str, nn.Module], activations: Activations):
+        self.model = diffusion_model
+        self.layers = layers
+        self.context_dim = next(iter(layers.values())).to_k.in_features
+        self.activations = Activations()
+        self._busy = False
+        self._handles = []
+        for name, attn in layers.items():
+            self._handles.append(attn.to_k.register_forward_pre_hook(self._key_input))
+            self._handles.append(attn.to_k.register_forward_hook(self._hook(name, "k")))
+            self._handles.append(attn.to_v.register_forward_hook(self._hook(name, "v")))
+        self.activate(activations.items, activations.projection, activations.key_context)
+
+    # -- what is active -------------------------------------------------------------------
+    def check(self, concept: Concept) -> None:
+        """Raise ConceptMismatch unless `concept` was made for this model's context width and layers."""
+        src = concept.name or concept.token
+        if concept.context_dim != self.context_dim:
+            raise ConceptMismatch(f"{src}: made for {concept.context_dim}-wide text encodings "
+                                  f"({concept.arch}), this model reads {self.context_dim}")
+        if set(concept.values) != set(self.layers):
+            missing = sorted(set(self.layers) - set(concept.values))
+            foreign = sorted(set(concept.values) - set(self.layers))
+            raise ConceptMismatch(f"{src}: its layers do not match this model's cross-attention "
+                                  f"({len(missing)} missing, e.g. {missing[:1]}; {len(foreign)} unknown, "
+                                  f"e.g. {foreign[:1]}); it was trained for another architecture")
+        for name, attn in self.layers.items():
+            d_out = getattr(attn.to_v, "out_features", None)
+            if d_out is not None and concept.values[name].shape[0] != d_out:
+                raise ConceptMismatch(f"{src}: layer {name} has {concept.values[name].shape[0]} outputs, "
+                                      f"this model's has {d_out}")
+
+    def activate(self, items: list[Activation], projection: str = "approximate",
+                 key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None) -> None:
+        """Replace what is active (validated first: on error nothing changes)."""
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        for item in items:
+            self.check(item.concept)
+            if item.lock not in LOCKS:
+                raise ValueError(f"lock must be one of {LOCKS}, got {item.lock!r}")
+            beta, tau = item.gate
+            if not (tau > 0 and beta == beta):
+                raise ValueError(f"{item.concept.name or item.concept.token}: tau must be > 0 and beta a number")
+            if item.lock == "global" and item.concept.method != "perfusion":
+                raise ValueError(f"{item.concept.name}: global locking applies to Perfusion concepts only")
+        if key_context is None and any(i.lock == "global" for i in items):
+            raise ValueError("global locking needs a key_context (the superclass-substituted context)")
+        self.activations = Activations(list(items), projection, key_context)
+        self._stacks = {}
+
+    def clear(self) -> None:
+        """Switch every concept off (outputs become the bare model's again)."""
+        self.activate([])
+
+    # -- the hooks ------------------------------------------------------------------------
+    def _stack(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-concept vectors stacked [n, ...] on `device` (cached until the next activate)."""
+        if device not in self._stacks:
+            items = self.activations.items
+            cs = [i.concept for i in items]
+            self._stacks[device] = {
+                "a": torch.stack([c.a for c in cs]).to(device),
+                "i_star": torch.stack([c.i_star for c in cs]).to(device),
+                "i_super": torch.stack([c.i_super for c in cs]).to(device),
+                "energy": torch.cat([c.energy.reshape(1) for c in cs]).to(device),
+                "beta": torch.tensor([i.gate[0] for i in items], device=device),
+                "tau": torch.tensor([i.gate[1] for i in items], device=device),
+                "perfusion": torch.tensor([c.method == "perfusion" for c in cs], device=device),
+                "local": torch.tensor([i.lock == "local" for i in items], device=device),
+            }
+        return self._stacks[device]
+
+    def _key_input(self, module: nn.Module, args: tuple):
+        acts = self.activations
+        if self._busy or acts.key_context is None or not any(i.lock == "global" for i in acts.items):
+            return None
+        replaced = acts.key_context(args[0])
+        return None if replaced is None else (replaced.to(args[0].dtype),) + tuple(args[1:])
+
+    def _project(self, module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """module(x) in fp32, called under the re-entrancy guard (weights may be patched or quantized)."""
+        self._busy = True
+        try:
+            return module(x.to(dtype)).float()
+        finally:
+            self._busy = False
+
+    def _hook(self, layer: str, kind: str):
+        def hook(module: nn.Module, args: tuple, y: torch.Tensor):
+            items = self.activations.items
+            if self._busy or not items:
+                return None
+            e = args[0]
+            st = self._stack(y.device)
+            if kind == "v":
+                keep = torch.ones_like(st["local"])
+                targets = torch.stack([i.concept.values[layer] for i in items]).to(y.device)
+                w_i_star = self._project(module, st["i_star"], e.dtype)
+            else:  # keys: Perfusion concepts with local locking; global ones are locked by their input
+                keep = st["perfusion"] & st["local"]
+                if not keep.any():
+                    return None
+                both = self._project(module, torch.cat([st["i_star"], st["i_super"]]), e.dtype)
+                w_i_star, w_i_super = both.chunk(2)
+                targets = torch.stack([
+                    i.concept.keys[layer].to(y.device).float() if layer in i.concept.keys else w_i_super[n]
+                    for n, i in enumerate(items)])
+            idx = keep.nonzero().flatten()
+            return edited_output(
+                y, e, st["a"][idx], st["i_star"][idx], st["energy"][idx], w_i_star[idx], targets[idx],
+                st["beta"][idx], st["tau"][idx], projected=st["perfusion"][idx],
+                projection=self.activations.projection)
+        return hook
+
+    # -- lifetime -------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove every hook; outputs are the bare model's again. Safe to call twice."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def attach(diffusion_model: nn.Module, activations: Optional[Activations] = None,
+           context_dim: Optional[int] = None) -> Hooks:
+    """Hook every cross-attention to_k/to_v of `diffusion_model` (idempotent: one set of hooks per model).
+
+    Attaching again returns the same Hooks with `activations` applied (if given).
+    """
+    existing = getattr(diffusion_model, _HANDLE_ATTR, None)
+    if isinstance(existing, Hooks) and existing.attached:
+        if activations is not None:
+            existing.activate(activations.items, activations.projection, activations.key_context)
+        return existing
+    layers = find_cross_attention(diffusion_model, context_dim)
+    if not layers:
+        raise ValueError("no cross-attention layers (modules named '...attn2' with to_k/to_v) "
+                         f"{'reading ' + str(context_dim) + '-wide context ' if context_dim else ''}found in this model")
+    hooks = Hooks(diffusion_model, layers, activations or Activations())
+    object.__setattr__(diffusion_model, _HANDLE_ATTR, hooks)
+    return hooks
+
+
+class KeyContexts:
+    """Row-aligned lookup for global locking: maps a context batch to its superclass-substituted twin.
+
+    `add(context, key_context)` registers pairs ([B, N, d] each, or [N, d]); calling the object
+    with the context a `to_k` receives returns the twin for every batch row that matches a
+    registered row (rows that match nothing, e.g. the unconditional ones, are kept). The last
+    answer is cached for the same input tensor, so all layers of one forward share one lookup.
+    """
+
+    def __init__(self, atol: float = 1e-3):
+        self.atol = atol
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._last = None
+
+    def add(self, context: torch.Tensor, key_context: torch.Tensor) -> None:
+        if context.shape != key_context.shape:
+            raise ValueError(f"key context {list(key_context.shape)} is not row-aligned with {list(context.shape)}")
+        for c, k in zip(context.reshape(-1, *context.shape[-2:]), key_context.reshape(-1, *context.shape[-2:])):
+            self.pairs.append((c.detach(), k.detach()))
+        self._last = None
+
+    def clear(self) -> None:
+        self.pairs.clear()
+        self._last = None
+
+    def __call__(self, e: torch.Tensor) -> Optional[torch.Tensor]:
+        if self._last is not None and self._last[0]() is e and self._last[1] == e._version:
+            return self._last[2]
+        out, hit = e, False
+        for b in range(e.shape[0]):
+            for c, k in self.pairs:
+                if c.shape == e.shape[1:] and torch.allclose(e[b].float(), c.to(e.device).float(), atol=self.atol, rtol=1e-3):
+                    if not hit:
+                        out, hit = e.clone(), True
+                    out[b] = k.to(e.device, e.dtype)
+                    break
+        result = out if hit else None
+        self._last = (weakref.ref(e), e._version, result)
+        return result
