@@ -10,7 +10,7 @@ import torch
 
 from perfusion import clip_tokenizer
 from perfusion.clip_tokenizer import bpe_vocabulary_file, load_tokenizer, write_tokenizer_files
-from tests.models import attn2_layers, encode, small_text_encoder, small_unet
+from models import attn2_layers, encode, small_text_encoder, small_unet
 
 TEDDY_IDS = [49406, 320, 1125, 539, 320, 11798, 4298, 49407]
 

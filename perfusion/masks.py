@@ -1,0 +1,54 @@
+"""Object masks from the model's own cross-attention on the superclass word (no segmenter needed).
+
+For each image: noise its latent to a mid timestep, run the base denoiser on "a photo of a
+<superclass>", and average over every attn2 layer and head the attention that each latent pixel
+pays to the superclass word's context row. Queries and keys are read with forward hooks on
+`to_q` / `to_k`, so this works with any attention implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import Adapter
+from .diffusion import q_sample
+from .hooks import attach
+
+
+@torch.no_grad()
+def attention_masks(adapter: Adapter, latents: torch.Tensor, superclass: str, timestep_fraction: float = 0.5,
+                    seed: int = 0) -> torch.Tensor:
+    """Soft masks [N, h, w] in [0, 1] (min-max per image) for latents [N, C, h, w]."""
+    hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
+    saved = hooks.activations
+    hooks.clear()
+    n, _, h, w = latents.shape
+    context, rows = adapter.encode([f"a photo of a {superclass}"] * n, superclass)
+    row = rows[0][-1]
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+    for name, attn in hooks.layers.items():
+        store = captured.setdefault(name, {})
+        handles.append(attn.to_q.register_forward_hook(lambda m, a, y, s=store: s.__setitem__("q", y)))
+        handles.append(attn.to_k.register_forward_hook(lambda m, a, y, s=store: s.__setitem__("k", y)))
+    try:
+        t = torch.full((n,), int(timestep_fraction * (adapter.alphas_cumprod.shape[0] - 1)), device=latents.device)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+        adapter.apply_model(q_sample(latents, t, noise, adapter.alphas_cumprod).to(context.dtype), t, context)
+    finally:
+        for handle in handles:
+            handle.remove()
+        hooks.activate(saved.items, saved.projection, saved.key_context)
+    total = torch.zeros(n, h, w, device=latents.device)
+    for name, attn in hooks.layers.items():
+        q, k = captured[name]["q"].float(), captured[name]["k"].float()
+        heads = attn.heads
+        q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
+        k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]
+        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[..., row]  # [n, heads, hw]
+        side = int(round((probs.shape[-1] * w / h) ** 0.5))
+        grid = probs.mean(1).reshape(n, 1, probs.shape[-1] // side, side)
+        total += F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    lo = total.flatten(1).min(1).values[:, None, None]
+    hi = total.flatten(1).max(1).values[:, None, None]
+    return ((total - lo) / (hi - lo).clamp(min=1e-12)).cpu()

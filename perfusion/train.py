@@ -1,0 +1,375 @@
+"""Learn one concept from a few images (Perfusion, or Infusion), through any `Adapter`.
+
+Perfusion: a new word whose input embedding starts at the superclass word's; keys locked to the
+superclass (o*_K = W_K i_super); value targets o*_V (one vector per attn2) and the embedding are
+trained with AdamW in two parameter groups; i* follows the concept word's encoding by EMA.
+Infusion: the class word itself, keys untouched, a gated value residual per attn2.
+
+Every random draw of micro-batch (step, k) comes from a generator seeded by (seed, step, k), so an
+interrupted run resumed from its checkpoint continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
+
+from .adapter import Adapter
+from .concept import Concept, save_concept
+from .covariance import Covariance, concept_gate
+from .dataset import soft_mask
+from .diffusion import q_sample, training_target
+from .files import atomic_write
+from .hooks import Activation, attach
+
+TI_TEMPLATES = (
+    "a photo of a [name]", "a rendering of a [name]", "a cropped photo of the [name]", "the photo of a [name]",
+    "a photo of a clean [name]", "a photo of a dirty [name]", "a dark photo of the [name]", "a photo of my [name]",
+    "a photo of the cool [name]", "a close-up photo of a [name]", "a bright photo of the [name]",
+    "a cropped photo of a [name]", "a photo of the [name]", "a good photo of the [name]", "a photo of one [name]",
+    "a close-up photo of the [name]", "a rendition of the [name]", "a photo of the clean [name]",
+    "a rendition of a [name]", "a photo of a nice [name]", "a good photo of a [name]", "a photo of the nice [name]",
+    "a photo of the small [name]", "a photo of the weird [name]", "a photo of the large [name]",
+    "a photo of a cool [name]", "a photo of a small [name]",
+)
+
+
+class TrainError(ValueError):
+    """Training cannot start or resume; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in its checkpoint)."""
+
+    name: str
+    token: str
+    superclass: str
+    method: str = "perfusion"
+    steps: int = 400
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr_values: float = 0.03
+    lr_embedding: float = 0.006
+    warmup_steps: int = 0
+    train_beta: float = 0.75
+    train_tau: float = 0.10
+    beta: float = 0.7
+    tau: float = 0.15
+    ema: Optional[float] = 0.99
+    i_star_gradient: str = "detach"  # or "straight_through"
+    templates: tuple[str, ...] = TI_TEMPLATES
+    flip: bool = True
+    save_every: int = 0
+    preview_every: int = 0
+    seed: int = 0
+    clip_skip: int = 1
+
+    def check(self) -> None:
+        if self.method not in ("perfusion", "infusion"):
+            raise TrainError(f"method must be 'perfusion' or 'infusion', got {self.method!r}")
+        if self.i_star_gradient not in ("detach", "straight_through"):
+            raise TrainError("i_star_gradient must be 'detach' or 'straight_through'")
+        if min(self.steps, self.batch_size, self.grad_accum) < 1:
+            raise TrainError("steps, batch size and gradient accumulation must be at least 1")
+        if not all("[name]" in t for t in self.templates):
+            raise TrainError("every template line needs a [name] placeholder")
+        if not self.tau > 0 or not self.train_tau > 0:
+            raise TrainError("tau must be positive")
+
+
+@dataclass
+class Progress:
+    """One report per optimiser step."""
+
+    step: int
+    total: int
+    loss: float
+    smoothed: float
+    eta_s: float
+    it_per_s: float
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    path: Path
+    step: int
+    interrupted: bool
+    losses: list[float] = field(default_factory=list)
+
+
+def check_superclass(adapter: Adapter, superclass: str) -> None:
+    """The superclass must be exactly one token; otherwise say which words would do."""
+    n = adapter.token_count(superclass)
+    if n == 1:
+        return
+    words = [w for w in superclass.replace("-", " ").split() if adapter.token_count(w) == 1]
+    hint = f"try one of: {', '.join(words)}" if words else "try a common one-word class such as 'toy', 'dog', 'cat', 'person'"
+    raise TrainError(f"superclass {superclass!r} is {n} tokens, it must be exactly one; {hint}")
+
+
+class Trainer:
+    """One run. `images` [N, 3, R, R] in [-1, 1]; `masks` [N, R, R] soft weights or None per image."""
+
+    def __init__(self, adapter: Adapter, covariance: Covariance, config: TrainConfig, images: torch.Tensor,
+                 masks: Optional[list[Optional[torch.Tensor]]], work_dir: str | Path, concept_path: str | Path,
+                 captions: Optional[list[str]] = None):
+        config.check()
+        check_superclass(adapter, config.superclass)
+        if config.method == "perfusion" and config.token.lower() == config.superclass.lower():
+            raise TrainError("the concept word must differ from the superclass word (Infusion uses the class word)")
+        self.adapter, self.cov, self.cfg = adapter, covariance, config
+        self.work_dir, self.concept_path = Path(work_dir), Path(concept_path)
+        self.captions = captions or [""] * len(images)
+        self.word = config.token if config.method == "perfusion" else config.superclass
+        self.latents, self.masks = self._cache(images, masks)
+        self.checkpoint_path = self.work_dir / f"{config.name}.resume.safetensors"
+        self.loss_path = self.work_dir / f"{config.name}.loss.csv"
+
+    # -- data -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _cache(self, images, masks):
+        """Latents of every image (and its mirror when flipping), computed once, with latent-grid masks."""
+        dev = self.adapter.device
+        variants = [images, images.flip(-1)] if self.cfg.flip else [images]
+        latents = torch.stack([self.adapter.encode_images(v.to(dev)).float() for v in variants])  # [F, N, C, h, w]
+        h, w = latents.shape[-2:]
+        grid = []
+        for i in range(images.shape[0]):
+            m = masks[i] if masks is not None else None
+            m = soft_mask(m, (h, w)) if m is not None else torch.ones(h, w)
+            grid.append(m)
+        grid = torch.stack(grid).to(dev)
+        return latents, torch.stack([grid, grid.flip(-1)])[: latents.shape[0]]
+
+    def _prompts(self, gen: torch.Generator, idx: list[int], word: str) -> list[str]:
+        out = []
+        for i in idx:
+            t = self.cfg.templates[int(torch.randint(len(self.cfg.templates), (1,), generator=gen))]
+            out.append(" ".join(t.replace("[name]", word).replace("[filewords]", self.captions[i]).split()))
+        return out
+
+    def _micro_batch(self, step: int, k: int, word: Optional[str] = None):
+        """(x0, mask, prompts, t, noise) for micro-batch k of optimiser step `step`, drawn reproducibly;
+        prompts are written with `word` (default: the concept's word)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 1_009 + k)
+        n = self.latents.shape[1]
+        idx = torch.randint(n, (self.cfg.batch_size,), generator=gen).tolist()
+        flip = torch.randint(self.latents.shape[0], (self.cfg.batch_size,), generator=gen).tolist()
+        x0 = torch.stack([self.latents[f, i] for f, i in zip(flip, idx)])
+        mask = torch.stack([self.masks[f, i] for f, i in zip(flip, idx)])
+        prompts = self._prompts(gen, idx, word or self.word)
+        t = torch.randint(self.adapter.alphas_cumprod.shape[0], (self.cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        return x0, mask, prompts, t.to(x0.device), noise.to(x0.device)
+
+    # -- state ----------------------------------------------------------------------------
+    def _init_state(self) -> dict:
+        """Embedding, i_super, i*, and value targets from the first micro-batch, as in the paper."""
+        cfg, ad = self.cfg, self.adapter
+        _, _, prompts, _, _ = self._micro_batch(0, 0, word=cfg.superclass)
+        with torch.no_grad():
+            context, rows = ad.encode(prompts, cfg.superclass)
+            i_super = _mean_rows(context, rows).float()
+        hooks = attach(ad.diffusion_model, context_dim=ad.context_dim)
+        hooks.clear()  # the base model's W_V, whatever the host had switched on
+        with torch.no_grad():
+            values = {}
+            for name, attn in hooks.layers.items():
+                start = attn.to_v(i_super[None].to(context.dtype)).float()[0]
+                values[name] = torch.zeros_like(start) if cfg.method == "infusion" else start
+        embedding = ad.word_embedding(cfg.superclass) if cfg.method == "perfusion" else {
+            k: v[:0] for k, v in ad.word_embedding(cfg.superclass).items()}
+        return {"i_super": i_super, "i_star": i_super.clone(), "values": values,
+                "embedding": {k: v.float() for k, v in embedding.items()}, "step": 0}
+
+    def _concept(self, state: dict, i_star: torch.Tensor, step: int) -> Concept:
+        a, energy = concept_gate(self.cov, i_star.detach().float())
+        cfg = self.cfg
+        return Concept(
+            token=self.word, superclass=cfg.superclass, embedding=state["embedding"], i_star=i_star,
+            a=a, energy=energy, i_super=state["i_super"], values=state["values"], method=cfg.method,
+            arch=getattr(self.adapter, "arch", "other"), base_model_hash=getattr(self.adapter, "model_hash", ""),
+            covariance_hash=self.cov.hash, clip_skip=cfg.clip_skip, train_beta=cfg.train_beta,
+            train_tau=cfg.train_tau, beta=cfg.beta, tau=cfg.tau, steps=step, name=cfg.name)
+
+    def _optimizer(self, state: dict) -> torch.optim.Optimizer:
+        groups = [{"params": list(state["values"].values()), "lr": self.cfg.lr_values, "name": "values"}]
+        if self.cfg.method == "perfusion":
+            groups.append({"params": list(state["embedding"].values()), "lr": self.cfg.lr_embedding, "name": "embedding"})
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def _lr_scale(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _params(self, state: dict) -> dict[str, torch.Tensor]:
+        out = {f"values.{k}": v for k, v in state["values"].items()}
+        out.update({f"embedding.{k}": v for k, v in state["embedding"].items()})
+        return out
+
+    def save_checkpoint(self, state: dict, opt: torch.optim.Optimizer, step: int) -> Path:
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self._params(state).items()}
+        tensors.update(i_star=state["i_star"].detach().cpu(), i_super=state["i_super"].detach().cpu())
+        names = {id(p): name for name, p in self._params(state).items()}
+        for p, s in opt.state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"adam.{key}.{names[id(p)]}"] = s[key].detach().cpu().contiguous()
+            tensors[f"adam.step.{names[id(p)]}"] = torch.as_tensor(s["step"], dtype=torch.float64).reshape(1).cpu()
+        meta = {"perfusion_checkpoint": "1", "step": str(step), "config": json.dumps(asdict(self.cfg))}
+        return atomic_write(self.checkpoint_path, save_bytes(tensors, metadata=meta))
+
+    def _resume(self) -> tuple[dict, dict]:
+        """(state, optimizer tensors) from the checkpoint; refuses one made with another config."""
+        try:
+            with safe_open(str(self.checkpoint_path), "pt") as f:
+                meta = f.metadata() or {}
+            saved = json.loads(meta["config"])
+            tensors = load_file(str(self.checkpoint_path))
+        except Exception as e:
+            raise TrainError(f"{self.checkpoint_path}: unreadable checkpoint ({e}); delete it to start over") from None
+        ours = asdict(self.cfg)
+        fixed = ("token", "superclass", "method", "batch_size", "grad_accum", "seed", "ema", "i_star_gradient", "flip")
+        changed = [k for k in fixed if json.dumps(saved.get(k)) != json.dumps(ours[k])]
+        if changed:
+            raise TrainError(f"{self.checkpoint_path}: made with different {', '.join(changed)}; "
+                             "start a new run under another name or delete the checkpoint")
+        dev = self.adapter.device
+        state = {"i_star": tensors["i_star"].to(dev), "i_super": tensors["i_super"].to(dev), "step": int(meta["step"]),
+                 "values": {k[7:]: v.to(dev) for k, v in tensors.items() if k.startswith("values.")},
+                 "embedding": {k[10:]: v.to(dev) for k, v in tensors.items() if k.startswith("embedding.")}}
+        return state, {k: v.to(dev) for k, v in tensors.items() if k.startswith("adam.")}
+
+    @staticmethod
+    def _load_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], saved: dict[str, torch.Tensor]) -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = names[id(p)]
+                if f"adam.exp_avg.{name}" in saved:
+                    opt.state[p] = {"step": torch.tensor(float(saved[f"adam.step.{name}"][0])),
+                                    "exp_avg": saved[f"adam.exp_avg.{name}"].clone(),
+                                    "exp_avg_sq": saved[f"adam.exp_avg_sq.{name}"].clone()}
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: Optional[Callable[[Progress], None]] = None,
+            should_stop: Callable[[], bool] = lambda: False,
+            preview: Optional[Callable[[Concept, int], None]] = None) -> TrainResult:
+        """Train to `steps` (from the checkpoint if `resume`), saving atomically; returns the final concept."""
+        cfg, ad = self.cfg, self.adapter
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.checkpoint_path.exists():
+            state, saved_opt = self._resume()
+        elif resume:
+            raise TrainError(f"nothing to resume: {self.checkpoint_path} does not exist")
+        else:
+            state, saved_opt = self._init_state(), {}
+        for table in (state["values"], state["embedding"]):
+            for k in table:
+                table[k] = table[k].detach().float().requires_grad_(True)
+        opt = self._optimizer(state)
+        names = {id(p): n for n, p in self._params(state).items()}
+        self._load_optimizer(opt, names, saved_opt)
+        losses = _read_losses(self.loss_path, state["step"]) if resume else []
+        hooks = attach(ad.diffusion_model, context_dim=ad.context_dim)
+        step, started, smoothed = state["step"], time.monotonic(), (losses[-1] if losses else None)
+        first = step
+        interrupted = False
+        try:
+            while step < cfg.steps:
+                for group in opt.param_groups:
+                    group["lr"] = (cfg.lr_values if group["name"] == "values" else cfg.lr_embedding) * self._lr_scale(step)
+                total, i_star_before = 0.0, state["i_star"]
+                for k in range(cfg.grad_accum):
+                    if should_stop():
+                        interrupted = True
+                        break
+                    total += self._micro_step(state, hooks, step, k) / cfg.grad_accum
+                if interrupted:  # back to the last whole step: what the checkpoint holds
+                    state["i_star"] = i_star_before
+                    opt.zero_grad(set_to_none=True)
+                    break
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                state["step"] = step
+                losses.append(total)
+                smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
+                self._append_loss(step, total, smoothed)
+                if progress:
+                    rate = (step - first) / max(time.monotonic() - started, 1e-9)
+                    progress(Progress(step, cfg.steps, total, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self.save_checkpoint(state, opt, step)
+                    save_concept(self._concept(state, state["i_star"], step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
+                if preview and cfg.preview_every and step % cfg.preview_every == 0:
+                    with torch.no_grad():
+                        concept = self._concept(state, state["i_star"], step)
+                        hooks.activate([Activation(concept, cfg.beta, cfg.tau)])
+                        preview(concept, step)
+        finally:
+            hooks.clear()
+        self.save_checkpoint(state, opt, step)
+        concept = self._concept(state, state["i_star"].detach(), step)
+        path = save_concept(concept, self.concept_path)
+        return TrainResult(concept, path, step, interrupted, losses)
+
+    def _micro_step(self, state: dict, hooks, step: int, k: int) -> float:
+        cfg, ad = self.cfg, self.adapter
+        x0, mask, prompts, t, noise = self._micro_batch(step, k)
+        embedding = state["embedding"] if cfg.method == "perfusion" else None
+        context, rows = ad.encode(prompts, self.word, embedding)
+        i_star = state["i_star"]
+        if cfg.method == "perfusion" and cfg.ema is not None:
+            m = _mean_rows(context, rows).float()
+            i_star = cfg.ema * i_star + (1 - cfg.ema) * m.detach()
+            state["i_star"] = i_star
+            if cfg.i_star_gradient == "straight_through":  # value of the EMA, gradient of the fresh encoding
+                i_star = i_star + (1 - cfg.ema) * (m - m.detach())
+        concept = self._concept(state, i_star, step)
+        hooks.activate([Activation(concept, cfg.train_beta, cfg.train_tau)])
+        x_t = q_sample(x0, t, noise, ad.alphas_cumprod)
+        pred = ad.apply_model(x_t.to(context.dtype), t, context).float()
+        target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)
+        per_pixel = (pred - target).square().mean(1)  # [B, h, w]
+        loss = (per_pixel * mask).mean()
+        (loss / cfg.grad_accum).backward()
+        return float(loss.detach())
+
+    def _append_loss(self, step: int, loss: float, smoothed: float) -> None:
+        new = not self.loss_path.exists()
+        with open(self.loss_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "loss", "smoothed_loss", "time"])
+            w.writerow([step, repr(loss), repr(smoothed), time.strftime("%Y-%m-%dT%H:%M:%S")])
+
+
+def _mean_rows(context: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """Mean of context[b, r] over every listed row of every prompt: [d]."""
+    picked = [context[b, r] for b, rs in enumerate(rows) for r in rs]
+    if not picked:
+        raise TrainError("the concept word was not found in the training prompts (check the templates)")
+    return torch.stack(picked).mean(0)
+
+
+def _read_losses(path: Path, upto: int) -> list[float]:
+    """Losses of steps 1..upto from the CSV, dropping rows past the checkpoint (rewritten atomically)."""
+    if not path.exists():
+        return []
+    rows = [r for r in csv.reader(io.StringIO(path.read_text())) if r and r[0].isdigit() and int(r[0]) <= upto]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "loss", "smoothed_loss", "time"])
+    w.writerows(rows)
+    atomic_write(path, buf.getvalue().encode())
+    return [float(r[1]) for r in rows]

@@ -1,0 +1,160 @@
+"""The trainer end to end on a tiny real-architecture model (ldm UNetModel + CLIPTextModel, real tokenizer)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import perfusion
+from perfusion.diffusion import q_sample, training_target
+from perfusion.hooks import Activation, attach
+from perfusion.train import TrainConfig, Trainer, TrainError
+from tiny import pattern_images, tiny_adapter, tiny_covariance
+
+
+@pytest.fixture(scope="module")
+def world():
+    adapter = tiny_adapter("v")
+    return adapter, tiny_covariance(adapter), pattern_images(3)
+
+
+def config(**kw):
+    base = dict(name="hugsy", token="hugsy", superclass="toy", steps=8, batch_size=2, grad_accum=2, seed=7,
+                lr_values=0.03, lr_embedding=0.006)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def eval_loss(adapter, trainer, concept) -> float:
+    """Loss on fixed draws (never used in training), with `concept` active at the train gate."""
+    hooks = attach(adapter.diffusion_model)
+    hooks.activate([Activation(concept, 0.75, 0.10)])
+    total = 0.0
+    with torch.no_grad():
+        for k in range(6):
+            x0, mask, prompts, t, noise = trainer._micro_batch(10_000, k)
+            context, _ = adapter.encode(prompts, concept.token, concept.embedding)
+            pred = adapter.apply_model(q_sample(x0, t, noise, adapter.alphas_cumprod), t, context)
+            total += float((pred - training_target(x0, t, noise, adapter.alphas_cumprod, "v")).square().mean())
+    hooks.clear()
+    return total / 6
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_loss_falls_and_only_the_concept_changes(world, tmp_path):
+    adapter, cov, images = world
+    before_unet, before_text = snapshot(adapter.diffusion_model), snapshot(adapter.text_encoder)
+    progress = []
+    # a random U-Net attends ~uniformly over 77 rows, so the concept row has little leverage: a larger
+    # value learning rate makes the (deterministic) fall clear in 25 steps
+    cfg = config(steps=25, lr_values=0.3, lr_embedding=0.05)
+    trainer = Trainer(adapter, cov, cfg, images, None, tmp_path, tmp_path / "hugsy.safetensors")
+    state = trainer._init_state()
+    init = trainer._concept(state, state["i_star"], 0)
+    result = trainer.run(progress=progress.append)
+    assert result.step == 25 and not result.interrupted and len(result.losses) == 25
+    assert eval_loss(adapter, trainer, result.concept) < eval_loss(adapter, trainer, init) - 0.005
+    # the base model is untouched, bit for bit
+    assert all(torch.equal(v, snapshot(adapter.diffusion_model)[k]) for k, v in before_unet.items())
+    assert all(torch.equal(v, snapshot(adapter.text_encoder)[k]) for k, v in before_text.items())
+    # what did change: the embedding row, every value target, and i* (EMA)
+    c = perfusion.load_concept(result.path)
+    assert not torch.allclose(c.embedding[""].float(), init.embedding[""].float(), atol=1e-4)
+    assert all(not torch.allclose(c.values[k].float(), init.values[k].float(), atol=1e-3) for k in c.values)
+    assert not torch.allclose(c.i_star.float(), init.i_star.float(), atol=1e-5)
+    assert c.keys == {} and c.method == "perfusion" and c.steps == 25 and c.covariance_hash == cov.hash
+    assert [p.step for p in progress] == list(range(1, 26)) and progress[-1].eta_s == 0
+    rows = list(csv.reader(open(tmp_path / "hugsy.loss.csv")))
+    assert rows[0][:3] == ["step", "loss", "smoothed_loss"] and len(rows) == 26
+
+
+def test_keys_stay_locked_to_the_superclass(world, tmp_path):
+    adapter, cov, images = world
+    trainer = Trainer(adapter, cov, config(steps=4), images, None, tmp_path, tmp_path / "k.safetensors")
+    concept = trainer.run().concept
+    hooks = attach(adapter.diffusion_model)
+    hooks.activate([Activation(concept, 0.75, 0.10)])
+    with torch.no_grad():
+        ctx, rows = adapter.encode(["a photo of a hugsy"], "hugsy", concept.embedding)
+        for name, attn in hooks.layers.items():
+            k_concept = attn.to_k(ctx)[0, rows[0][0]]
+            k_super = attn.to_k.weight @ concept.i_super.float()
+            g = torch.sigmoid((concept.a.float() @ ctx[0, rows[0][0]].float() - 0.75) / 0.10)
+            s = concept.a.float() @ ctx[0, rows[0][0]].float()
+            expected = attn.to_k.weight @ ctx[0, rows[0][0]] - s * (attn.to_k.weight @ concept.i_star.float()) + g * k_super
+            assert torch.allclose(k_concept, expected, atol=1e-4)
+            # at i* itself the key is the gated superclass key
+            k_at_star = attn.to_k(concept.i_star.float()[None, None])[0, 0]
+            g1 = torch.sigmoid(torch.tensor((1 - 0.75) / 0.10))
+            assert torch.allclose(k_at_star, g1 * k_super, atol=1e-4)
+    hooks.clear()
+    # i_super: the superclass word's encoding, averaged over the first batch's prompts written with it
+    _, _, prompts, _, _ = trainer._micro_batch(0, 0, word="toy")
+    with torch.no_grad():
+        ctx, rows = adapter.encode(prompts, "toy")
+    assert torch.allclose(concept.i_super, torch.stack([ctx[b, r[0]] for b, r in enumerate(rows)]).mean(0), atol=1e-5)
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(world, tmp_path):
+    adapter, cov, images = world
+    straight = Trainer(adapter, cov, config(), images, None, tmp_path / "a", tmp_path / "a.safetensors").run()
+    calls = {"n": 0}
+
+    def stop_after_seven():
+        calls["n"] += 1
+        return calls["n"] > 7  # mid-way through step 4's accumulation
+
+    first = Trainer(adapter, cov, config(), images, None, tmp_path / "b", tmp_path / "b.safetensors")
+    part = first.run(should_stop=stop_after_seven)
+    assert part.interrupted and part.step == 3 and part.path.exists()  # interrupt still saves
+    resumed = Trainer(adapter, cov, config(), images, None, tmp_path / "b", tmp_path / "b.safetensors").run(resume=True)
+    assert resumed.step == 8 and not resumed.interrupted
+    assert resumed.losses == straight.losses
+    for k, v in straight.concept.values.items():
+        assert torch.equal(resumed.concept.values[k], v)
+    assert torch.equal(resumed.concept.embedding[""], straight.concept.embedding[""])
+    assert torch.equal(resumed.concept.i_star, straight.concept.i_star)
+    rows = list(csv.reader(open(tmp_path / "b" / "hugsy.loss.csv")))
+    assert [r[0] for r in rows[1:]] == [str(s) for s in range(1, 9)]
+
+
+def test_resume_refuses_a_different_run_and_a_missing_checkpoint(world, tmp_path):
+    adapter, cov, images = world
+    Trainer(adapter, cov, config(steps=2), images, None, tmp_path, tmp_path / "c.safetensors").run()
+    with pytest.raises(TrainError, match="superclass"):
+        Trainer(adapter, cov, config(superclass="dog"), images, None, tmp_path, tmp_path / "c.safetensors").run(resume=True)
+    with pytest.raises(TrainError, match="nothing to resume"):
+        Trainer(adapter, cov, config(name="other"), images, None, tmp_path, tmp_path / "d.safetensors").run(resume=True)
+
+
+def test_superclass_must_be_one_token(world, tmp_path):
+    adapter, cov, images = world
+    with pytest.raises(TrainError, match="'teddy bear' is 2 tokens.*teddy, bear"):
+        Trainer(adapter, cov, config(superclass="teddy bear"), images, None, tmp_path, tmp_path / "x.safetensors")
+    with pytest.raises(TrainError, match="must differ"):
+        Trainer(adapter, cov, config(token="toy"), images, None, tmp_path, tmp_path / "x.safetensors")
+
+
+def test_masked_loss_ignores_the_background(world, tmp_path):
+    adapter, cov, images = world
+    masks = [torch.zeros(32, 32) for _ in range(3)]
+    for m in masks:
+        m[8:24, 8:24] = 1
+    trainer = Trainer(adapter, cov, config(steps=1, flip=False), images, masks, tmp_path, tmp_path / "m.safetensors")
+    grid = trainer.masks[0, 0]
+    assert grid.shape == (16, 16) and grid.mean() == pytest.approx(1.0, abs=1e-4)
+    assert grid[0, 0] < 0.2 < 1.0 < grid[8, 8]
+
+
+def test_infusion_run_writes_a_valid_small_file(world, tmp_path):
+    adapter, cov, images = world
+    cfg = config(method="infusion", token="toy", superclass="toy", steps=3, lr_values=0.01)
+    result = Trainer(adapter, cov, cfg, images, None, tmp_path, tmp_path / "toy.safetensors").run()
+    c = perfusion.load_concept(result.path)
+    assert c.method == "infusion" and c.token == "toy" and c.embedding[""].shape[0] == 0
+    assert all(v.abs().sum() > 0 for v in c.values.values())  # residuals learned from zero
+    assert torch.equal(c.i_star, c.i_super)
