@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -30,6 +30,7 @@ from .dataset import soft_mask
 from .diffusion import q_sample, training_target
 from .files import atomic_write
 from .hooks import Activation, attach
+from .masks import attention_masks
 
 TI_TEMPLATES = (
     "a photo of a [name]", "a rendering of a [name]", "a cropped photo of the [name]", "the photo of a [name]",
@@ -108,6 +109,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+def read_templates(path: str | Path) -> tuple[str, ...]:
+    """Template lines from a textual-inversion style file ([name], optional [filewords]); blank lines skipped."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path}: cannot read the templates file ({e})") from None
+    bad = [n for n, line in enumerate(lines, 1) if "[name]" not in line]
+    if not lines or bad:
+        raise TrainError(f"{path}: every line needs a [name] placeholder" + (f" (line {bad[0]} has none)" if bad else " (file is empty)"))
+    return tuple(lines)
+
+
 def check_superclass(adapter: Adapter, superclass: str) -> None:
     """The superclass must be exactly one token; otherwise say which words would do."""
     n = adapter.token_count(superclass)
@@ -119,11 +133,14 @@ def check_superclass(adapter: Adapter, superclass: str) -> None:
 
 
 class Trainer:
-    """One run. `images` [N, 3, R, R] in [-1, 1]; `masks` [N, R, R] soft weights or None per image."""
+    """One run. `images` [N, 3, R, R] in [-1, 1]; `masks`: per image an [R, R] weight in [0, 1] or None,
+    or "attention" (the model's own cross-attention on the superclass word), or None for no mask."""
 
     def __init__(self, adapter: Adapter, covariance: Covariance, config: TrainConfig, images: torch.Tensor,
-                 masks: Optional[list[Optional[torch.Tensor]]], work_dir: str | Path, concept_path: str | Path,
-                 captions: Optional[list[str]] = None):
+                 masks: Union[None, str, list[Optional[torch.Tensor]]], work_dir: str | Path,
+                 concept_path: str | Path, captions: Optional[list[str]] = None):
+        if isinstance(masks, str) and masks != "attention":
+            raise TrainError(f"masks must be a list of masks, 'attention' or None, got {masks!r}")
         config.check()
         check_superclass(adapter, config.superclass)
         if config.method == "perfusion" and config.token.lower() == config.superclass.lower():
@@ -144,12 +161,10 @@ class Trainer:
         variants = [images, images.flip(-1)] if self.cfg.flip else [images]
         latents = torch.stack([self.adapter.encode_images(v.to(dev)).float() for v in variants])  # [F, N, C, h, w]
         h, w = latents.shape[-2:]
-        grid = []
-        for i in range(images.shape[0]):
-            m = masks[i] if masks is not None else None
-            m = soft_mask(m, (h, w)) if m is not None else torch.ones(h, w)
-            grid.append(m)
-        grid = torch.stack(grid).to(dev)
+        if masks == "attention":
+            masks = list(attention_masks(self.adapter, latents[0], self.cfg.superclass, seed=self.cfg.seed))
+        grid = torch.stack([soft_mask(m.cpu(), (h, w)) if m is not None else torch.ones(h, w)
+                            for m in (masks if masks is not None else [None] * images.shape[0])]).to(dev)
         return latents, torch.stack([grid, grid.flip(-1)])[: latents.shape[0]]
 
     def _prompts(self, gen: torch.Generator, idx: list[int], word: str) -> list[str]:

@@ -158,3 +158,30 @@ def test_infusion_run_writes_a_valid_small_file(world, tmp_path):
     assert c.method == "infusion" and c.token == "toy" and c.embedding[""].shape[0] == 0
     assert all(v.abs().sum() > 0 for v in c.values.values())  # residuals learned from zero
     assert torch.equal(c.i_star, c.i_super)
+
+
+def test_attention_masks_from_the_models_own_cross_attention(world, tmp_path):
+    adapter, cov, images = world
+    from perfusion.masks import attention_masks
+    latents = adapter.encode_images(images)
+    masks = attention_masks(adapter, latents, "toy", seed=7)  # the seed config() trains with
+    assert masks.shape == (3, 16, 16) and masks.min() == 0 and masks.max() == 1
+    assert masks.std() > 0.05  # not a constant map
+    trainer = Trainer(adapter, cov, config(steps=1, flip=False), images, "attention", tmp_path, tmp_path / "a.safetensors")
+    from perfusion.dataset import soft_mask
+    assert torch.allclose(trainer.masks[0, 1], soft_mask(masks[1], (16, 16)))
+    with pytest.raises(TrainError, match="'attention' or None"):
+        Trainer(adapter, cov, config(), images, "alpha", tmp_path, tmp_path / "a.safetensors")
+
+
+def test_templates_file(tmp_path):
+    from perfusion.train import read_templates
+    good = tmp_path / "t.txt"
+    good.write_text("a photo of [name]\n\n[filewords], a [name]\n")
+    assert read_templates(good) == ("a photo of [name]", "[filewords], a [name]")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of [name]\na photo of a dog\n")
+    with pytest.raises(TrainError, match="line 2"):
+        read_templates(bad)
+    with pytest.raises(TrainError, match="cannot read"):
+        read_templates(tmp_path / "missing.txt")
