@@ -185,3 +185,34 @@ def test_templates_file(tmp_path):
         read_templates(bad)
     with pytest.raises(TrainError, match="cannot read"):
         read_templates(tmp_path / "missing.txt")
+
+
+def test_preview_and_snapshots_every_n_steps(world, tmp_path):
+    adapter, cov, images = world
+    seen = []
+
+    def preview(concept, step):
+        hooks = attach(adapter.diffusion_model)
+        seen.append((step, [i.gate for i in hooks.activations.items], concept.steps))
+
+    cfg = config(steps=4, grad_accum=1, save_every=2, preview_every=2, beta=0.6, tau=0.2)
+    Trainer(adapter, cov, cfg, images, None, tmp_path, tmp_path / "p.safetensors").run(preview=preview)
+    assert seen == [(2, [(0.6, 0.2)], 2), (4, [(0.6, 0.2)], 4)]  # the concept is on, at the inference gate
+    snap = perfusion.load_concept(tmp_path / "hugsy-00002.safetensors")
+    assert snap.steps == 2 and not (tmp_path / "hugsy-00004.safetensors").exists()  # the last one is the final file
+
+
+def test_autocast_keeps_fp32_parameters(tmp_path):
+    adapter = tiny_adapter("eps", seed=1)
+    cov = tiny_covariance(adapter, prompts=128)
+    seen = set()
+    for attn in attach(adapter.diffusion_model).layers.values():
+        attn.to_v.register_forward_hook(lambda m, a, y: seen.add(y.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the WebUI trains under autocast; CPU has bf16
+        result = Trainer(adapter, cov, config(steps=2, grad_accum=1), pattern_images(2), None, tmp_path,
+                         tmp_path / "bf.safetensors").run()
+    assert torch.bfloat16 in seen  # the edit really ran in low precision
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(v.dtype == torch.float32 for v in result.concept.values.values())
+    assert result.concept.embedding[""].dtype == torch.float32
+    assert perfusion.load_concept(result.path).values
