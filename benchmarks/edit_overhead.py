@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks" / "_open_clip_stub")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
@@ -137,7 +137,10 @@ def per_call(fn, e: torch.Tensor, calls: int) -> float:
 
 
 def layer_section(unet, cov, concept, samples: int, thread_counts: list[int]) -> list[str]:
-    import perfusion_pytorch  # behind the open_clip stand-in (sys.path above)
+    # perfusion-pytorch imports open_clip (whose real package needs torchvision): put the stand-in first,
+    # only now, so that nothing earlier (e.g. perfusion.clip_tokenizer's find_spec) could see it.
+    sys.path.insert(0, str(ROOT / "benchmarks" / "_open_clip_stub"))
+    import perfusion_pytorch
 
     hooks = perfusion.attach(unet, perfusion.Activations([perfusion.Activation(concept)]))
     e = context_with([concept], seed=9)

@@ -5,13 +5,7 @@
 * :func:`small_text_encoder` builds a small ``transformers.CLIPTextModel`` that takes the real
   CLIP token ids (see ``perfusion.clip_tokenizer.load_tokenizer``).
 
-Two ldm quirks are handled here:
-
-* ``UNetModel.__init__`` imports ``omegaconf`` whenever ``context_dim`` is given, only to
-  compare ``type(context_dim)`` with ``ListConfig``. omegaconf is not installed in the dev
-  environment, so a throwaway stand-in module is placed in ``sys.modules`` for the duration
-  of the constructor when (and only when) the real one is missing.
-* ldm zero-initialises several output projections (every ``SpatialTransformer.proj_out``,
+One ldm quirk is handled here: ldm zero-initialises several output projections (every ``SpatialTransformer.proj_out``,
   the last conv of each ``ResBlock`` and the UNet's final conv), which makes a freshly built
   UNet return exactly zero and ignore ``context`` entirely. With ``reinit_zero=True`` (the
   default) those layers get an ordinary random init so the output depends on the input and
@@ -21,9 +15,6 @@ Two ldm quirks are handled here:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
-import types
 from typing import Iterator, Sequence
 
 import torch
@@ -38,32 +29,6 @@ MAX_LENGTH = 77
 VOCAB_SIZE = 49408
 BOS_ID = 49406
 EOS_ID = 49407
-
-
-@contextlib.contextmanager
-def _omegaconf_stand_in() -> Iterator[None]:
-    """Provide ``omegaconf.listconfig.ListConfig`` while ldm's constructor runs, if missing."""
-    if "omegaconf" in sys.modules or importlib.util.find_spec("omegaconf") is not None:
-        yield
-        return
-    pkg = types.ModuleType("omegaconf")
-    sub = types.ModuleType("omegaconf.listconfig")
-
-    class ListConfig(list):  # never equal to type(int), which is all ldm checks
-        pass
-
-    sub.ListConfig = ListConfig
-    pkg.listconfig = sub
-    pkg.__path__ = []  # mark as a package
-    sys.modules["omegaconf"] = pkg
-    sys.modules["omegaconf.listconfig"] = sub
-    try:
-        yield
-    finally:
-        if sys.modules.get("omegaconf") is pkg:
-            del sys.modules["omegaconf"]
-        if sys.modules.get("omegaconf.listconfig") is sub:
-            del sys.modules["omegaconf.listconfig"]
 
 
 @contextlib.contextmanager
@@ -86,7 +51,7 @@ def _reinit_zeroed(model: nn.Module) -> int:
 
 
 def _build_unet(seed: int, reinit_zero: bool, **kwargs) -> UNetModel:
-    with _seeded(seed), _omegaconf_stand_in():
+    with _seeded(seed):
         model = UNetModel(**kwargs)
         if reinit_zero:
             _reinit_zeroed(model)

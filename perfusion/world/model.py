@@ -1,0 +1,80 @@
+"""The embedded mini text-to-image model: an ldm UNetModel in pixel space (32x32 RGB) conditioned by a
+small causal CLIPTextModel over the real CLIP tokenizer, v-prediction on a cosine schedule."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..adapter import LdmClipAdapter
+from ..clip_tokenizer import load_tokenizer
+from ..files import atomic_write, short_hash
+
+WEIGHTS = Path(__file__).with_name("weights") / "mini.safetensors"
+UNET = dict(image_size=32, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
+            attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
+            use_spatial_transformer=True, transformer_depth=1, context_dim=64, use_linear_in_transformer=True,
+            use_checkpoint=False, legacy=False)
+TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=49407)
+TIMESTEPS = 1000
+LATENT_SHAPE = (3, 32, 32)
+
+
+def cosine_alphas_cumprod(steps: int = TIMESTEPS, s: float = 0.008) -> torch.Tensor:
+    """alpha_bar_t for t = 0..steps-1 (Nichol & Dhariwal cosine schedule, betas capped at 0.999), float64."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def build(seed: int = 0) -> tuple[torch.nn.Module, CLIPTextModel]:
+    """Fresh (unet, text_encoder) with the mini configuration."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNetModel(**UNET), CLIPTextModel(CLIPTextConfig(**TEXT))
+
+
+def save_weights(unet: torch.nn.Module, text: CLIPTextModel, path: Path, meta: dict) -> Path:
+    """Weights as safetensors (token embedding table in fp16, everything else fp32), atomically."""
+    tensors = {f"unet.{k}": v.detach().float().contiguous() for k, v in unet.state_dict().items()}
+    for k, v in text.state_dict().items():
+        tensors[f"text.{k}"] = v.detach().to(torch.float16 if "token_embedding" in k else torch.float32).contiguous()
+    return atomic_write(path, save_bytes(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+
+def weights_meta(path: Path = WEIGHTS) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def load(path: Path = WEIGHTS, device: str = "cpu") -> LdmClipAdapter:
+    """The mini model behind the engine's Adapter (eval mode, no gradients on its weights)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: mini model weights missing; train them with "
+                                "`./dev.sh python -m perfusion.world.train_model`")
+    tensors = load_file(str(path))
+    unet, text = build()
+    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    text.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")})
+    for m in (unet, text):
+        m.eval().requires_grad_(False).to(device)
+    return LdmClipAdapter(unet, text, load_tokenizer(), cosine_alphas_cumprod(), "v",
+                          model_hash=short_hash(Path(path).read_bytes(), 10))
+
+
+def encode_captions(adapter_or_parts, captions: list[str]) -> torch.Tensor:
+    """Context [B, 77, 64] for captions (used by the model trainer, where the encoder is trainable)."""
+    tokenizer, text = adapter_or_parts
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+    return text(input_ids=ids.to(text.device)).last_hidden_state
+

@@ -1,0 +1,136 @@
+"""Train the embedded mini model on the miniature world (resumable, CPU-sized).
+
+    ./dev.sh python -m perfusion.world.train_model [--steps N] [--minutes M] [--work DIR]
+
+Every step draws a fresh batch of scenes seeded by the step number (no data set on disk), so a run
+resumed from its checkpoint continues exactly. Checkpoints (model, EMA, optimizer, step) are
+written atomically every 50 steps and when the time budget ends; the final EMA weights go to
+perfusion/world/weights/mini.safetensors with their training configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
+
+from ..clip_tokenizer import load_tokenizer
+from ..diffusion import q_sample, training_target
+from ..files import atomic_write
+from . import model as mini
+from .scenes import PATTERNS, batch, to_tensor
+
+DEFAULTS = dict(steps=2400, batch=32, lr=2e-3, warmup=100, ema=0.999, drop_caption=0.1, two_objects=0.25, seed=0)
+
+
+def lr_at(step: int, cfg: dict) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg["warmup"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    progress = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+
+
+def save_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer, step: int, cfg: dict, log: list) -> None:
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in models.items() for k, v in m.state_dict().items()}
+    state = opt.state_dict()
+    for idx, s in state["state"].items():
+        for key, value in s.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).reshape(-1) if key == "step" else value.contiguous()
+    meta = {"step": str(step), "config": json.dumps(cfg), "log": json.dumps(log[-200:])}
+    atomic_write(path, save_bytes(tensors, metadata=meta))
+
+
+def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tuple[int, dict, list]:
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    for name, m in models.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, field = key.split(".", 2)
+            state["state"].setdefault(int(idx), {})[field] = value[0] if field == "step" else value
+    opt.load_state_dict(state)
+    return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"])
+
+
+def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int:
+    """Train (or continue) until `steps` or the time budget; returns the step reached."""
+    cfg = {**DEFAULTS, **overrides, "steps": steps}
+    torch.manual_seed(cfg["seed"])
+    unet, text = mini.build(cfg["seed"])
+    models = {"unet": unet, "text": text, "ema_unet": copy.deepcopy(unet), "ema_text": copy.deepcopy(text)}
+    for name in ("ema_unet", "ema_text"):
+        models[name].requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
+    ckpt = work / "mini.checkpoint.safetensors"
+    step, log = 0, []
+    if ckpt.exists():
+        step, saved, log = load_checkpoint(ckpt, models, opt)
+        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in cfg.items() if k != "steps"}:
+            raise SystemExit(f"{ckpt} was made with another configuration ({saved}); delete it or pass the same options")
+        print(f"resuming at step {step}/{steps}", flush=True)
+    tokenizer = load_tokenizer()
+    alphas = mini.cosine_alphas_cumprod()
+    unet.train()
+    text.train()
+    deadline = time.monotonic() + minutes * 60
+    started, window = time.monotonic(), []
+    while step < steps and time.monotonic() < deadline:
+        images, captions, _ = batch(cfg["seed"] * 1_000_003 + step, cfg["batch"], PATTERNS, cfg["two_objects"],
+                                    cfg["drop_caption"])
+        gen = torch.Generator().manual_seed(cfg["seed"] * 7_919 + step)
+        x0 = to_tensor(images)
+        t = torch.randint(len(alphas), (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        context = mini.encode_captions((tokenizer, text), captions)
+        pred = unet(q_sample(x0, t, noise, alphas), t, context=context)
+        loss = (pred - training_target(x0, t, noise, alphas, "v")).square().mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for src, dst in (("unet", "ema_unet"), ("text", "ema_text")):
+                for p, e in zip(models[src].parameters(), models[dst].parameters()):
+                    e.lerp_(p, 1 - cfg["ema"])
+        step += 1
+        window.append(loss.item())
+        if step % 25 == 0 or step == steps:
+            rate = (time.monotonic() - started) / len(window) if window else 0
+            log.append([step, sum(window[-25:]) / len(window[-25:])])
+            print(f"step {step}/{steps} loss {log[-1][1]:.4f} ({rate:.2f} s/step)", flush=True)
+        if step % 50 == 0:
+            save_checkpoint(ckpt, models, opt, step, cfg, log)
+    save_checkpoint(ckpt, models, opt, step, cfg, log)
+    if step >= steps:
+        meta = {"config": {"unet": mini.UNET, "text": mini.TEXT, "train": cfg}, "steps": step,
+                "final_loss": log[-1][1] if log else None}
+        mini.save_weights(models["ema_unet"], models["ema_text"], out, meta)
+        print(f"wrote {out}", flush=True)
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--minutes", type=float, default=90.0, help="stop (resumably) after this long")
+    p.add_argument("--work", type=Path, default=Path("cache/world"))
+    p.add_argument("--out", type=Path, default=mini.WEIGHTS)
+    a = p.parse_args()
+    train(a.steps, a.minutes, a.work, a.out)
+
+
+if __name__ == "__main__":
+    main()
