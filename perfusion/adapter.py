@@ -6,7 +6,7 @@ The WebUI, the miniature model and the tests each provide one; the engine never 
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol
 
 import torch
 from torch import nn
@@ -14,6 +14,11 @@ from torch import nn
 from .tokens import CLIP_BOS, CLIP_EOS
 
 Embedding = dict[str, torch.Tensor]  # {"" or "clip_l"/"clip_g": [n, d_emb]}
+
+
+def concept_words(concepts) -> dict[str, Optional[Embedding]]:
+    """{word: learned embedding} for Perfusion concepts, {class word: None} for Infusion ones."""
+    return {c.token: (c.embedding if c.method == "perfusion" else None) for c in concepts}
 
 
 class Adapter(Protocol):
@@ -35,11 +40,11 @@ class Adapter(Protocol):
     def word_embedding(self, word: str) -> Embedding:
         """The raw input-embedding rows of `word`."""
 
-    def encode(self, prompts: list[str], word: Optional[str] = None, embedding: Optional[Embedding] = None
-               ) -> tuple[torch.Tensor, list[list[int]]]:
-        """Context [B, N, d] for `prompts` in which `word` (if any) appears; where `embedding` is given the word's
-        tokens are replaced by its n vectors (gradients reach them). Also the word's context rows per
-        prompt: the last row of each occurrence."""
+    def encode(self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
+               ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
+        """Context [B, N, d] for `prompts`, and for every word of `words` its context rows in each prompt
+        (the last row of each occurrence). A word mapped to an embedding has its tokens replaced by the
+        embedding's n vectors (gradients reach them); a word mapped to None keeps its own tokens."""
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction (eps or v per `prediction`) for x [B, C, h, w] at integer steps t [B]."""
@@ -51,9 +56,12 @@ class Adapter(Protocol):
         """Images [B, 3, R, R] in [-1, 1]."""
 
 
-def _split_on_word(prompt: str, word: str) -> list[str]:
-    """Pieces of `prompt` around each whole-word occurrence of `word` (case-insensitive)."""
-    return re.split(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, flags=re.IGNORECASE)
+def _split_on_words(prompt: str, words: list[str]) -> list[str]:
+    """[text, word, text, word, ..., text]: `prompt` cut at whole-word occurrences of `words` (any case)."""
+    if not words:
+        return [prompt]
+    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.split(rf"(?<!\w)({pattern})(?!\w)", prompt, flags=re.IGNORECASE)
 
 
 class LdmClipAdapter:
@@ -99,29 +107,36 @@ class LdmClipAdapter:
         out[mask] = rows.to(out.dtype)
         return out
 
-    def encode(self, prompts, word=None, embedding=None):
-        word_ids = self._ids(word) if word else []
-        n = embedding[""].shape[0] if embedding is not None else len(word_ids)
-        batch, masks, rows = [], [], []
+    def encode(self, prompts, words=None):
+        words = dict(words or {})
+        canonical = {w.lower(): w for w in words}
+        ids_of = {w: self._ids(w) for w in words}
+        batch, vectors, mask, rows = [], [], [], {w: [] for w in words}
         for prompt in prompts:
-            ids, mask, found = [CLIP_BOS], [False], []
-            for k, piece in enumerate(_split_on_word(prompt, word) if word else [prompt]):
-                if k:
-                    ids += word_ids if embedding is None else [CLIP_EOS] * n
-                    mask += [embedding is not None] * n
-                    found.append(len(ids) - 1)
-                ids += self._ids(piece)
-                mask += [False] * (len(ids) - len(mask))
+            ids, found = [CLIP_BOS], {w: [] for w in words}
+            for k, piece in enumerate(_split_on_words(prompt, list(words))):
+                if k % 2 == 0:
+                    ids += self._ids(piece)
+                    continue
+                word = canonical[piece.lower()]
+                emb = words[word]
+                if emb is None:
+                    ids += ids_of[word]
+                else:
+                    mask += [(len(batch), len(ids) + j) for j in range(emb[""].shape[0])]
+                    vectors.append(emb[""])
+                    ids += [CLIP_EOS] * emb[""].shape[0]
+                found[word].append(len(ids) - 1)
             if len(ids) > 76:
                 raise ValueError(f"prompt is longer than 75 tokens: {prompt!r}")
-            pad = 77 - len(ids)
-            batch.append(ids + [CLIP_EOS] * pad)
-            masks.append(mask + [False] * pad)
-            rows.append(found)
+            batch.append(ids + [CLIP_EOS] * (77 - len(ids)))
+            for w in words:
+                rows[w].append(found[w])
         ids = torch.tensor(batch, device=self._token_embedding.weight.device)
-        if embedding is not None:
-            mask = torch.tensor(masks, device=ids.device)
-            self._replacement = (mask, embedding[""].repeat(int(mask.sum()) // n, 1))
+        if vectors:
+            where = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+            where[tuple(torch.tensor(mask, device=ids.device).T)] = True
+            self._replacement = (where, torch.cat(vectors))
         try:
             context = self.text_encoder(input_ids=ids).last_hidden_state
         finally:

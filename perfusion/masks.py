@@ -23,8 +23,8 @@ def attention_masks(adapter: Adapter, latents: torch.Tensor, superclass: str, ti
     saved = hooks.activations
     hooks.clear()
     n, _, h, w = latents.shape
-    context, rows = adapter.encode([f"a photo of a {superclass}"] * n, superclass)
-    row = rows[0][-1]
+    context, rows = adapter.encode([f"a photo of a {superclass}"] * n, {superclass: None})
+    row = rows[superclass][0][-1]
     captured: dict[str, dict[str, torch.Tensor]] = {}
     handles = []
     for name, attn in hooks.layers.items():

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .adapter import Adapter
+from .adapter import Adapter, concept_words
 from .concept import Concept
 from .diffusion import ddim_sample, q_sample
 from .hooks import Activation, attach
@@ -92,7 +92,7 @@ def generate(adapter: Adapter, prompts: list[str], concept: Optional[Concept], b
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
     hooks.activate([Activation(concept, beta, tau)] if concept is not None else [])
     try:
-        cond, _ = adapter.encode(prompts, concept.token if concept else None, concept.embedding if concept and concept.method == "perfusion" else None)
+        cond, _ = adapter.encode(prompts, concept_words([concept] if concept else []))
         uncond, _ = adapter.encode([""] * len(prompts))
         latents = ddim_sample(adapter.apply_model, adapter.alphas_cumprod, cond, uncond, (len(prompts), *latent_shape),
                               adapter.prediction, steps=steps, guidance=guidance,

@@ -194,8 +194,8 @@ class Trainer:
         cfg, ad = self.cfg, self.adapter
         _, _, prompts, _, _ = self._micro_batch(0, 0, word=cfg.superclass)
         with torch.no_grad():
-            context, rows = ad.encode(prompts, cfg.superclass)
-            i_super = _mean_rows(context, rows).float()
+            context, rows = ad.encode(prompts, {cfg.superclass: None})
+            i_super = _mean_rows(context, rows[cfg.superclass]).float()
         hooks = attach(ad.diffusion_model, context_dim=ad.context_dim)
         hooks.clear()  # the base model's W_V, whatever the host had switched on
         with torch.no_grad():
@@ -342,7 +342,8 @@ class Trainer:
         cfg, ad = self.cfg, self.adapter
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
         embedding = state["embedding"] if cfg.method == "perfusion" else None
-        context, rows = ad.encode(prompts, self.word, embedding)
+        context, rows = ad.encode(prompts, {self.word: embedding})
+        rows = rows[self.word]
         i_star = state["i_star"]
         if cfg.method == "perfusion" and cfg.ema is not None:
             m = _mean_rows(context, rows).float()

@@ -34,7 +34,7 @@ def eval_loss(adapter, trainer, concept) -> float:
     with torch.no_grad():
         for k in range(6):
             x0, mask, prompts, t, noise = trainer._micro_batch(10_000, k)
-            context, _ = adapter.encode(prompts, concept.token, concept.embedding)
+            context, _ = adapter.encode(prompts, {concept.token: concept.embedding})
             pred = adapter.apply_model(q_sample(x0, t, noise, adapter.alphas_cumprod), t, context)
             total += float((pred - training_target(x0, t, noise, adapter.alphas_cumprod, "v")).square().mean())
     hooks.clear()
@@ -79,7 +79,8 @@ def test_keys_stay_locked_to_the_superclass(world, tmp_path):
     hooks = attach(adapter.diffusion_model)
     hooks.activate([Activation(concept, 0.75, 0.10)])
     with torch.no_grad():
-        ctx, rows = adapter.encode(["a photo of a hugsy"], "hugsy", concept.embedding)
+        ctx, rows = adapter.encode(["a photo of a hugsy"], {"hugsy": concept.embedding})
+        rows = rows["hugsy"]
         for name, attn in hooks.layers.items():
             k_concept = attn.to_k(ctx)[0, rows[0][0]]
             k_super = attn.to_k.weight @ concept.i_super.float()
@@ -95,7 +96,8 @@ def test_keys_stay_locked_to_the_superclass(world, tmp_path):
     # i_super: the superclass word's encoding, averaged over the first batch's prompts written with it
     _, _, prompts, _, _ = trainer._micro_batch(0, 0, word="toy")
     with torch.no_grad():
-        ctx, rows = adapter.encode(prompts, "toy")
+        ctx, rows = adapter.encode(prompts, {"toy": None})
+        rows = rows["toy"]
     assert torch.allclose(concept.i_super, torch.stack([ctx[b, r[0]] for b, r in enumerate(rows)]).mean(0), atol=1e-5)
 
 
