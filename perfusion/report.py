@@ -15,9 +15,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .adapter import Adapter, concept_words
+from .adapter import Adapter
 from .concept import Concept
-from .diffusion import ddim_sample, q_sample
+from .diffusion import q_sample
+from .generate import generate
 from .hooks import Activation, attach
 
 NEUTRAL_PROMPTS = ("a photo of a dog", "a red car on a street", "a bowl of fruit on a table", "a mountain landscape",
@@ -85,23 +86,6 @@ def drift(adapter: Adapter, concept: Concept, beta: float, tau: float, prompts=N
     return diff / draws, diff / max(base_sq, 1e-12)
 
 
-@torch.no_grad()
-def generate(adapter: Adapter, prompts: list[str], concept: Optional[Concept], beta: float, tau: float,
-             latent_shape: tuple[int, int, int], seed: int, steps: int = 20, guidance: float = 2.0) -> torch.Tensor:
-    """Images [n, 3, R, R] in [-1, 1] for prompts, with `concept` active (or the base model)."""
-    hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
-    hooks.activate([Activation(concept, beta, tau)] if concept is not None else [])
-    try:
-        cond, _ = adapter.encode(prompts, concept_words([concept] if concept else []))
-        uncond, _ = adapter.encode([""] * len(prompts))
-        latents = ddim_sample(adapter.apply_model, adapter.alphas_cumprod, cond, uncond, (len(prompts), *latent_shape),
-                              adapter.prediction, steps=steps, guidance=guidance,
-                              generator=torch.Generator().manual_seed(seed))
-        return adapter.decode_latents(latents).clamp(-1, 1)
-    finally:
-        hooks.clear()
-
-
 def overfitting_report(adapter: Adapter, concept: Concept, latent_shape: tuple[int, int, int], samples: int = 16,
                        beta: Optional[float] = None, tau: Optional[float] = None, seed: int = 0, steps: int = 20,
                        features: Callable[[torch.Tensor], torch.Tensor] = pixel_features) -> Report:
@@ -114,8 +98,10 @@ def overfitting_report(adapter: Adapter, concept: Concept, latent_shape: tuple[i
     tau = concept.tau if tau is None else tau
     mse, rel = drift(adapter, concept, beta, tau, latent_shape=latent_shape, seed=seed)
     word = concept.token
-    mine = generate(adapter, [f"a photo of a {word}"] * samples, concept, beta, tau, latent_shape, seed, steps)
-    base = generate(adapter, [f"a photo of a {concept.superclass}"] * samples, None, beta, tau, latent_shape, seed + 1, steps)
-    again = generate(adapter, [f"a photo of a {concept.superclass}"] * samples, None, beta, tau, latent_shape, seed + 2, steps)
+    item = [Activation(concept, beta, tau)]
+    mine = generate(adapter, [f"a photo of a {word}"] * samples, item, latent_shape=latent_shape, seed=seed, steps=steps)
+    cls = [f"a photo of a {concept.superclass}"] * samples
+    base = generate(adapter, cls, latent_shape=latent_shape, seed=seed + 1, steps=steps)
+    again = generate(adapter, cls, latent_shape=latent_shape, seed=seed + 2, steps=steps)
     f_mine, f_base, f_again = features(mine).cpu(), features(base).cpu(), features(again).cpu()
     return Report(mse, rel, gaussian_w2(f_mine, f_base), gaussian_w2(f_again, f_base), samples)
