@@ -12,6 +12,8 @@ x = s (approximate projection), or x = G^-1 b with G_cd = energy_c a_c . i*_d an
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 PROJECTIONS = ("approximate", "exact")
@@ -53,19 +55,29 @@ def projection_coefficients(s: torch.Tensor, a: torch.Tensor, i_star: torch.Tens
 
 def edited_output(y: torch.Tensor, e: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor,
                   w_i_star: torch.Tensor, targets: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor,
-                  projected: torch.Tensor, projection: str = "approximate") -> torch.Tensor:
+                  projected: Optional[Sequence[int]] = None, projection: str = "approximate",
+                  ungated: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The edited projection output.
 
     y [..., d_out] = W e (any dtype); e [..., d_in]; a, i_star [n, d_in]; energy, beta, tau [n];
-    w_i_star [n, d_out] = W i*_c; targets [n, d_out] = o*_c; projected [n] bool: True for concepts
-    whose W i*_c is projected out (Perfusion), False for additive ones (Infusion residuals).
-    Gate and similarity are fp32; the result has y's dtype.
+    w_i_star [n, d_out] = W i*_c; targets [n, d_out] = o*_c; projected: indices of the concepts whose
+    W i*_c is projected out (default all: Perfusion; the others are additive, like Infusion residuals);
+    ungated [n] bool: concepts whose gate is replaced by s itself (ROME's closed form, an ablation).
+    Gate and similarity are fp32; the whole update is one fused product [g, -x] @ [o*; W i*] added to
+    y in fp32; the result has y's dtype.
     """
+    n = a.shape[0]
+    projected = range(n) if projected is None else list(projected)
     s = similarity(e, a)
-    g = gate(s, beta.float(), tau.float())
-    delta = g @ targets.float()
-    if projected.any():
-        idx = projected.nonzero().flatten()
-        x = projection_coefficients(s[..., idx], a[idx].float(), i_star[idx].float(), energy[idx], projection)
-        delta = delta - x @ w_i_star[idx].float()
-    return (y.float() + delta).to(y.dtype)
+    coef, rows = gate(s, beta.float(), tau.float()), targets.float()
+    if ungated is not None:
+        coef = torch.where(ungated, s, coef)
+    if len(projected):
+        full = len(projected) == n
+        x = projection_coefficients(s if full else s[..., projected], a if full else a[projected],
+                                    i_star if full else i_star[projected], energy if full else energy[projected],
+                                    projection)
+        coef = torch.cat([coef, -x], -1)
+        rows = torch.cat([rows, (w_i_star if full else w_i_star[projected]).float()])
+    flat = y.reshape(-1, y.shape[-1]).float()
+    return torch.addmm(flat, coef.reshape(-1, coef.shape[-1]), rows).reshape(y.shape).to(y.dtype)

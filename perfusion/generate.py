@@ -1,7 +1,7 @@
 """Text-to-image through any Adapter with concepts switched on (several at once, local or global locking)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -24,10 +24,13 @@ def key_words(adapter: Adapter, items: Sequence[Activation]) -> dict:
 @torch.no_grad()
 def generate(adapter: Adapter, prompts: list[str], items: Sequence[Activation] = (), *,
              latent_shape: tuple[int, ...], seed: int = 0, steps: int = 25, guidance: float = 2.0, eta: float = 1.0,
-             projection: str = "approximate", negative: str = "") -> torch.Tensor:
-    """Images [n, 3, R, R] in [-1, 1] for `prompts` (DDIM, classifier-free guidance, noise from `seed`)."""
+             projection: str = "approximate", negative: str = "", words: Optional[Mapping] = None) -> torch.Tensor:
+    """Images [n, 3, R, R] in [-1, 1] for `prompts` (DDIM, classifier-free guidance, noise from `seed`).
+
+    words: more {word: embedding} for the text encoder beyond the active concepts' (e.g. a concept's
+    embedding alone, as textual inversion)."""
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
-    cond, _ = adapter.encode(prompts, concept_words([i.concept for i in items]))
+    cond, _ = adapter.encode(prompts, {**(words or {}), **concept_words([i.concept for i in items])})
     uncond, _ = adapter.encode([negative] * len(prompts))
     key_context = None
     if any(i.lock == "global" for i in items):

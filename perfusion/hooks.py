@@ -26,12 +26,16 @@ class ConceptMismatch(ConceptError):
 
 @dataclass
 class Activation:
-    """One concept switched on, with its gate (None: the concept file's suggested value)."""
+    """One concept switched on, with its gate (None: the concept file's suggested value).
+
+    ungated: replace the sigmoid gate by the similarity itself (ROME's closed form; an ablation).
+    """
 
     concept: Concept
     beta: Optional[float] = None
     tau: Optional[float] = None
     lock: str = "local"
+    ungated: bool = False
 
     @property
     def gate(self) -> tuple[float, float]:
@@ -130,20 +134,25 @@ class Hooks:
         self.activate([])
 
     # -- the hooks ------------------------------------------------------------------------
-    def _stack(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Per-concept vectors stacked [n, ...] on `device` (cached until the next activate)."""
+    def _stack(self, device: torch.device) -> dict:
+        """Per-concept vectors stacked [n, ...] on `device`, and which concepts each path edits
+        (Python lists: no device sync in the hooks). Cached until the next activate."""
         if device not in self._stacks:
             items = self.activations.items
             cs = [i.concept for i in items]
+            on = lambda rows: torch.stack(rows).to(device)  # noqa: E731
+            v_edit = list(range(len(items)))
+            k_edit = [n for n, i in enumerate(items) if i.concept.method == "perfusion" and i.lock == "local"]
             self._stacks[device] = {
-                "a": torch.stack([c.a for c in cs]).to(device),
-                "i_star": torch.stack([c.i_star for c in cs]).to(device),
-                "i_super": torch.stack([c.i_super for c in cs]).to(device),
-                "energy": torch.cat([c.energy.reshape(1) for c in cs]).to(device),
+                "a": on([c.a for c in cs]), "i_star": on([c.i_star for c in cs]), "i_super": on([c.i_super for c in cs]),
+                "energy": on([c.energy.reshape(()) for c in cs]),
                 "beta": torch.tensor([i.gate[0] for i in items], device=device),
                 "tau": torch.tensor([i.gate[1] for i in items], device=device),
-                "perfusion": torch.tensor([c.method == "perfusion" for c in cs], device=device),
-                "local": torch.tensor([i.lock == "local" for i in items], device=device),
+                "ungated": torch.tensor([i.ungated for i in items], device=device) if any(i.ungated for i in items) else None,
+                "v": v_edit, "k": k_edit,
+                # within each path's concepts: the positions of the Perfusion ones (projected out)
+                "v_projected": [p for p, n in enumerate(v_edit) if cs[n].method == "perfusion"],
+                "k_projected": list(range(len(k_edit))),
             }
         return self._stacks[device]
 
@@ -167,26 +176,34 @@ class Hooks:
             items = self.activations.items
             if self._busy or not items:
                 return None
-            e = args[0]
             st = self._stack(y.device)
+            idx = st[kind]
+            if not idx:
+                return None
+            e = args[0]
+
+            def sub(name: str) -> torch.Tensor:  # this path's rows of a stacked tensor, cached
+                if (kind, name) not in st:
+                    st[kind, name] = st[name][idx] if len(idx) < len(items) else st[name]
+                return st[kind, name]
+
+            chosen = [items[n].concept for n in idx]
             if kind == "v":
-                keep = torch.ones_like(st["local"])
-                targets = torch.stack([i.concept.values[layer] for i in items]).to(y.device)
-                w_i_star = self._project(module, st["i_star"], e.dtype)
-            else:  # keys: Perfusion concepts with local locking; global ones are locked by their input
-                keep = st["perfusion"] & st["local"]
-                if not keep.any():
-                    return None
-                both = self._project(module, torch.cat([st["i_star"], st["i_super"]]), e.dtype)
-                w_i_star, w_i_super = both.chunk(2)
-                targets = torch.stack([
-                    i.concept.keys[layer].to(y.device).float() if layer in i.concept.keys else w_i_super[n]
-                    for n, i in enumerate(items)])
-            idx = keep.nonzero().flatten()
-            return edited_output(
-                y, e, st["a"][idx], st["i_star"][idx], st["energy"][idx], w_i_star[idx], targets[idx],
-                st["beta"][idx], st["tau"][idx], projected=st["perfusion"][idx],
-                projection=self.activations.projection)
+                w_i_star = self._project(module, sub("i_star"), e.dtype)
+                if ("v", layer) not in st:
+                    st["v", layer] = torch.stack([c.values[layer] for c in chosen]).to(y.device)
+                targets = st["v", layer]
+            else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
+                missing = [p for p, c in enumerate(chosen) if layer not in c.keys]
+                both = self._project(module, torch.cat([sub("i_star"), sub("i_super")[missing]]), e.dtype)
+                w_i_star, w_i_super = both[: len(idx)], both[len(idx):]
+                targets = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in chosen]
+                for p, row in zip(missing, w_i_super):
+                    targets[p] = row
+                targets = torch.stack(targets)
+            return edited_output(y, e, sub("a"), sub("i_star"), sub("energy"), w_i_star, targets, sub("beta"),
+                                 sub("tau"), projected=st[f"{kind}_projected"], projection=self.activations.projection,
+                                 ungated=None if st["ungated"] is None else sub("ungated"))
         return hook
 
     # -- lifetime -------------------------------------------------------------------------

@@ -68,6 +68,11 @@ class TrainConfig:
     tau: float = 0.15
     ema: Optional[float] = 0.99
     i_star_gradient: str = "detach"  # or "straight_through"
+    # ablations (the paper's and the benchmark's baselines): trained instead of locked keys, an
+    # ungated (ROME) edit, or no edit at all (textual inversion: only the embedding learns)
+    keys: str = "locked"  # or "trained"
+    gated: bool = True
+    edit: bool = True
     templates: tuple[str, ...] = TI_TEMPLATES
     flip: bool = True
     save_every: int = 0
@@ -86,6 +91,10 @@ class TrainConfig:
             raise TrainError("every template line needs a [name] placeholder")
         if not self.tau > 0 or not self.train_tau > 0:
             raise TrainError("tau must be positive")
+        if self.keys not in ("locked", "trained"):
+            raise TrainError("keys must be 'locked' or 'trained'")
+        if self.method == "infusion" and (self.keys == "trained" or not self.edit):
+            raise TrainError("Infusion keeps keys untouched and always edits values")
 
 
 @dataclass
@@ -199,13 +208,15 @@ class Trainer:
         hooks = attach(ad.diffusion_model, context_dim=ad.context_dim)
         hooks.clear()  # the base model's W_V, whatever the host had switched on
         with torch.no_grad():
-            values = {}
+            values, keys = {}, {}
             for name, attn in hooks.layers.items():
                 start = attn.to_v(i_super[None].to(context.dtype)).float()[0]
                 values[name] = torch.zeros_like(start) if cfg.method == "infusion" else start
+                if cfg.keys == "trained":
+                    keys[name] = attn.to_k(i_super[None].to(context.dtype)).float()[0]
         embedding = ad.word_embedding(cfg.superclass) if cfg.method == "perfusion" else {
             k: v[:0] for k, v in ad.word_embedding(cfg.superclass).items()}
-        return {"i_super": i_super, "i_star": i_super.clone(), "values": values,
+        return {"i_super": i_super, "i_star": i_super.clone(), "values": values, "keys": keys,
                 "embedding": {k: v.float() for k, v in embedding.items()}, "step": 0}
 
     def _concept(self, state: dict, i_star: torch.Tensor, step: int) -> Concept:
@@ -215,11 +226,12 @@ class Trainer:
             token=self.word, superclass=cfg.superclass, embedding=state["embedding"], i_star=i_star,
             a=a, energy=energy, i_super=state["i_super"], values=state["values"], method=cfg.method,
             arch=getattr(self.adapter, "arch", "other"), base_model_hash=getattr(self.adapter, "model_hash", ""),
-            covariance_hash=self.cov.hash, clip_skip=cfg.clip_skip, train_beta=cfg.train_beta,
+            keys=state["keys"], covariance_hash=self.cov.hash, clip_skip=cfg.clip_skip, train_beta=cfg.train_beta,
             train_tau=cfg.train_tau, beta=cfg.beta, tau=cfg.tau, steps=step, name=cfg.name)
 
     def _optimizer(self, state: dict) -> torch.optim.Optimizer:
-        groups = [{"params": list(state["values"].values()), "lr": self.cfg.lr_values, "name": "values"}]
+        targets = list(state["values"].values()) + list(state["keys"].values())
+        groups = [{"params": targets, "lr": self.cfg.lr_values, "name": "values"}]
         if self.cfg.method == "perfusion":
             groups.append({"params": list(state["embedding"].values()), "lr": self.cfg.lr_embedding, "name": "embedding"})
         return torch.optim.AdamW(groups, weight_decay=0.0)
@@ -230,6 +242,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def _params(self, state: dict) -> dict[str, torch.Tensor]:
         out = {f"values.{k}": v for k, v in state["values"].items()}
+        out.update({f"keys.{k}": v for k, v in state["keys"].items()})
         out.update({f"embedding.{k}": v for k, v in state["embedding"].items()})
         return out
 
@@ -254,7 +267,8 @@ class Trainer:
         except Exception as e:
             raise TrainError(f"{self.checkpoint_path}: unreadable checkpoint ({e}); delete it to start over") from None
         ours = asdict(self.cfg)
-        fixed = ("token", "superclass", "method", "batch_size", "grad_accum", "seed", "ema", "i_star_gradient", "flip")
+        fixed = ("token", "superclass", "method", "batch_size", "grad_accum", "seed", "ema", "i_star_gradient", "flip",
+                 "keys", "gated", "edit")
         changed = [k for k in fixed if json.dumps(saved.get(k)) != json.dumps(ours[k])]
         if changed:
             raise TrainError(f"{self.checkpoint_path}: made with different {', '.join(changed)}; "
@@ -262,6 +276,7 @@ class Trainer:
         dev = self.adapter.device
         state = {"i_star": tensors["i_star"].to(dev), "i_super": tensors["i_super"].to(dev), "step": int(meta["step"]),
                  "values": {k[7:]: v.to(dev) for k, v in tensors.items() if k.startswith("values.")},
+                 "keys": {k[5:]: v.to(dev) for k, v in tensors.items() if k.startswith("keys.")},
                  "embedding": {k[10:]: v.to(dev) for k, v in tensors.items() if k.startswith("embedding.")}}
         return state, {k: v.to(dev) for k, v in tensors.items() if k.startswith("adam.")}
 
@@ -288,7 +303,7 @@ class Trainer:
             raise TrainError(f"nothing to resume: {self.checkpoint_path} does not exist")
         else:
             state, saved_opt = self._init_state(), {}
-        for table in (state["values"], state["embedding"]):
+        for table in (state["values"], state["keys"], state["embedding"]):
             for k in table:
                 table[k] = table[k].detach().float().requires_grad_(True)
         opt = self._optimizer(state)
@@ -352,7 +367,7 @@ class Trainer:
             if cfg.i_star_gradient == "straight_through":  # value of the EMA, gradient of the fresh encoding
                 i_star = i_star + (1 - cfg.ema) * (m - m.detach())
         concept = self._concept(state, i_star, step)
-        hooks.activate([Activation(concept, cfg.train_beta, cfg.train_tau)])
+        hooks.activate([Activation(concept, cfg.train_beta, cfg.train_tau, ungated=not cfg.gated)] if cfg.edit else [])
         x_t = q_sample(x0, t, noise, ad.alphas_cumprod)
         pred = ad.apply_model(x_t.to(context.dtype), t, context).float()
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)

@@ -310,3 +310,20 @@ def test_infusion_concept_adds_gated_residual_only():
     assert torch.allclose(k, bare_k, atol=1e-5)  # keys untouched
     ref = reference(attn.to_v.weight, e, [(inf.i_star, inf.values["attn2"])], [(0.7, 0.15)], cov, additive=(0,))
     assert close(v, ref, 1e-4)
+
+
+def test_ungated_activation_is_romes_closed_form():
+    d = 768
+    attn = CrossAttention(query_dim=320, context_dim=d, heads=5, dim_head=64)
+    parent = torch.nn.Module()
+    parent.attn2 = attn
+    cov = random_covariance(d)
+    concept = make_concept({"attn2": 320}, d, cov)
+    e = encodings(77, d, 9)[None]
+    e[0, 3] = concept.i_star
+    with torch.no_grad(), attach(parent, Activations([Activation(concept, 0.7, 0.15, ungated=True)])):
+        v = attn.to_v(e)
+    W = attn.to_v.weight.double()
+    s = e.double() @ torch.linalg.solve(cov, concept.i_star.double()) / (concept.i_star.double() @ torch.linalg.solve(cov, concept.i_star.double()))
+    ref = e.double() @ W.T + s[..., None] * (concept.values["attn2"].double() - W @ concept.i_star.double())
+    assert close(v, ref, 1e-4)

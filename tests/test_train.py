@@ -218,3 +218,22 @@ def test_autocast_keeps_fp32_parameters(tmp_path):
     assert all(v.dtype == torch.float32 for v in result.concept.values.values())
     assert result.concept.embedding[""].dtype == torch.float32
     assert perfusion.load_concept(result.path).values
+
+
+def test_ablations_trained_keys_ungated_and_embedding_only(world, tmp_path):
+    adapter, cov, images = world
+    base = dict(steps=2, grad_accum=1, lr_values=0.3)
+    trained = Trainer(adapter, cov, config(keys="trained", **base), images, None, tmp_path / "k", tmp_path / "k.safetensors")
+    state = trained._init_state()
+    c = trained.run().concept
+    assert set(c.keys) == set(c.values)
+    assert all(not torch.allclose(c.keys[k], state["keys"][k], atol=1e-4) for k in c.keys)  # keys moved
+    ti = Trainer(adapter, cov, config(edit=False, **base), images, None, tmp_path / "t", tmp_path / "t.safetensors")
+    init = ti._init_state()
+    c_ti = ti.run().concept
+    assert all(torch.equal(c_ti.values[k], init["values"][k]) for k in c_ti.values)  # no edit: values untouched
+    assert not torch.allclose(c_ti.embedding[""], init["embedding"][""])
+    c_rome = Trainer(adapter, cov, config(gated=False, **base), images, None, tmp_path / "r", tmp_path / "r.safetensors").run()
+    assert c_rome.step == 2
+    with pytest.raises(TrainError, match="keys"):
+        config(keys="frozen").check()
