@@ -154,3 +154,13 @@ def test_wrong_dtype_in_header_is_refused(tmp_path, sd1):
     path.write_bytes(good[:8] + raw + good[8 + n:])
     with pytest.raises(ConceptError, match="'a' has an unsupported dtype"):
         load_concept(path)
+
+
+def test_infusion_file_has_no_embedding_rows_and_its_size(tmp_path):
+    c = make_concept(SD1_LAYERS, 768, random_covariance(768), method="infusion", arch="sd1", token="teddy",
+                     superclass="teddy")
+    c.embedding = {"": torch.zeros(0, 768)}
+    path = save_concept(c, tmp_path / "teddy.safetensors")
+    back = load_concept(path)
+    assert back.method == "infusion" and back.embedding[""].shape == (0, 768)
+    assert path.stat().st_size <= 34_000  # measured 33,460 bytes: see docs/concept-format.md

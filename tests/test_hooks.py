@@ -57,6 +57,13 @@ def capture(unet):
     return seen, handles
 
 
+def lone_cross_attention(d):
+    """(a module holding one ldm CrossAttention named attn2 reading d-wide context, that attn2)."""
+    parent = torch.nn.Module()
+    parent.attn2 = CrossAttention(query_dim=320, context_dim=d, heads=5, dim_head=64)
+    return parent, parent.attn2
+
+
 def prompt_context(concepts, d, batch=2, rows=77, seed=3):
     """Context [batch, rows, d] holding each concept's i* at a few rows, its superclass elsewhere."""
     ctx = encodings(batch * rows, d, seed).reshape(batch, rows, d)
@@ -179,9 +186,7 @@ def test_long_prompt_context_and_any_batch():
 
 def test_fp16_module_keeps_gate_in_fp32():
     d = 768
-    attn = CrossAttention(query_dim=320, context_dim=d, heads=5, dim_head=64)
-    parent = torch.nn.Module()
-    parent.attn2 = attn
+    parent, attn = lone_cross_attention(d)
     cov = random_covariance(d)
     concept = make_concept({"attn2": 320}, d, cov, tau=0.02)
     parent.half()
@@ -243,9 +248,7 @@ def test_attach_is_idempotent_and_activations_change_without_reattaching():
 
 def test_follows_output_device_and_dtype_of_bf16_module():
     d = 768
-    attn = CrossAttention(query_dim=320, context_dim=d, heads=5, dim_head=64)
-    parent = torch.nn.Module()
-    parent.attn2 = attn
+    parent, attn = lone_cross_attention(d)
     concept = make_concept({"attn2": 320}, d, random_covariance(d))
     parent.to(torch.bfloat16)
     e = encodings(77, d, 2)[None].bfloat16()
@@ -297,9 +300,7 @@ def test_gradients_reach_value_targets_and_i_star():
 
 def test_infusion_concept_adds_gated_residual_only():
     d = 768
-    attn = CrossAttention(query_dim=320, context_dim=d, heads=5, dim_head=64)
-    parent = torch.nn.Module()
-    parent.attn2 = attn
+    parent, attn = lone_cross_attention(d)
     cov = random_covariance(d)
     inf = make_concept({"attn2": 320}, d, cov, method="infusion", token="teddy")
     e = encodings(77, d, 8)[None]
@@ -314,9 +315,7 @@ def test_infusion_concept_adds_gated_residual_only():
 
 def test_ungated_activation_is_romes_closed_form():
     d = 768
-    attn = CrossAttention(query_dim=320, context_dim=d, heads=5, dim_head=64)
-    parent = torch.nn.Module()
-    parent.attn2 = attn
+    parent, attn = lone_cross_attention(d)
     cov = random_covariance(d)
     concept = make_concept({"attn2": 320}, d, cov)
     e = encodings(77, d, 9)[None]
