@@ -112,7 +112,10 @@ class Hooks:
 
     def activate(self, items: list[Activation], projection: str = "approximate",
                  key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None) -> None:
-        """Replace what is active (validated first: on error nothing changes)."""
+        """Replace what is active (validated first: on error nothing changes).
+
+        Stacked concept tensors are cached until the next call; when they require gradients (training),
+        call activate again before every forward you backpropagate through."""
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         for item in items:

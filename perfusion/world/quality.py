@@ -66,9 +66,10 @@ PROMPTS = (
     Prompt("a small yellow cone at the top and a small [name] at the bottom on a gray background",
            dict(background="gray"), ("cone", "yellow"), "top-bottom", concept_first=False),
 )
-PAIR_PROMPTS = ("a [a] at the left and a [b] at the right on a gray background",
-                "a [b] at the left and a [a] at the right on a black background",
-                "a [a] at the top and a [b] at the bottom on a white background")
+# two concepts in one prompt: (text, layout, is concept a the first object)
+PAIR_PROMPTS = (("a [a] at the left and a [b] at the right on a gray background", "left-right", True),
+                ("a [b] at the left and a [a] at the right on a black background", "left-right", False),
+                ("a [a] at the top and a [b] at the bottom on a white background", "top-bottom", True))
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,26 @@ def train_concept(adapter, cov, folder: Path, token: str, superclass: str, shots
     path = out / "concepts" / f"{method.name.split()[0].lower()}-{'-'.join(f'{k}{v}' for k, v in method.train.items())}-{shots}shot.safetensors"
     trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), masks, out / "work" / path.stem, path)
     return trainer.run().concept
+
+
+def evaluate_pair(adapter, a: Concept, b: Concept, ids: tuple, projection: str, beta: float, seeds: int,
+                  steps: int) -> dict:
+    """Both concepts in one prompt: how often each object carries its own identity and shape."""
+    items = [Activation(a, beta, a.tau), Activation(b, beta, b.tau)]
+    hits, both, samples = [], [], []
+    for text, layout, a_first in PAIR_PROMPTS:
+        prompt = text.replace("[a]", a.token).replace("[b]", b.token)
+        images = from_tensor(generate(adapter, [prompt] * seeds, items, latent_shape=mini.LATENT_SHAPE, seed=11,
+                                      steps=steps, projection=projection))
+        samples.append(images[0])
+        for img in images:
+            first, last = read_pair(img, layout)
+            ra, rb = (first, last) if a_first else (last, first)
+            ok = [(r.pattern, r.colour, r.shape) == (*ident, c.superclass) for r, ident, c in ((ra, ids[0], a), (rb, ids[1], b))]
+            hits += ok
+            both.append(all(ok))
+    return {"projection": projection, "beta": beta, "object_fidelity": float(np.mean(hits)),
+            "pair_fidelity": float(np.mean(both)), "samples": samples}
 
 
 def pareto_plot(rows: list[dict], path: Path) -> Path:
@@ -233,6 +254,16 @@ def main(argv=None) -> int:
                 results.append({"method": method.name, "shots": 5, "report": rep.as_dict()})
                 if method.name.startswith("Perfusion (local"):
                     second = concept
+    if second is not None and a.images == CONCEPTS[0].folder:
+        other = CONCEPTS[1]
+        b = train_concept(adapter, cov, other.folder, other.token, other.superclass, 5, METHODS[0], a.steps, a.out)
+        ids = (identity, identity_of(other.folder))
+        for projection in ("approximate", "exact"):
+            r = evaluate_pair(adapter, second, b, ids, projection, 0.7, a.seeds, a.sample_steps)
+            results.append({k: v for k, v in r.items() if k != "samples"} | {"method": "two concepts"})
+            grids.append((f"{a.token} + {other.token}, {projection}", r["samples"]))
+            print(f"  two concepts ({projection}): each object right {r['object_fidelity']:.2f}, "
+                  f"both right {r['pair_fidelity']:.2f}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     pareto_plot([r for r in results if "fidelity" in r], a.out / "pareto.png")

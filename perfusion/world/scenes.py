@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 SIZE = 32
 SUPERSAMPLE = 4
@@ -168,12 +169,11 @@ def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25,
     return images, captions, scenes
 
 
-def to_tensor(images: np.ndarray) -> "torch.Tensor":
+def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [n, H, W, 3] -> float32 [n, 3, H, W] in [-1, 1]."""
-    import torch
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def from_tensor(x: "torch.Tensor") -> np.ndarray:
+def from_tensor(x: torch.Tensor) -> np.ndarray:
     """[n, 3, H, W] in [-1, 1] -> uint8 [n, H, W, 3]."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
