@@ -28,9 +28,8 @@ from .examples import CONCEPTS, Example
 from .scenes import batch, from_tensor
 
 CELL = 96  # pixels per image on the sheet (32 px upscaled 3x)
-TEMPLATES = ("a [name] in the centre on a gray background", "a photo of a [name] on a black background",
-             "a big [name] at the left on a white background", "a small [name] at the top on a brown background",
-             "an image of a [name] at the right on a gray background", "a [name] at the bottom on a black background")
+# [filewords]: each image's caption of what is not the concept ("at the left on a gray background")
+TEMPLATES = ("a [name] [filewords]", "a photo of a [name] [filewords]", "an image of a [name] [filewords]")
 
 
 def world_covariance(adapter, cache: Path, prompts: int = 4096) -> Covariance:
@@ -50,7 +49,7 @@ def train_example(adapter, cov: Covariance, example: Example, steps: int, out: P
                       batch_size=8, grad_accum=1, templates=TEMPLATES, beta=0.7, tau=0.15, seed=0)
     images = torch.stack([s.image for s in data.samples])
     trainer = Trainer(adapter, cov, cfg, images, [s.mask for s in data.samples], out / "work",
-                      out / f"{example.token}.safetensors")
+                      out / f"{example.token}.safetensors", captions=[s.caption for s in data.samples])
     started = time.monotonic()
 
     def show(p: Progress):

@@ -1,6 +1,7 @@
 """The bundled example concepts: novel instances (a checkered pattern the mini model never saw).
 
-Each is a folder of 32x32 PNGs with companion object masks (`<stem>.mask.png`), made by
+Each is a folder of 32x32 PNGs with companion object masks (`<stem>.mask.png`) and captions of
+what is not the concept (`<stem>.txt`: where it is and on what background, for [filewords]), made by
 `write_examples()` and committed, so the demo reads them exactly as a user's photo folder.
 """
 from __future__ import annotations
@@ -51,6 +52,9 @@ def write_examples(n: int = 5) -> list[Path]:
             path = example.folder / f"{example.token}-{i}.png"
             Image.fromarray(render(scene)).save(path)
             Image.fromarray(np.where(owner_map(scene) >= 0, 255, 0).astype(np.uint8)).save(path.with_suffix(".mask.png"))
+            thing = scene.things[0]
+            where = "in the centre" if thing.position == "centre" else f"at the {thing.position}"
+            path.with_suffix(".txt").write_text(f"{where} on a {scene.background} background\n")
             paths.append(path)
     return paths
 

@@ -147,7 +147,8 @@ def train_concept(adapter, cov, folder: Path, token: str, superclass: str, shots
                       steps=steps, batch_size=8, grad_accum=1, templates=TEMPLATES, seed=0, **method.train)
     masks = [s.mask for s in samples] if all(s.mask is not None for s in samples) else None
     path = out / "concepts" / f"{method.name.split()[0].lower()}-{'-'.join(f'{k}{v}' for k, v in method.train.items())}-{shots}shot.safetensors"
-    trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), masks, out / "work" / path.stem, path)
+    trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), masks, out / "work" / path.stem, path,
+                      captions=[s.caption for s in samples])
     return trainer.run().concept
 
 
