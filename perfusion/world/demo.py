@@ -25,7 +25,7 @@ from ..hooks import Activation
 from ..train import Progress, TrainConfig, Trainer
 from . import model as mini
 from .examples import CONCEPTS, Example
-from .scenes import batch, from_tensor
+from .scenes import from_tensor, scenes_and_captions
 
 CELL = 96  # pixels per image on the sheet (32 px upscaled 3x)
 # [filewords]: each image's caption of what is not the concept ("at the left on a gray background")
@@ -34,7 +34,7 @@ TEMPLATES = ("a [name] [filewords]", "a photo of a [name] [filewords]", "an imag
 
 def world_covariance(adapter, cache: Path, prompts: int = 4096) -> Covariance:
     """C of the mini text encoder over world captions (cached by model hash)."""
-    captions = batch(12345, prompts)[1]
+    captions = scenes_and_captions(12345, prompts)[1]
 
     def encode(texts):
         context, _ = adapter.encode(texts)

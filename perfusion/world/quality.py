@@ -217,6 +217,30 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], path: Path, cell: int = 64) 
     return path
 
 
+def markdown(results: list[dict], args) -> str:
+    """The results as Markdown tables (the sweep, the overfitting reports, two concepts)."""
+    lines = [f"Instance: `{args.images}` (superclass '{args.superclass}'), {args.steps} training steps, "
+             f"{len(PROMPTS)} prompts x {args.seeds} seeds, DDIM {args.sample_steps} steps, guidance 2.", "",
+             "| method | shots | beta | identity fidelity | prompt alignment |", "|---|---|---|---|---|"]
+    for r in results:
+        if "fidelity" in r:
+            beta = "-" if r["beta"] is None else r["beta"]
+            lines.append(f"| {r['method']} | {r['shots']} | {beta} | {r['fidelity']:.2f} | {r['alignment']:.2f} |")
+    lines += ["", "Overfitting report (5-shot, at beta 0.7 / tau 0.15; see overfitting-report.md):", "",
+              "| method | drift MSE | drift relative | narrowness W2 | baseline W2 |", "|---|---|---|---|---|"]
+    for r in results:
+        if "report" in r:
+            rep = r["report"]
+            lines.append(f"| {r['method']} | {rep['drift_mse']:.5f} | {rep['drift_relative']:.4f} | "
+                         f"{rep['narrowness_w2']:.2f} | {rep['baseline_w2']:.2f} |")
+    pairs = [r for r in results if r.get("method") == "two concepts"]
+    if pairs:
+        lines += ["", "Two concepts in one prompt (Perfusion local, 5-shot, beta 0.7):", "",
+                  "| projection | each object right | both objects right |", "|---|---|---|"]
+        lines += [f"| {r['projection']} | {r['object_fidelity']:.2f} | {r['pair_fidelity']:.2f} |" for r in pairs]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Fidelity/alignment benchmark of personalization methods on the mini model.")
     p.add_argument("--images", type=Path, default=CONCEPTS[0].folder)
@@ -267,9 +291,10 @@ def main(argv=None) -> int:
                   f"both right {r['pair_fidelity']:.2f}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    (a.out / "results.md").write_text(markdown(results, a))
     pareto_plot([r for r in results if "fidelity" in r], a.out / "pareto.png")
     sample_grid(grids, a.out / "samples.png")
-    print(f"wrote {a.out}/results.json, pareto.png, samples.png in {time.monotonic() - started:.0f}s")
+    print(f"wrote {a.out}/results.json, results.md, pareto.png, samples.png in {time.monotonic() - started:.0f}s")
     return 0
 
 

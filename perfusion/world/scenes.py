@@ -159,14 +159,19 @@ def random_scene(rng: random.Random, patterns=PATTERNS, two_objects: float = 0.2
     return Scene(things, rng.choice(list(BACKGROUNDS)), rng.randrange(2**31))
 
 
-def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25,
-          drop_caption: float = 0.0) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n scenes for one seed: images uint8 [n, 32, 32, 3], captions ('' with prob. drop_caption), scenes."""
+def scenes_and_captions(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25,
+                        drop_caption: float = 0.0) -> tuple[list[Scene], list[str]]:
+    """n random scenes for one seed and their captions ('' with probability drop_caption)."""
     rng = random.Random(seed)
     scenes = [random_scene(rng, patterns, two_objects) for _ in range(n)]
-    images = np.stack([render(s) for s in scenes])
-    captions = ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
-    return images, captions, scenes
+    return scenes, ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
+
+
+def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25,
+          drop_caption: float = 0.0) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """n scenes for one seed: images uint8 [n, 32, 32, 3], captions, scenes."""
+    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, drop_caption)
+    return np.stack([render(s) for s in scenes]), captions, scenes
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -37,6 +37,16 @@ def lr_at(step: int, cfg: dict) -> float:
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
 
 
+@torch.no_grad()
+def debiased_ema(ema: torch.nn.Module, init: torch.nn.Module, decay: float, steps: int) -> torch.nn.Module:
+    """The EMA without the weight its starting point (the random init) still has after `steps`:
+    (ema - decay^steps * init) / (1 - decay^steps), parameter by parameter (Adam's bias correction)."""
+    left = decay ** steps
+    for e, i in zip(ema.parameters(), init.parameters()):
+        e.sub_(i, alpha=left).div_(1 - left)
+    return ema
+
+
 def save_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer, step: int, cfg: dict, log: list) -> None:
     tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in models.items() for k, v in m.state_dict().items()}
     state = opt.state_dict()
@@ -116,8 +126,10 @@ def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int
     save_checkpoint(ckpt, models, opt, step, cfg, log)
     if step >= steps:
         meta = {"config": {"unet": mini.UNET, "text": mini.TEXT, "train": cfg}, "steps": step,
-                "final_loss": log[-1][1] if log else None}
-        mini.save_weights(models["ema_unet"], models["ema_text"], out, meta)
+                "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
+        init_unet, init_text = mini.build(cfg["seed"])
+        mini.save_weights(debiased_ema(models["ema_unet"], init_unet, cfg["ema"], step),
+                          debiased_ema(models["ema_text"], init_text, cfg["ema"], step), out, meta)
         print(f"wrote {out}", flush=True)
     return step
 
