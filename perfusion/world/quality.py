@@ -264,14 +264,15 @@ def main(argv=None) -> int:
     for method in METHODS:
         for shots in (1, 5):
             concept = train_concept(adapter, cov, a.images, a.token, a.superclass, shots, method, a.steps, a.out)
-            betas = method.betas[2:3] if a.quick else method.betas
+            middle = method.betas[len(method.betas) // 2]
+            betas = (middle,) if a.quick else method.betas
             for beta in betas:
                 r = evaluate(adapter, concept, method, beta, identity, a.seeds, a.sample_steps)
                 results.append({"method": method.name, "shots": shots, "beta": beta, "fidelity": r["fidelity"],
                                 "alignment": r["alignment"]})
                 print(f"  {method.name:26s} {shots}-shot beta {beta}: fidelity {r['fidelity']:.2f} "
                       f"alignment {r['alignment']:.2f}  ({time.monotonic() - started:.0f}s)", flush=True)
-                if shots == 5 and beta == (method.betas[len(method.betas) // 2] if not a.quick else beta):
+                if shots == 5 and beta == middle:
                     grids.append((f"{method.name} b={beta}", r["samples"]))
             if shots == 5:
                 rep = overfitting_report(adapter, concept, mini.LATENT_SHAPE, samples=4 if a.quick else 16,
