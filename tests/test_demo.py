@@ -1,0 +1,25 @@
+"""CI smoke run of the main job on the committed mini model (3 training steps, 3 sampling steps)."""
+from __future__ import annotations
+
+from PIL import Image
+
+import perfusion
+from perfusion.world import model as mini
+from perfusion.world.demo import main
+
+
+def test_weights_are_committed_with_their_config():
+    meta = mini.weights_meta()
+    assert meta["steps"] >= 1000 and meta["config"]["unet"]["context_dim"] == 64
+    assert mini.WEIGHTS.stat().st_size <= 20 * 2**20
+
+
+def test_demo_quick_run_writes_concepts_and_a_contact_sheet(tmp_path, capsys):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "contact sheet:" in out
+    sheet = Image.open(tmp_path / "contact-sheet.png")
+    assert sheet.width > 500 and sheet.height > 800
+    for token in ("chekka", "boxy"):
+        c = perfusion.load_concept(tmp_path / f"{token}.safetensors")
+        assert c.steps == 3 and c.context_dim == 64 and c.base_model_hash
