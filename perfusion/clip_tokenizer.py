@@ -14,10 +14,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -142,28 +142,12 @@ def _files_complete(dest: Path) -> bool:
         return False
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_tokenizer_files(dest: Path) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` (Hugging Face CLIPTokenizer layout) into dest.
 
     Derived from :func:`bpe_vocabulary_file`. Idempotent: if both files already exist and are
     complete nothing is written. Each file is written to a temporary name and moved into
-    place with ``os.replace``, so readers never see a partial file. Returns dest.
+    place (``perfusion.files.atomic_write``), so readers never see a partial file. Returns dest.
     """
     dest = Path(dest)
     if _files_complete(dest):
@@ -173,8 +157,8 @@ def write_tokenizer_files(dest: Path) -> Path:
     vocab = _build_vocab(merges)
     # merges.txt first: completeness is judged on both files, and vocab.json last means a
     # crash in between leaves an incomplete pair that is simply rewritten next time.
-    _atomic_write_text(dest / "merges.txt", MERGES_HEADER + "\n" + "\n".join(merges) + "\n")
-    _atomic_write_text(dest / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write(dest / "merges.txt", (MERGES_HEADER + "\n" + "\n".join(merges) + "\n").encode("utf-8"))
+    atomic_write(dest / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
     return dest
 
 

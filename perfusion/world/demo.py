@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,22 +44,28 @@ def world_covariance(adapter, cache: Path, prompts: int = 4096) -> Covariance:
     return cached_covariance(cache, encode, captions, encoder_hash=adapter.model_hash, batch_size=256)
 
 
+def train_folder(adapter, cov: Covariance, folder: Path, cfg: TrainConfig, concept_path: Path, work_dir: Path,
+                 shots: Optional[int] = None, progress=None) -> Concept:
+    """Train `cfg` on the first `shots` images of a world-sized folder (32 px, masks and captions beside them)."""
+    samples = load_dataset(folder, resolution=32, min_size=16, mask_source="auto").samples[:shots]
+    trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), [s.mask for s in samples],
+                      work_dir, concept_path, captions=[s.caption for s in samples])
+    return trainer.run(progress=progress).concept
+
+
 def train_example(adapter, cov: Covariance, example: Example, steps: int, out: Path) -> Concept:
-    data = load_dataset(example.folder, resolution=32, min_size=16, mask_source="files")
     cfg = TrainConfig(name=example.token, token=example.token, superclass=example.superclass, steps=steps,
                       batch_size=8, grad_accum=1, templates=TEMPLATES, beta=0.7, tau=0.15, seed=0)
-    images = torch.stack([s.image for s in data.samples])
-    trainer = Trainer(adapter, cov, cfg, images, [s.mask for s in data.samples], out / "work",
-                      out / f"{example.token}.safetensors", captions=[s.caption for s in data.samples])
     started = time.monotonic()
 
     def show(p: Progress):
         print(f"\r  {example.token}: step {p.step}/{p.total}  loss {p.smoothed:.4f}  {p.it_per_s:.1f} it/s  "
               f"eta {p.eta_s:4.0f}s", end="", flush=True)
 
-    result = trainer.run(progress=show)
-    print(f"\r  {example.token}: {result.step} steps in {time.monotonic() - started:.0f}s -> {result.path}" + " " * 20)
-    return result.concept
+    path = out / f"{example.token}.safetensors"
+    concept = train_folder(adapter, cov, example.folder, cfg, path, out / "work", progress=show)
+    print(f"\r  {example.token}: {concept.steps} steps in {time.monotonic() - started:.0f}s -> {path}" + " " * 20)
+    return concept
 
 
 def _label(img: np.ndarray, text: str, font) -> Image.Image:

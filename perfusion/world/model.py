@@ -72,9 +72,10 @@ def load(path: Path = WEIGHTS, device: str = "cpu") -> LdmClipAdapter:
                           model_hash=short_hash(Path(path).read_bytes(), 10))
 
 
-def encode_captions(adapter_or_parts, captions: list[str]) -> torch.Tensor:
-    """Context [B, 77, 64] for captions (used by the model trainer, where the encoder is trainable)."""
-    tokenizer, text = adapter_or_parts
+def encode_captions(parts: tuple, captions: list[str]) -> torch.Tensor:
+    """Context [B, 77, 64] for captions from parts = (tokenizer, text encoder); used by the model trainer,
+    where the encoder is trainable (the adapter's encode serves the frozen model)."""
+    tokenizer, text = parts
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
     return text(input_ids=ids.to(text.device)).last_hidden_state
 

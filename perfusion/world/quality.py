@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..adapter import concept_words
@@ -36,10 +35,10 @@ from ..dataset import load_dataset
 from ..generate import generate
 from ..hooks import Activation
 from ..report import overfitting_report
-from ..train import TrainConfig, Trainer
+from ..train import TrainConfig
 from . import model as mini
 from .analyze import Reading, read, read_pair
-from .demo import TEMPLATES, world_covariance
+from .demo import TEMPLATES, train_folder, world_covariance
 from .examples import CONCEPTS
 from .scenes import from_tensor
 
@@ -140,16 +139,11 @@ def evaluate(adapter, concept: Concept, method: Method, beta, identity, seeds: i
 
 def train_concept(adapter, cov, folder: Path, token: str, superclass: str, shots: int, method: Method, steps: int,
                   out: Path) -> Concept:
-    data = load_dataset(folder, resolution=32, min_size=16, mask_source="auto")
-    samples = data.samples[:shots]
     infusion = method.train.get("method") == "infusion"
     cfg = TrainConfig(name=f"{token}-{shots}", token=superclass if infusion else token, superclass=superclass,
                       steps=steps, batch_size=8, grad_accum=1, templates=TEMPLATES, seed=0, **method.train)
-    masks = [s.mask for s in samples] if all(s.mask is not None for s in samples) else None
     path = out / "concepts" / f"{method.name.split()[0].lower()}-{'-'.join(f'{k}{v}' for k, v in method.train.items())}-{shots}shot.safetensors"
-    trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), masks, out / "work" / path.stem, path,
-                      captions=[s.caption for s in samples])
-    return trainer.run().concept
+    return train_folder(adapter, cov, folder, cfg, path, out / "work" / path.stem, shots=shots)
 
 
 def evaluate_pair(adapter, a: Concept, b: Concept, ids: tuple, projection: str, beta: float, seeds: int,
