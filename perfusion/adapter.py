@@ -65,7 +65,8 @@ def _split_on_words(prompt: str, words: list[str]) -> list[str]:
 
 
 class LdmClipAdapter:
-    """An ldm UNetModel + a transformers CLIPTextModel (and tokenizer), one 77-row chunk per prompt.
+    """An ldm UNetModel + a transformers CLIPTextModel (and tokenizer), one chunk per prompt of the encoder's
+    max_position_embeddings rows (77 for CLIP: BOS, up to 75 tokens, EOS and padding).
 
     first_stage: optional (encode, decode) pair between images and latents; pixel space if None.
     """
@@ -81,8 +82,9 @@ class LdmClipAdapter:
         self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
         self.prediction, self.first_stage, self.model_hash = prediction, first_stage, model_hash
         self.context_dim = text_encoder.config.hidden_size
+        self.chunk_length = text_encoder.config.max_position_embeddings
         self._token_embedding = text_encoder.get_input_embeddings()
-        self._replacement = None  # (mask [B, 77] bool, rows [k, d]) while encoding with an embedding
+        self._replacement = None  # (mask [B, chunk_length] bool, rows [k, d]) while encoding with an embedding
         self._token_embedding.register_forward_hook(self._replace_rows)
 
     @property
@@ -127,9 +129,9 @@ class LdmClipAdapter:
                     vectors.append(emb[""])
                     ids += [CLIP_EOS] * emb[""].shape[0]
                 found[word].append(len(ids) - 1)
-            if len(ids) > 76:
-                raise ValueError(f"prompt is longer than 75 tokens: {prompt!r}")
-            batch.append(ids + [CLIP_EOS] * (77 - len(ids)))
+            if len(ids) > self.chunk_length - 1:
+                raise ValueError(f"prompt is longer than {self.chunk_length - 2} tokens: {prompt!r}")
+            batch.append(ids + [CLIP_EOS] * (self.chunk_length - len(ids)))
             for w in words:
                 rows[w].append(found[w])
         ids = torch.tensor(batch, device=self._token_embedding.weight.device)

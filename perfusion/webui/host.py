@@ -1,0 +1,106 @@
+"""What the extension needs from the running WebUI (A1111 v1.10.x or Forge), in one place.
+
+Every function takes the WebUI's own objects; `modules` is imported lazily so this module can be
+imported (and its pure helpers tested) without the WebUI.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+OPTION_PREFIX = "perfusion_"
+DEFAULT_FOLDER = Path("models") / "perfusion"
+
+
+def is_forge(sd_model: Any) -> bool:
+    return hasattr(sd_model, "forge_objects")
+
+
+def diffusion_model(sd_model: Any) -> Optional[torch.nn.Module]:
+    """The U-Net whose attn2 layers get the hooks (A1111: sd_model.model.diffusion_model; Forge: the
+    patcher's model), or None when the WebUI has no model (yet)."""
+    if sd_model is None:
+        return None
+    if is_forge(sd_model):
+        return sd_model.forge_objects.unet.model.diffusion_model
+    inner = getattr(sd_model, "model", None)
+    return getattr(inner, "diffusion_model", None)
+
+
+def concepts_folder() -> Path:
+    """The concepts folder: the setting, else --perfusion-dir, else <models>/perfusion."""
+    from modules import paths, shared
+    chosen = shared.opts.data.get(OPTION_PREFIX + "dir") or getattr(shared.cmd_opts, "perfusion_dir", None)
+    return Path(chosen) if chosen else Path(paths.models_path) / "perfusion"
+
+
+def option(key: str) -> Any:
+    from modules import shared
+    return getattr(shared.opts, OPTION_PREFIX + key)
+
+
+def text_engines(sd_model: Any) -> list[Any]:
+    """Forge's text-processing engines (each with its own `.embeddings` database)."""
+    return [getattr(sd_model, n) for n in ("text_processing_engine", "text_processing_engine_l",
+                                           "text_processing_engine_g") if hasattr(sd_model, n)]
+
+
+def embedding_databases(sd_model: Any) -> list[Any]:
+    """Where textual-inversion vectors are looked up: the hijack's DB (A1111) or each Forge engine's."""
+    if is_forge(sd_model):
+        return [e.embeddings for e in text_engines(sd_model) if hasattr(e, "embeddings")]
+    from modules import sd_hijack
+    return [sd_hijack.model_hijack.embedding_db]
+
+
+def register_embedding(db: Any, embedding: Any, name: str, sd_model: Any) -> None:
+    """Register (or, with embedding None, remove) `name` in a textual-inversion database: A1111's
+    register_embedding_by_name(embedding, model, name) or Forge's (embedding, name)."""
+    if "model" in inspect.signature(db.register_embedding_by_name).parameters:
+        db.register_embedding_by_name(embedding, sd_model, name)
+    else:
+        db.register_embedding_by_name(embedding, name)
+
+
+def embedding_vector(concept_embedding: dict[str, torch.Tensor]) -> Any:
+    """The WebUI's Embedding.vec for a concept's embedding: a tensor [n, d] for one text encoder, the
+    SDXL dict {"clip_l", "clip_g"} as is."""
+    return concept_embedding[""] if set(concept_embedding) == {""} else dict(concept_embedding)
+
+
+def clear_cond_caches(p: Any) -> None:
+    """Forget the conditioning the WebUI cached for unchanged prompts (the lists are shared by all jobs)."""
+    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        cache = getattr(p, name, None)
+        if isinstance(cache, list) and len(cache) == 2:
+            cache[0] = cache[1] = None
+
+
+def cond_tensors(cond: Any) -> Iterator[torch.Tensor]:
+    """The cross-attention context tensors inside a WebUI conditioning, in a fixed order.
+
+    Handles a plain tensor, SDXL's dict ("crossattn"), prompt_parser's MulticondLearnedConditioning
+    (.batch), ComposableScheduledPromptConditioning (.schedules), ScheduledPromptConditioning (.cond),
+    and lists of these."""
+    if isinstance(cond, torch.Tensor):
+        yield cond
+    elif isinstance(cond, dict):
+        if "crossattn" in cond:
+            yield from cond_tensors(cond["crossattn"])
+    elif isinstance(cond, (list, tuple)):
+        for c in cond:
+            yield from cond_tensors(c)
+    else:
+        for attr in ("batch", "schedules", "cond"):
+            if hasattr(cond, attr):
+                yield from cond_tensors(getattr(cond, attr))
+                return
+
+
+def preload_default(models_dir: Optional[str]) -> str:
+    """Default of --perfusion-dir for preload.py."""
+    return os.path.join(models_dir, "perfusion") if models_dir else str(DEFAULT_FOLDER)

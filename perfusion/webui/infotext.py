@@ -1,0 +1,84 @@
+"""Pasting generation parameters back: concept hashes resolved to local files, per-concept gates kept.
+
+The infotext holds `Perfusion: hugsy tau=0.15 beta=0.6 lock=local; ...` (what was applied) and
+`Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...`. On paste, a tag whose concept is known here under
+another name (same hash) is renamed; a concept missing here is reported; a gate value that came from
+card preferences (not from the tag) is written into the tag so the image reproduces elsewhere.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from .network import INFOTEXT_CONCEPTS, INFOTEXT_HASHES, library
+from .script import INFOTEXT_DEFAULTS, parse_defaults
+
+_TAG = re.compile(r"<perfusion:([^:>]+)((?::[^:>]*)*)>")
+
+
+def parse_hashes(text: Optional[str]) -> dict[str, str]:
+    """{name: shorthash} from a "Perfusion hashes" value."""
+    out = {}
+    for part in (text or "").split(","):
+        name, _, shorthash = part.strip().rpartition(":")
+        if name.strip() and shorthash.strip():
+            out[name.strip()] = shorthash.strip()
+    return out
+
+
+def parse_applied(text: Optional[str]) -> dict[str, dict[str, str]]:
+    """{name: {"tau": ..., "beta": ..., "lock": ...}} from a "Perfusion" value."""
+    out = {}
+    for part in (text or "").split(";"):
+        words = part.split()
+        if words and "=" not in words[0]:
+            out[words[0]] = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    return out
+
+
+def _explicit(prompt: str, name: str, applied: dict[str, str], defaults: dict[str, str]) -> str:
+    """The tags of `name` with the applied beta/lock written in where the tag left them to defaults that
+    differ (e.g. card preferences)."""
+    def fix(m: re.Match) -> str:
+        if m.group(1) != name:
+            return m.group(0)
+        items = [i for i in m.group(2).split(":") if i]
+        positional = [i for i in items if "=" not in i]
+        named = {i.split("=", 1)[0].strip().lower() for i in items if "=" in i}
+        add = []
+        if "beta" in applied and len(positional) < 2 and "beta" not in named and applied["beta"] != defaults.get("beta"):
+            add.append(f"beta={applied['beta']}")
+        if "tau" in applied and not positional and "tau" not in named and applied["tau"] != defaults.get("tau"):
+            add.append(f"tau={applied['tau']}")
+        if "lock" in applied and "lock" not in named and applied["lock"] != defaults.get("lock"):
+            add.append(f"lock={applied['lock']}")
+        return f"<perfusion:{name}{''.join(':' + a for a in add)}{m.group(2)}>" if add else m.group(0)
+    return _TAG.sub(fix, prompt)
+
+
+def on_infotext_pasted(infotext: str, params: dict) -> None:
+    """script_callbacks.on_infotext_pasted: rewrite params["Prompt"] in place, warn on the console."""
+    hashes = parse_hashes(params.get(INFOTEXT_HASHES))
+    if not hashes and INFOTEXT_CONCEPTS not in params:
+        return
+    prompt = params.get("Prompt", "")
+    lib = library()
+    lib.refresh()
+    defaults = parse_defaults(params.get(INFOTEXT_DEFAULTS))
+    for name, values in parse_applied(params.get(INFOTEXT_CONCEPTS)).items():
+        prompt = _explicit(prompt, name, values, defaults)
+    for name, shorthash in hashes.items():
+        entry = lib.find(name)
+        if entry is not None and entry.sha256.startswith(shorthash.lower()):
+            continue
+        other = lib.by_hash(shorthash)
+        if other is not None:
+            prompt = re.sub(rf"<perfusion:{re.escape(name)}(?=[:>])", f"<perfusion:{other.name}", prompt)
+            print(f"Perfusion: pasted concept {name} ({shorthash}) is {other.name} here; tag renamed")
+        elif entry is not None:
+            print(f"Perfusion: pasted concept {name} was {shorthash}, the local file is {entry.shorthash} "
+                  "(another version); the image may differ")
+        else:
+            print(f"Perfusion: pasted concept {name} ({shorthash}) is not in {lib.folders[0]}; "
+                  "its tag will be skipped until the file is there")
+    params["Prompt"] = prompt

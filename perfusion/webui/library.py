@@ -1,0 +1,116 @@
+"""The concepts folder: which concept files exist, their hashes, and loading them once.
+
+A concept is `<folder>/**/NAME.safetensors` (the file stem is the tag's NAME); training checkpoints
+(`*.resume.safetensors`) and covariance caches are not concepts. Files are read only when asked for
+and cached by (size, mtime), so a retrained concept is picked up without a restart.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..concept import Concept, ConceptError, load_concept
+
+SKIPPED_SUFFIXES = (".resume.safetensors", ".covariance.safetensors")
+
+
+@dataclass
+class Entry:
+    """One concept file on disk."""
+
+    name: str
+    path: Path
+    stamp: tuple[int, int]  # (size, mtime_ns)
+    _hash: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        if self._hash is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._hash = h.hexdigest()
+        return self._hash
+
+    @property
+    def shorthash(self) -> str:
+        """First 12 hex digits of the file's sha256 (as the WebUI shows for Lora and embeddings)."""
+        return self.sha256[:12]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class Library:
+    """Concept files under `folders` (searched recursively, first folder wins on a name clash)."""
+
+    def __init__(self, folders: list[Path]):
+        self.folders = [Path(f) for f in folders]
+        self.entries: dict[str, Entry] = {}
+        self.clashes: list[str] = []
+        self._loaded: dict[Path, tuple[tuple[int, int], Concept]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan the folders (hashes of unchanged files are kept)."""
+        old = {e.path: e for e in self.entries.values()}
+        self.entries, self.clashes = {}, []
+        for folder in self.folders:
+            if not folder.is_dir():
+                continue
+            for root, dirs, files in os.walk(folder, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for file in sorted(files):
+                    if not file.endswith(".safetensors") or file.endswith(SKIPPED_SUFFIXES):
+                        continue
+                    path = Path(root) / file
+                    try:
+                        stamp = _stamp(path)
+                    except OSError:
+                        continue
+                    name = file[: -len(".safetensors")]
+                    if name in self.entries:
+                        self.clashes.append(f"{path} has the same name as {self.entries[name].path}; "
+                                            "rename one of them to use it")
+                        continue
+                    keep = old.get(path)
+                    self.entries[name] = keep if keep is not None and keep.stamp == stamp else Entry(name, path, stamp)
+
+    def find(self, name: str) -> Optional[Entry]:
+        """The entry named `name` (exact, then case-insensitive); rescans once if it is unknown."""
+        for attempt in range(2):
+            if name in self.entries:
+                return self.entries[name]
+            folded = [e for n, e in self.entries.items() if n.lower() == name.lower()]
+            if len(folded) == 1:
+                return folded[0]
+            if attempt == 0:
+                self.refresh()
+        return None
+
+    def by_hash(self, shorthash: str) -> Optional[Entry]:
+        """The entry whose sha256 starts with `shorthash` (hashes every file once if needed)."""
+        shorthash = shorthash.lower()
+        return next((e for e in self.entries.values() if shorthash and e.sha256.startswith(shorthash)), None)
+
+    def load(self, entry: Entry) -> Concept:
+        """The concept in `entry`'s file (cached until the file changes); raises ConceptError."""
+        try:
+            stamp = _stamp(entry.path)
+        except OSError as e:
+            raise ConceptError(f"{entry.path}: cannot read ({e.strerror}); refresh the Perfusion cards") from None
+        cached = self._loaded.get(entry.path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        concept = load_concept(entry.path)
+        concept.name = entry.name
+        if stamp != entry.stamp:
+            entry.stamp, entry._hash = stamp, None
+        self._loaded[entry.path] = (stamp, concept)
+        return concept

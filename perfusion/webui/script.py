@@ -1,0 +1,87 @@
+"""The always-visible "Perfusion" accordion in txt2img/img2img: the gate defaults for tags that give none.
+
+Its values reach the generation through `p.perfusion_defaults` (set in process, read by the extra
+network's activate), are written to the infotext when the prompt has tags, and come back on paste and
+through the API's `alwayson_scripts` ({"perfusion": {"args": [enabled, beta, tau, lock, projection]}}).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from modules import scripts
+
+from ..edit import PROJECTIONS
+from ..hooks import LOCKS
+from . import network
+from .network import Defaults
+
+INFOTEXT_DEFAULTS = "Perfusion defaults"
+
+
+def defaults_text(d: Defaults) -> str:
+    return f"beta={d.beta:g} tau={d.tau:g} lock={d.lock} projection={d.projection}"
+
+
+def parse_defaults(text: Optional[str]) -> dict[str, str]:
+    """{'beta': '0.7', ...} from an infotext's "Perfusion defaults" value ({} when absent)."""
+    return dict(re.findall(r"(\w+)=([^\s]+)", text or ""))
+
+
+class PerfusionScript(scripts.Script):
+    def title(self) -> str:
+        return "Perfusion"
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list:
+        import gradio as gr
+        d = Defaults.from_settings()
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Accordion("Perfusion", open=False, elem_id=f"perfusion_{tab}_accordion"):
+            with gr.Row():
+                enabled = gr.Checkbox(value=True, label="Apply <perfusion:...> tags", elem_id=f"perfusion_{tab}_enabled")
+                lock = gr.Radio(list(LOCKS), value=d.lock, label="Key locking", elem_id=f"perfusion_{tab}_lock")
+                projection = gr.Radio(list(PROJECTIONS), value=d.projection, label="Several concepts",
+                                      elem_id=f"perfusion_{tab}_projection")
+            with gr.Row():
+                beta = gr.Slider(minimum=0.0, maximum=1.5, step=0.01, value=d.beta, label="Gate bias beta", elem_id=f"perfusion_{tab}_beta")
+                tau = gr.Slider(minimum=0.01, maximum=1.0, step=0.01, value=d.tau, label="Gate temperature tau",
+                                elem_id=f"perfusion_{tab}_tau")
+        pasted = lambda key, cast: (lambda params: _pasted(params, key, cast))  # noqa: E731
+        self.infotext_fields = [(enabled, lambda params: True if INFOTEXT_DEFAULTS in params else None),
+                                (beta, pasted("beta", float)), (tau, pasted("tau", float)),
+                                (lock, pasted("lock", str)), (projection, pasted("projection", str))]
+        self.paste_field_names = [INFOTEXT_DEFAULTS]
+        return [enabled, beta, tau, lock, projection]
+
+    def process(self, p: Any, enabled: bool = True, beta: float = 0.7, tau: float = 0.15, lock: str = "local",
+                projection: str = "approximate", *rest: Any) -> None:
+        settings = Defaults.from_settings()
+        d = Defaults(bool(enabled), _number(beta, settings.beta), _number(tau, settings.tau),
+                     lock if lock in LOCKS else settings.lock,
+                     projection if projection in PROJECTIONS else settings.projection)
+        p.perfusion_defaults = d
+        if any("<perfusion:" in (text or "") for text in (p.all_prompts or [p.prompt])):
+            p.extra_generation_params[INFOTEXT_DEFAULTS] = defaults_text(d)
+
+    def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        network.feed_global_lock(p, kwargs.get("c"))
+
+
+def _number(value: Any, fallback: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return fallback
+
+
+def _pasted(params: dict, key: str, cast) -> Any:
+    value = parse_defaults(params.get(INFOTEXT_DEFAULTS)).get(key)
+    if value is None:
+        return None
+    try:
+        return cast(value)
+    except ValueError:
+        return None

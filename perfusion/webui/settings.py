@@ -1,0 +1,41 @@
+"""The "Perfusion" section of the WebUI's settings, added at import so it exists in API-only mode too."""
+from __future__ import annotations
+
+from modules import shared
+
+from ..edit import PROJECTIONS
+from ..hooks import LOCKS
+from .host import OPTION_PREFIX
+
+WARNING_MODES = ("UI and console", "console only")
+
+
+def _gradio(name: str):
+    """A gradio component class for the settings page (None where gradio is absent: tests, API tools)."""
+    try:
+        import gradio
+    except ImportError:
+        return None
+    return getattr(gradio, name)
+
+
+def register() -> None:
+    """Add the options (idempotent: a reloaded UI re-adds the same keys)."""
+    radio, slider = _gradio("Radio"), _gradio("Slider")
+    options = {
+        "dir": shared.OptionInfo("", "Concepts folder (empty: --perfusion-dir, else models/perfusion)"),
+        "beta": shared.OptionInfo(0.7, "Default gate bias beta (higher: weaker concept, closer to the prompt)",
+                                  slider, {"minimum": 0.0, "maximum": 1.5, "step": 0.01}),
+        "tau": shared.OptionInfo(0.15, "Default gate temperature tau", slider,
+                                 {"minimum": 0.01, "maximum": 1.0, "step": 0.01}),
+        "lock": shared.OptionInfo("local", "Default key locking", radio, {"choices": list(LOCKS)}),
+        "projection": shared.OptionInfo("approximate", "Several concepts in one prompt: projection", radio,
+                                        {"choices": list(PROJECTIONS)}),
+        "warnings": shared.OptionInfo("UI and console", "Where warnings (unknown concept, bad file, ...) appear",
+                                      radio, {"choices": list(WARNING_MODES)}),
+    }
+    shared.options_templates.update(shared.options_section(
+        ("perfusion", "Perfusion"), {OPTION_PREFIX + k: v for k, v in options.items()}))
+    for key, info in options.items():  # opts already built (Reload UI, or an import after start-up)
+        if OPTION_PREFIX + key not in shared.opts.data_labels:
+            shared.opts.add_option(OPTION_PREFIX + key, info)

@@ -1,0 +1,270 @@
+"""The extension's generation side inside the WebUI stand-in (v1.10.1 call order), on the tiny model."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import webui_host as host
+from modules import (errors, extra_networks, infotext_utils, script_callbacks, sd_hijack, sd_samplers, shared,
+                     ui_extra_networks)
+from modules.textual_inversion.textual_inversion import Embedding
+
+
+@pytest.fixture(scope="module")
+def world():
+    host.load_extension()
+    model = host.load_model()
+    yield model
+    script_callbacks.script_unloaded_callback()
+
+
+@pytest.fixture
+def folder(world, tmp_path):
+    host.reset()
+    shared.opts.data["perfusion_dir"] = str(tmp_path)
+    yield tmp_path
+    assert errors.exception_records == []
+    sd_samplers.sample_hook = host.unet_sampler
+
+
+def images(processed):
+    return torch.stack(list(processed.images))
+
+
+def test_extension_loads_settings_network_page_and_script(world):
+    assert shared.opts.perfusion_beta == 0.7 and shared.opts.perfusion_tau == 0.15
+    assert shared.opts.data_labels["perfusion_lock"].section[0] == "perfusion"
+    assert "perfusion" in extra_networks.extra_network_registry
+    assert [p.title for p in ui_extra_networks.extra_pages] == ["Perfusion"]
+    _, script = host.runner()
+    assert script.title() == "Perfusion"
+    assert errors.exception_records == []
+
+
+def test_tag_applies_the_concept_and_a_tag_free_prompt_is_the_base_model_again(folder):
+    host.make_concept(folder)
+    base = images(host.txt2img("a photo of hugsy"))
+    tagged = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    assert (images(tagged) - base).abs().max() > 1e-3
+    assert "Perfusion: hugsy tau=0.15 beta=0.7 lock=local" in tagged.infotexts[0]
+    assert tagged.comments == ""
+    after = host.txt2img("a photo of hugsy")
+    assert torch.equal(images(after), base)
+    assert "hugsy" not in sd_hijack.model_hijack.embedding_db.word_embeddings
+
+
+def test_tag_values_override_sliders_and_sliders_fill_in(folder):
+    host.make_concept(folder)
+    a = host.txt2img("a photo of <perfusion:hugsy:0.3:beta=0.5> hugsy", args=(True, 0.9, 0.2, "local", "exact"))
+    assert "hugsy tau=0.3 beta=0.5 lock=local" in a.infotexts[0]
+    assert "Perfusion defaults: beta=0.9 tau=0.2 lock=local projection=exact" in a.infotexts[0]
+    b = host.txt2img("a photo of <perfusion:hugsy> hugsy", args=(True, 0.9, 0.2, "local", "exact"))
+    assert "hugsy tau=0.2 beta=0.9 lock=local" in b.infotexts[0]
+    off = host.txt2img("a photo of <perfusion:hugsy> hugsy", args=(False, 0.9, 0.2, "local", "exact"))
+    assert "disabled in the Perfusion accordion" in off.comments
+    assert torch.equal(images(off), images(host.txt2img("a photo of hugsy")))
+
+
+def test_preferred_gate_from_card_metadata(folder):
+    host.make_concept(folder)
+    (folder / "hugsy.json").write_text('{"preferred_beta": 0.55, "preferred_tau": 0.25}')
+    out = host.txt2img("a photo of <perfusion:hugsy> hugsy")
+    assert "hugsy tau=0.25 beta=0.55" in out.infotexts[0]
+
+
+def test_global_lock_feeds_superclass_twin_to_the_keys(folder):
+    host.make_concept(folder)
+    seen = []
+    hooks = None
+
+    def spy(params):
+        seen.append(len(host_runtime().key_contexts.pairs) if host_runtime().key_contexts else 0)
+        return host.unet_sampler(params)
+    sd_samplers.sample_hook = spy
+    local = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy", batch_size=2)
+    glob = host.txt2img("a photo of <perfusion:hugsy:0.15:lock=global> hugsy", batch_size=2)
+    assert "lock=global" in glob.infotexts[0] and glob.comments == ""
+    assert seen[-1] == 2  # both cond rows paired with their twins
+    assert (images(glob) - images(local)).abs().max() > 1e-4
+    del hooks
+
+
+def host_runtime():
+    from perfusion.webui import network
+    return network.runtime
+
+
+def test_hires_pass_batches_and_no_leak_after_an_exception(folder):
+    host.make_concept(folder)
+    prompt = "a photo of <perfusion:hugsy:0.15> hugsy"
+    activations = []
+    real = host_runtime().hooks.activate
+
+    def record(items, *args, **kw):
+        activations.append(len(items))
+        return real(items, *args, **kw)
+    host_runtime().hooks.activate = record
+    try:
+        host.txt2img(prompt, enable_hr=True, hr_scale=1.5, n_iter=2, batch_size=2)
+    finally:
+        del host_runtime().hooks.activate
+    assert activations == [0, 1, 0, 1, 0, 1, 0, 1, 0]  # per batch: first pass, hires pass; then deactivate
+    base = images(host.txt2img("a photo of hugsy"))
+
+    def boom(params):
+        raise RuntimeError("out of memory")
+    sd_samplers.sample_hook = boom
+    with pytest.raises(RuntimeError):
+        host.txt2img(prompt)
+    sd_samplers.sample_hook = host.unet_sampler
+    assert torch.equal(images(host.txt2img("a photo of hugsy")), base)
+
+
+def test_interrupt_then_tag_free_is_base(folder):
+    host.make_concept(folder)
+    base = images(host.txt2img("a photo of hugsy"))
+
+    def interrupt(params):
+        shared.state.interrupted = True
+        return host.unet_sampler(params)
+    sd_samplers.sample_hook = interrupt
+    host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy", n_iter=2)
+    shared.state.interrupted = False
+    sd_samplers.sample_hook = host.unet_sampler
+    assert torch.equal(images(host.txt2img("a photo of hugsy")), base)
+
+
+@pytest.mark.parametrize("prompt, negative, message", [
+    ("a photo of <perfusion:nobody:0.15> hugsy", "", "no concept named 'nobody'"),
+    ("a photo of <perfusion:hugsy:7> hugsy", "", "tau 7 is outside"),
+    ("a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy", "", "lock=sideways is not one of local/global"),
+    ("a photo of <perfusion:hugsy:0.15> a bear", "", "its word 'hugsy' is not in the prompt"),
+    ("a photo of <perfusion:hugsy:0.15> hugsy", "<perfusion:hugsy:0.15>", "tags in the negative prompt"),
+])
+def test_bad_tags_warn_and_still_generate(folder, prompt, negative, message):
+    host.make_concept(folder)
+    out = host.txt2img(prompt, negative=negative)
+    assert message in out.comments
+    assert len(out.images) == 1
+
+
+def test_bad_files_are_skipped_with_a_warning(folder, tmp_path_factory):
+    host.make_concept(folder)
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file at all")
+    other = tmp_path_factory.mktemp("other")
+    concept = host.make_concept(other, "wide")
+    shutil.copy(other / "wide.safetensors", folder / "wide.safetensors")
+    from perfusion import save_concept
+    concept.i_star = torch.randn(32)
+    concept.a, concept.i_super = torch.randn(32), torch.randn(32)
+    save_concept(concept, folder / "wide.safetensors")
+    base = images(host.txt2img("a photo of hugsy and wide and broken"))
+    out = host.txt2img("a photo of <perfusion:broken:0.15> <perfusion:wide:0.15> hugsy and wide and broken")
+    assert "broken.safetensors" in out.comments and "wide: made for 32-wide text encodings" in out.comments
+    assert torch.equal(images(out), base)
+    assert "Perfusion:" not in out.infotexts[0].split("\n")[-1]
+
+
+def test_two_concepts_combine_and_infotext_paste_resolves_hashes(folder, capsys):
+    host.make_concept(folder, "hugsy")
+    host.make_concept(folder, "boxy", token="boxy", superclass="box", seed=3)
+    out = host.txt2img("<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy", args=(True, 0.7, 0.15, "local", "exact"))
+    info = out.infotexts[0]
+    assert "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.2 beta=0.7 lock=local; projection=exact" in info
+    params = infotext_utils.parse_generation_parameters(info)
+    script_callbacks.infotext_pasted_callback(info, params)
+    assert params["Prompt"] == "<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy"
+    os.rename(folder / "boxy.safetensors", folder / "boxy2.safetensors")
+    os.remove(folder / "hugsy.safetensors")
+    params = infotext_utils.parse_generation_parameters(info)
+    script_callbacks.infotext_pasted_callback(info, params)
+    assert params["Prompt"] == "<perfusion:hugsy:0.15> <perfusion:boxy2:0.2> hugsy and boxy"
+    printed = capsys.readouterr().out
+    assert "pasted concept hugsy" in printed and "is not in" in printed and "boxy2 here" in printed
+
+
+def test_paste_makes_card_preferences_explicit(folder):
+    host.make_concept(folder)
+    (folder / "hugsy.json").write_text('{"preferred_beta": 0.55}')
+    info = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy").infotexts[0]
+    params = infotext_utils.parse_generation_parameters(info)
+    script_callbacks.infotext_pasted_callback(info, params)
+    assert params["Prompt"] == "a photo of <perfusion:hugsy:beta=0.55:0.15> hugsy"
+
+
+def test_card_items(folder):
+    host.make_concept(folder, tau=0.2)
+    (folder / "hugsy.txt").write_text("my teddy")
+    page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")
+    page.refresh()
+    [item] = list(page.list_items())
+    assert item["prompt"] == '"<perfusion:hugsy:0.2> hugsy"'
+    assert item["description"] == "my teddy" and item["shorthash"] in item["search_terms"]
+    assert {"hugsy", "teddy"} <= set(item["search_terms"])
+    assert item["metadata"]["suggested gate"] == "beta 0.7, tau 0.2"
+    assert page.create_item_html("txt2img", item)["name"] == "hugsy"
+    editor = page.create_user_metadata_editor(None, "txt2img")
+    page.items = {"hugsy": item}
+    editor.save_user_metadata("hugsy", "desc", "notes", 0.3, "")
+    [item] = list(page.list_items())
+    assert item["prompt"] == '"<perfusion:hugsy:0.3> hugsy"'
+
+
+def test_api_routes(folder):
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    host.make_concept(folder)
+    app = fastapi.FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    script_callbacks.app_started_callback(None, app)
+    assert sum(getattr(r, "path", "") == "/perfusion/v1/concepts" for r in app.routes) == 1
+    client = TestClient(app)
+    listed = client.get("/perfusion/v1/concepts").json()
+    assert [c["name"] for c in listed["concepts"]] == ["hugsy"]
+    assert listed["concepts"][0]["metadata"]["superclass"] == "teddy"
+    host.make_concept(folder, "boxy", token="boxy", superclass="box")
+    assert [c["name"] for c in client.post("/perfusion/v1/refresh").json()["concepts"]] == ["boxy", "hugsy"]
+
+
+def test_api_auth(folder, monkeypatch):
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    monkeypatch.setattr(shared.cmd_opts, "api_auth", "ann:secret", raising=False)
+    app = fastapi.FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    client = TestClient(app)
+    assert client.get("/perfusion/v1/concepts").status_code == 401
+    assert client.get("/perfusion/v1/concepts", auth=("ann", "wrong")).status_code == 401
+    assert client.get("/perfusion/v1/concepts", auth=("ann", "secret")).status_code == 200
+
+
+def test_reload_ui_twice_leaves_one_hook_per_layer(folder):
+    host.make_concept(folder)
+    host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    host.reload_ui()
+    host.reload_ui()
+    host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    unet = shared.sd_model.model.diffusion_model
+    attn = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    assert all(len(m.to_k._forward_hooks) == 1 and len(m.to_v._forward_hooks) == 1 for m in attn)
+    assert len(extra_networks.extra_network_registry) == 1 and len(ui_extra_networks.extra_pages) == 1
+
+
+def test_users_own_embedding_of_the_same_word_comes_back(folder):
+    host.make_concept(folder)
+    mine = Embedding(torch.ones(1, 64), "hugsy")
+    sd_hijack.model_hijack.embedding_db.register_embedding(mine, shared.sd_model)
+    host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    assert sd_hijack.model_hijack.embedding_db.word_embeddings["hugsy"] is mine
+    sd_hijack.model_hijack.embedding_db.register_embedding_by_name(None, shared.sd_model, "hugsy")
+
+
+def test_retrained_concept_file_invalidates_cached_conditioning(folder):
+    host.make_concept(folder, seed=1)
+    first = images(host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy"))
+    again = images(host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy"))
+    assert torch.equal(first, again)
+    host.make_concept(folder, seed=2)
+    changed = images(host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy"))
+    assert (changed - first).abs().max() > 1e-4

@@ -1,0 +1,93 @@
+"""Pure parts of the WebUI glue: tag parsing, the concepts library, conditioning walks, Forge's DB signature."""
+import os
+from collections import namedtuple
+
+import torch
+
+from perfusion.webui import host
+from perfusion.webui.library import Library
+from perfusion.webui.tags import Request, format_tag, parse_request
+
+
+def test_parse_request_positional_named_and_bad_values():
+    assert parse_request(["hugsy"], {}) == (Request("hugsy"), [])
+    assert parse_request(["hugsy", "0.15"], {}) == (Request("hugsy", tau=0.15), [])
+    assert parse_request(["hugsy", "0.15", "0.6"], {"lock": "global"}) == (Request("hugsy", 0.15, 0.6, "global"), [])
+    assert parse_request(["hugsy"], {"TAU": "0.2", "beta": "0.5"})[0] == Request("hugsy", 0.2, 0.5)
+    req, warnings = parse_request(["hugsy", "abc", "9"], {"lock": "up", "gain": "2"})
+    assert req == Request("hugsy")
+    assert len(warnings) == 4
+    assert any("gain= ignored" in w for w in warnings) and any("lock=up" in w for w in warnings)
+    assert any("'abc' is not a number" in w for w in warnings) and any("beta 9 is outside" in w for w in warnings)
+    assert parse_request([], {})[0] is None and parse_request(["hugsy", "nan"], {})[0].tau is None
+    assert "extra arguments" in parse_request(["hugsy", "0.1", "0.5", "3"], {})[1][0]
+
+
+def test_format_tag_keeps_tau_last_for_the_webuis_card_toggle():
+    assert format_tag("hugsy", 0.15) == "<perfusion:hugsy:0.15>"
+    assert format_tag("hugsy", 0.2, beta=0.6, lock="global") == "<perfusion:hugsy:beta=0.6:lock=global:0.2>"
+
+
+def test_library_scan_find_hash_and_reload(tmp_path):
+    from concepts import make_concept, random_covariance
+    from perfusion import save_concept
+    (tmp_path / "sub").mkdir()
+    save_concept(make_concept({"l.attn2": 8}, 16, random_covariance(16)), tmp_path / "sub" / "Hugsy.safetensors")
+    (tmp_path / "hugsy.resume.safetensors").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    lib = Library([tmp_path])
+    assert list(lib.entries) == ["Hugsy"] and lib.find("hugsy").name == "Hugsy"
+    entry = lib.find("Hugsy")
+    assert len(entry.shorthash) == 12 and lib.by_hash(entry.shorthash[:8]) is entry
+    first = lib.load(entry)
+    assert lib.load(entry) is first and first.name == "Hugsy"
+    save_concept(make_concept({"l.attn2": 8}, 16, random_covariance(16), seed=4), entry.path)
+    os.utime(entry.path, ns=(1, 1))
+    assert lib.load(entry) is not first and lib.find("nobody") is None
+    save_concept(make_concept({"l.attn2": 8}, 16, random_covariance(16)), tmp_path / "Hugsy.safetensors")
+    lib.refresh()
+    assert len(lib.clashes) == 1 and "same name" in lib.clashes[0]
+
+
+def test_cond_tensors_walks_webui_conditioning_structures():
+    Scheduled = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
+
+    class Composable:
+        def __init__(self, schedules):
+            self.schedules, self.weight = schedules, 1.0
+
+    class Multicond:
+        def __init__(self, batch):
+            self.shape, self.batch = (2,), batch
+
+    t = [torch.full((77, 8), float(i)) for i in range(4)]
+    cond = Multicond([[Composable([Scheduled(5, t[0]), Scheduled(10, t[1])])], [Composable([Scheduled(10, t[2])])]])
+    assert [float(x[0, 0]) for x in host.cond_tensors(cond)] == [0, 1, 2]
+    sdxl = Scheduled(10, {"crossattn": t[3], "vector": torch.zeros(4)})
+    assert [float(x[0, 0]) for x in host.cond_tensors(sdxl)] == [3]
+
+
+def test_register_embedding_speaks_both_database_signatures():
+    calls = []
+
+    class A1111DB:
+        def register_embedding_by_name(self, embedding, model, name):
+            calls.append(("a1111", embedding, model, name))
+
+    class ForgeDB:
+        def register_embedding_by_name(self, embedding, name):
+            calls.append(("forge", embedding, name))
+
+    host.register_embedding(A1111DB(), "vec", "hugsy", "model")
+    host.register_embedding(ForgeDB(), "vec", "hugsy", "model")
+    assert calls == [("a1111", "vec", "model", "hugsy"), ("forge", "vec", "hugsy")]
+
+
+def test_embedding_vector_and_forge_unet_lookup():
+    assert torch.equal(host.embedding_vector({"": torch.ones(1, 4)}), torch.ones(1, 4))
+    sdxl = host.embedding_vector({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)})
+    assert set(sdxl) == {"clip_l", "clip_g"}
+    unet = torch.nn.Linear(2, 2)
+    forge = type("Forge", (), {})()
+    forge.forge_objects = type("O", (), {"unet": type("P", (), {"model": type("M", (), {"diffusion_model": unet})})})
+    assert host.is_forge(forge) and host.diffusion_model(forge) is unet and host.diffusion_model(None) is None

@@ -1,0 +1,141 @@
+"""The extension loaded into the WebUI stand-in, over the tests' tiny real-architecture model.
+
+`TinySDModel` offers what the WebUI's LatentDiffusion offers an extension: `model.diffusion_model`
+(an ldm UNetModel), `cond_stage_model` (tokenize, encode_embedding_init_text) and
+`get_learned_conditioning`, which applies the embedding database's vectors to whole words as the
+WebUI's textual-inversion lookup does. The sampler hook runs the U-Net on the CFG batch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_standin"))
+
+import torch  # noqa: E402
+
+from modules import (errors, extensions, extra_networks, paths, processing, script_callbacks, scripts,  # noqa: E402
+                     sd_hijack, sd_models, sd_samplers, shared, ui_extra_networks)
+
+from concepts import layer_widths, random_covariance  # noqa: E402
+from perfusion import Concept, gate_direction, save_concept  # noqa: E402
+from tiny import tiny_adapter  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTENSION = os.path.join(paths.extensions_dir, "sd-webui-perfusion")
+
+
+class TinyCondStage(torch.nn.Module):
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def tokenize(self, texts):
+        return [self.adapter._ids(t) for t in texts]
+
+    def encode_embedding_init_text(self, init_text, nvpt):
+        return self.adapter.word_embedding(init_text)[""][:nvpt]
+
+
+class TinySDModel(torch.nn.Module):
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = adapter.diffusion_model
+        self.cond_stage_model = TinyCondStage(adapter)
+        self.calls = 0  # text encodings made (to see the conditioning cache at work)
+
+    def get_learned_conditioning(self, prompts):
+        self.calls += 1
+        db = sd_hijack.model_hijack.embedding_db
+        words = {name: {"": e.vec} for name, e in db.word_embeddings.items()}
+        context, _ = self.adapter.encode(list(prompts), words)
+        return context
+
+
+def unet_sampler(params):
+    """The stand-in's model call: the U-Net on [cond rows; uncond rows] at a timestep from sigma."""
+    model = shared.sd_model
+    context = torch.cat([params.text_cond, params.text_uncond])
+    t = (params.sigma * 97).long().clamp(0, 999)
+    return model.model.diffusion_model(params.x, t, context=context)
+
+
+def load_model(seed: int = 0) -> TinySDModel:
+    sd_models.instantiate_from_config = lambda config, state_dict=None: TinySDModel(tiny_adapter(seed=seed))
+    sd_samplers.sample_hook = unet_sampler
+    return sd_models.load_model()
+
+
+def load_extension() -> None:
+    """Start-up as the WebUI does it (initialize_rest) with the repository as an installed extension."""
+    if not os.path.lexists(EXTENSION):
+        os.makedirs(paths.extensions_dir, exist_ok=True)
+        os.symlink(REPO, EXTENSION)
+    extensions.list_extensions()
+    scripts.load_scripts()
+    ui_extra_networks.initialize()
+    extra_networks.initialize()
+    script_callbacks.before_ui_callback()
+
+
+def reload_ui() -> None:
+    script_callbacks.app_reload_callback()
+    script_callbacks.script_unloaded_callback()
+    scripts.load_scripts()
+    ui_extra_networks.initialize()
+    extra_networks.initialize()
+    script_callbacks.before_ui_callback()
+
+
+def runner(is_img2img: bool = False):
+    """A ScriptRunner with the extension's accordion script; returns (runner, script)."""
+    r = scripts.ScriptRunner()
+    r.initialize_scripts(is_img2img)
+    script = next(s for s in r.alwayson_scripts if s.title() == "Perfusion")
+    script.args_from, script.args_to = 1, 6
+    return r, script
+
+
+def txt2img(prompt, *, args=(True, 0.7, 0.15, "local", "approximate"), negative="", **kw):
+    """One generation through process_images with the accordion's args; returns Processed."""
+    r, _ = runner()
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, negative_prompt=negative, seed=kw.pop("seed", 1),
+                                                    steps=kw.pop("steps", 3), width=kw.pop("width", 64),
+                                                    height=kw.pop("height", 64), **kw)
+    p.scripts, p.script_args = r, (0, *args)
+    return processing.process_images(p)
+
+
+def make_concept(folder, name="hugsy", token="hugsy", superclass="teddy", *, prompt=None, seed=0, scale=1.0,
+                 **fields) -> Concept:
+    """A concept for the loaded tiny model whose i* is the model's own encoding of `token` (so its gate
+    opens on the word), saved as `folder/name.safetensors`."""
+    adapter = shared.sd_model.adapter
+    g = torch.Generator().manual_seed(seed)
+    embedding = {"": torch.randn(1, adapter.context_dim, generator=g) * 0.5}
+    prompt = prompt or f"a photo of {token}"
+    with torch.no_grad():
+        context, rows = adapter.encode([prompt], {token: embedding})
+        i_star = context[0, rows[token][0][-1]]
+        sup_context, sup_rows = adapter.encode([prompt.replace(token, superclass)], {superclass: None})
+        i_super = sup_context[0, sup_rows[superclass][0][-1]]
+    cov = random_covariance(adapter.context_dim, seed=seed).float() + torch.outer(i_super, i_super) * 0.1
+    a, energy = gate_direction(i_star.double(), torch.linalg.solve(cov.double(), i_star.double()))
+    values = {n: torch.randn(w, generator=g) * scale for n, w in layer_widths(adapter.diffusion_model).items()}
+    concept = Concept(token=token, superclass=superclass, embedding=embedding, i_star=i_star, a=a.float(),
+                      energy=energy.float(), i_super=i_super, values=values, name=name, **fields)
+    save_concept(concept, os.path.join(folder, f"{name}.safetensors"))
+    return concept
+
+
+def reset() -> None:
+    """A clean host between tests."""
+    errors.exception_records.clear()
+    processing.StableDiffusionProcessing.cached_c[:] = [None, None]
+    processing.StableDiffusionProcessing.cached_uc[:] = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c[:] = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc[:] = [None, None]
+    shared.state.interrupted = False
+    shared.opts.data.pop("perfusion_dir", None)
