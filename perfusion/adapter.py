@@ -64,23 +64,31 @@ def _split_on_words(prompt: str, words: list[str]) -> list[str]:
     return re.split(rf"(?<!\w)({pattern})(?!\w)", prompt, flags=re.IGNORECASE)
 
 
+def padding_mask(lengths: torch.Tensor, rows: int) -> torch.Tensor:
+    """[B, rows, 1]: 1 on each prompt's BOS, tokens and EOS (its first `lengths` + 1 rows), 0 on the padding."""
+    return (torch.arange(rows, device=lengths.device)[None, :] <= lengths[:, None]).unsqueeze(-1).float()
+
+
 class LdmClipAdapter:
     """An ldm UNetModel + a transformers CLIPTextModel (and tokenizer), one chunk per prompt of the encoder's
     max_position_embeddings rows (77 for CLIP: BOS, up to 75 tokens, EOS and padding).
 
     first_stage: optional (encode, decode) pair between images and latents; pixel space if None.
+    zero_padding: rows after each prompt's EOS become zeros (a model trained that way reads only its words;
+    Stable Diffusion feeds the padding's encodings, the default).
     """
 
     arch = "other"
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumprod: torch.Tensor,
                  prediction: str = "eps", first_stage: Optional[tuple[Callable, Callable]] = None,
-                 model_hash: str = ""):
+                 model_hash: str = "", zero_padding: bool = False):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         self.diffusion_model, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
         self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
         self.prediction, self.first_stage, self.model_hash = prediction, first_stage, model_hash
+        self.zero_padding = zero_padding
         self.context_dim = text_encoder.config.hidden_size
         self.chunk_length = text_encoder.config.max_position_embeddings
         self._token_embedding = text_encoder.get_input_embeddings()
@@ -113,7 +121,7 @@ class LdmClipAdapter:
         words = dict(words or {})
         canonical = {w.lower(): w for w in words}
         ids_of = {w: self._ids(w) for w in words}
-        batch, vectors, mask, rows = [], [], [], {w: [] for w in words}
+        batch, vectors, mask, rows, lengths = [], [], [], {w: [] for w in words}, []
         for prompt in prompts:
             ids, found = [CLIP_BOS], {w: [] for w in words}
             for k, piece in enumerate(_split_on_words(prompt, list(words))):
@@ -131,6 +139,7 @@ class LdmClipAdapter:
                 found[word].append(len(ids) - 1)
             if len(ids) > self.chunk_length - 1:
                 raise ValueError(f"prompt is longer than {self.chunk_length - 2} tokens: {prompt!r}")
+            lengths.append(len(ids))
             batch.append(ids + [CLIP_EOS] * (self.chunk_length - len(ids)))
             for w in words:
                 rows[w].append(found[w])
@@ -143,6 +152,8 @@ class LdmClipAdapter:
             context = self.text_encoder(input_ids=ids).last_hidden_state
         finally:
             self._replacement = None
+        if self.zero_padding:
+            context = context * padding_mask(torch.tensor(lengths, device=ids.device), ids.shape[1]).to(context.dtype)
         return context, rows
 
     def apply_model(self, x, t, context):

@@ -48,8 +48,9 @@ def projection_coefficients(s: torch.Tensor, a: torch.Tensor, i_star: torch.Tens
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     a64, i64, en64 = a.double(), i_star.double(), energy.double().reshape(-1)
     gram = en64[:, None] * (a64 @ i64.T)
-    # x = G^-1 b with b_c = energy_c s_c, written as s @ (diag(energy) G^-T) for batched rows.
-    mix = torch.linalg.solve(gram, torch.diag(en64)).T
+    # x = G^-1 b with b_c = energy_c s_c, written as s @ (diag(energy) G^-T) for batched rows. The
+    # pseudo-inverse keeps concepts with the same (or dependent) i* from failing the whole image.
+    mix = (torch.linalg.pinv(gram, hermitian=True) @ torch.diag(en64)).T
     return s @ mix.to(s.dtype)
 
 

@@ -165,3 +165,19 @@ def test_small_text_encoder_feeds_small_unet(tokenizer):
         context = encode(tokenizer, encoder, ["a photo of a teddy bear", "a photo of a cat"])
         out = unet(torch.zeros(2, 4, 16, 16), torch.tensor([999, 999]), context)
     assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_zero_padding_keeps_bos_words_and_eos_even_with_embedding_placeholders():
+    from perfusion.adapter import LdmClipAdapter
+    from tiny import tiny_adapter
+    base = tiny_adapter("v")
+    zeroed = LdmClipAdapter(base.diffusion_model, base.text_encoder, base.tokenizer, base.alphas_cumprod, "v",
+                            zero_padding=True)
+    emb = {"": torch.randn(2, 64)}
+    prompts = ["a photo of hugsy on a beach", "hugsy"]
+    full, rows = base.encode(prompts, {"hugsy": emb})
+    cut, rows_cut = zeroed.encode(prompts, {"hugsy": emb})
+    assert rows == rows_cut == {"hugsy": [[5], [2]]}  # last row of the 2-vector word
+    kept = [1 + 3 + 2 + 3 + 1, 1 + 2 + 1]  # BOS + words (hugsy = 2 vectors) + EOS
+    for b, n in enumerate(kept):
+        assert torch.equal(cut[b, :n], full[b, :n]) and cut[b, n:].abs().max() == 0 and full[b, n:].abs().min() > 0

@@ -6,7 +6,7 @@ import torch
 from ldm.modules.attention import CrossAttention
 
 import perfusion
-from perfusion import Activation, Activations, ConceptMismatch, KeyContexts, attach
+from perfusion import Activation, Activations, ConceptMismatch, KeyContexts, attach, projection_coefficients
 from concepts import encodings, layer_widths, make_concept, random_covariance
 from models import small_unet
 
@@ -326,3 +326,17 @@ def test_ungated_activation_is_romes_closed_form():
     s = e.double() @ torch.linalg.solve(cov, concept.i_star.double()) / (concept.i_star.double() @ torch.linalg.solve(cov, concept.i_star.double()))
     ref = e.double() @ W.T + s[..., None] * (concept.values["attn2"].double() - W @ concept.i_star.double())
     assert close(v, ref, 1e-4)
+
+
+def test_exact_projection_survives_concepts_with_the_same_direction():
+    """Two concepts sharing i* (e.g. trained on one word twice) make the Gram matrix singular; the
+    pseudo-inverse keeps the image going and removes W i* once, as one concept would."""
+    d = 16
+    cov = random_covariance(d)
+    one = make_concept({"l.attn2": 8}, d, cov, seed=1)
+    twin = make_concept({"l.attn2": 8}, d, cov, seed=1)
+    s = torch.tensor([[0.9, 0.9], [0.2, 0.2]])
+    x = projection_coefficients(s, torch.stack([one.a, twin.a]), torch.stack([one.i_star, twin.i_star]),
+                                torch.cat([one.energy, twin.energy]), "exact")
+    assert torch.isfinite(x).all()
+    assert torch.allclose(x.sum(-1), s[:, 0], atol=1e-5)
