@@ -16,7 +16,7 @@ def world():
     host.load_extension()
     model = host.load_model()
     yield model
-    script_callbacks.script_unloaded_callback()
+    host.unload_extension()
 
 
 @pytest.fixture

@@ -80,6 +80,17 @@ def load_extension() -> None:
     script_callbacks.before_ui_callback()
 
 
+def unload_extension() -> None:
+    """Undo load_extension (other tests list extensions too)."""
+    script_callbacks.script_unloaded_callback()
+    if os.path.islink(EXTENSION):
+        os.unlink(EXTENSION)
+    extensions.list_extensions()
+    scripts.load_scripts()
+    extra_networks.initialize()
+    ui_extra_networks.initialize()
+
+
 def reload_ui() -> None:
     script_callbacks.app_reload_callback()
     script_callbacks.script_unloaded_callback()
