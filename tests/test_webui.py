@@ -54,6 +54,20 @@ def test_tag_applies_the_concept_and_a_tag_free_prompt_is_the_base_model_again(f
     assert "hugsy" not in sd_hijack.model_hijack.embedding_db.word_embeddings
 
 
+def test_the_concept_word_reaches_the_text_encoder_as_its_learned_embedding(folder):
+    """The tagged prompt's conditioning holds i* at the word's row (so the gate opens there: s = 1)."""
+    concept = host.make_concept(folder)
+    seen = []
+
+    def spy(params):
+        seen.append((params.text_cond[0] @ concept.a).max().item())
+        return host.unet_sampler(params)
+    sd_samplers.sample_hook = spy
+    host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    host.txt2img("a photo of hugsy")
+    assert abs(seen[0] - 1) < 1e-4 and seen[-1] < 0.9
+
+
 def test_tag_values_override_sliders_and_sliders_fill_in(folder):
     host.make_concept(folder)
     a = host.txt2img("a photo of <perfusion:hugsy:0.3:beta=0.5> hugsy", args=(True, 0.9, 0.2, "local", "exact"))

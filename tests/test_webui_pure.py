@@ -84,9 +84,10 @@ def test_register_embedding_speaks_both_database_signatures():
 
 
 def test_embedding_vector_and_forge_unet_lookup():
-    assert torch.equal(host.embedding_vector({"": torch.ones(1, 4)}), torch.ones(1, 4))
-    sdxl = host.embedding_vector({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)})
-    assert set(sdxl) == {"clip_l", "clip_g"}
+    assert torch.equal(host.embedding_vector({"": torch.ones(1, 4, dtype=torch.float16)}), torch.ones(1, 4))
+    sdxl = {"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)}
+    assert set(host.embedding_vector(sdxl)) == {"clip_l", "clip_g"}
+    assert host.embedding_size(sdxl) == (2, 2048) and host.embedding_size({"": torch.ones(3, 768)}) == (3, 768)
     unet = torch.nn.Linear(2, 2)
     forge = type("Forge", (), {})()
     forge.forge_objects = type("O", (), {"unet": type("P", (), {"model": type("M", (), {"diffusion_model": unet})})})

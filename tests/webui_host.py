@@ -49,7 +49,8 @@ class TinySDModel(torch.nn.Module):
     def get_learned_conditioning(self, prompts):
         self.calls += 1
         db = sd_hijack.model_hijack.embedding_db
-        words = {name: {"": e.vec} for name, e in db.word_embeddings.items()}
+        # as the WebUI's tokenize_line: an embedding's word becomes `vectors` rows of its vec
+        words = {name: {"": e.vec[: int(e.vectors)]} for name, e in db.word_embeddings.items()}
         context, _ = self.adapter.encode(list(prompts), words)
         return context
 

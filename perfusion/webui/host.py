@@ -66,10 +66,26 @@ def register_embedding(db: Any, embedding: Any, name: str, sd_model: Any) -> Non
         db.register_embedding_by_name(embedding, name)
 
 
-def embedding_vector(concept_embedding: dict[str, torch.Tensor]) -> Any:
-    """The WebUI's Embedding.vec for a concept's embedding: a tensor [n, d] for one text encoder, the
-    SDXL dict {"clip_l", "clip_g"} as is."""
-    return concept_embedding[""] if set(concept_embedding) == {""} else dict(concept_embedding)
+def embedding_vector(concept_embedding: dict[str, torch.Tensor], device: Any = "cpu") -> Any:
+    """The WebUI's Embedding.vec for a concept's embedding, float32 on `device` (the WebUI concatenates it
+    with the token embeddings as is): a tensor [n, d] for one text encoder, SDXL's dict {"clip_l", "clip_g"}."""
+    vec = {k: v.detach().to(device, torch.float32) for k, v in concept_embedding.items()}
+    return vec[""] if set(vec) == {""} else vec
+
+
+def embedding_size(concept_embedding: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(Embedding.vectors, Embedding.shape) as the WebUI sets them when it loads an embedding file: the
+    number of tokens the word becomes, and the width (SDXL: clip_l + clip_g widths)."""
+    first = next(iter(concept_embedding.values()))
+    return int(first.shape[0]), sum(int(v.shape[-1]) for v in concept_embedding.values())
+
+
+def text_device(sd_model: Any) -> Any:
+    """Where the WebUI keeps textual-inversion vectors (devices.device; Forge moves them itself)."""
+    if is_forge(sd_model):
+        return "cpu"
+    from modules import devices
+    return devices.device
 
 
 def clear_cond_caches(p: Any) -> None:

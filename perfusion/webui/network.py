@@ -112,7 +112,8 @@ def _register_embedding(model: Any, concept: Concept) -> None:
         from backend.text_processing.textual_inversion import Embedding
     for db in host.embedding_databases(model):
         previous = db.word_embeddings.get(concept.token)
-        embedding = Embedding(host.embedding_vector(concept.embedding), concept.token)
+        embedding = Embedding(host.embedding_vector(concept.embedding, host.text_device(model)), concept.token)
+        embedding.vectors, embedding.shape = host.embedding_size(concept.embedding)
         embedding.filename = f"perfusion:{concept.name}"
         host.register_embedding(db, embedding, concept.token, model)
         runtime.registered.append((db, concept.token, previous))
