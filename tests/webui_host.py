@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import namedtuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_standin"))
 
@@ -25,7 +26,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENSION = os.path.join(paths.extensions_dir, "sd-webui-perfusion")
 
 
+class PromptChunk:
+    def __init__(self):
+        self.tokens, self.multipliers, self.fixes = [], [], []
+
+
+PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])
+
+
 class TinyCondStage(torch.nn.Module):
+    """The WebUI's FrozenCLIPEmbedderWithCustomWords reduced to its contract: chunks of 75 tokens + BOS/EOS,
+    textual-inversion vectors from the embedding DB placed at fix.offset + 1 (Embedding.vectors of them),
+    gradients flowing into the vectors (no emphasis, no comma backtracking)."""
+
+    chunk_length = 75
+
     def __init__(self, adapter):
         super().__init__()
         self.adapter = adapter
@@ -35,6 +50,57 @@ class TinyCondStage(torch.nn.Module):
 
     def encode_embedding_init_text(self, init_text, nvpt):
         return self.adapter.word_embedding(init_text)[""][:nvpt]
+
+    def tokenize_line(self, line):
+        db = sd_hijack.model_hijack.embedding_db
+        tokens, chunks, chunk, position = self.tokenize([line])[0], [], PromptChunk(), 0
+
+        def next_chunk():
+            nonlocal chunk
+            pad = self.chunk_length - len(chunk.tokens)
+            chunk.tokens = [49406] + chunk.tokens + [49407] * (pad + 1)
+            chunk.multipliers = [1.0] * len(chunk.tokens)
+            chunks.append(chunk)
+            chunk = PromptChunk()
+
+        while position < len(tokens):
+            embedding, length = db.find_embedding_at_position(tokens, position)
+            if embedding is None:
+                if len(chunk.tokens) == self.chunk_length:
+                    next_chunk()
+                chunk.tokens.append(tokens[position])
+                position += 1
+                continue
+            n = int(embedding.vectors)
+            if len(chunk.tokens) + n > self.chunk_length:
+                next_chunk()
+            chunk.fixes.append(PromptChunkFix(len(chunk.tokens), embedding))
+            chunk.tokens += [0] * n
+            position += length
+        if chunk.tokens or not chunks:
+            next_chunk()
+        return chunks, sum(len(c.tokens) for c in chunks)
+
+    def forward(self, texts):
+        out = []
+        for text in texts:
+            chunks, _ = self.tokenize_line(text)
+            ids = torch.tensor([c.tokens for c in chunks])
+            where = torch.zeros(ids.shape, dtype=torch.bool)
+            rows = []
+            for k, c in enumerate(chunks):
+                for fix in c.fixes:
+                    n = int(fix.embedding.vectors)
+                    where[k, fix.offset + 1: fix.offset + 1 + n] = True
+                    rows.append(fix.embedding.vec[:n])
+            self.adapter._replacement = (where, torch.cat(rows)) if rows else None
+            try:
+                out.append(self.adapter.text_encoder(input_ids=ids).last_hidden_state.reshape(1, -1, self.adapter.context_dim))
+            finally:
+                self.adapter._replacement = None
+        width = max(o.shape[1] for o in out)
+        return torch.cat([torch.cat([o, o[:, -77:].expand(1, width - o.shape[1], -1)], 1) if o.shape[1] < width else o
+                          for o in out])
 
 
 class TinySDModel(torch.nn.Module):
@@ -46,13 +112,24 @@ class TinySDModel(torch.nn.Module):
         self.cond_stage_model = TinyCondStage(adapter)
         self.calls = 0  # text encodings made (to see the conditioning cache at work)
 
+        self.alphas_cumprod = adapter.alphas_cumprod.float()
+        self.parameterization = adapter.prediction
+
     def get_learned_conditioning(self, prompts):
         self.calls += 1
-        db = sd_hijack.model_hijack.embedding_db
-        # as the WebUI's tokenize_line: an embedding's word becomes `vectors` rows of its vec
-        words = {name: {"": e.vec[: int(e.vectors)]} for name, e in db.word_embeddings.items()}
-        context, _ = self.adapter.encode(list(prompts), words)
-        return context
+        return self.cond_stage_model(list(prompts))
+
+    def apply_model(self, x, t, cond):
+        return self.model.diffusion_model(x, t, context=cond)
+
+    def encode_first_stage(self, images):
+        return self.adapter.encode_images(images)
+
+    def get_first_stage_encoding(self, encoded):
+        return encoded
+
+    def decode_first_stage(self, latents):
+        return self.adapter.decode_latents(latents)
 
 
 def unet_sampler(params):
