@@ -1,0 +1,218 @@
+"""What the "Perfusion" training tab does, without its widgets: check a form, train, interrupt, resume.
+
+The tab and the API call `check` (every problem at once, before any work) and `train` (through the
+WebUI's job state: progress, ETA, loss text, live previews, Interrupt saves). Nothing is overwritten
+unless the form says so; a concept that exists is resumed only when asked.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from modules import shared
+
+from ..covariance import cached_covariance
+from ..corpus import prompt_corpus
+from ..dataset import DatasetError, load_dataset
+from ..train import TrainConfig, TrainError, Trainer, read_templates
+from . import host
+from .adapter import WebUIAdapter
+
+MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none",
+                "auto": "auto"}
+EXISTING = ("ask", "overwrite", "resume")
+MIN_FREE_BYTES = 200 * 2**20
+COVARIANCE_PROMPTS = 25_000  # prompts of the shipped corpus behind C (built once per model and CLIP skip)
+NAME = re.compile(r"^[\w][\w .-]{0,63}$")
+
+
+@dataclass
+class TrainForm:
+    """The tab's fields (also the API's JSON body and a preset file's content)."""
+
+    name: str = ""
+    token: str = ""
+    superclass: str = ""
+    folder: str = ""
+    mask_source: str = "auto"
+    templates_file: str = ""
+    method: str = "perfusion"
+    steps: int = 400
+    lr_values: float = 0.03
+    lr_embedding: float = 0.006
+    batch_size: int = 4
+    grad_accum: int = 1
+    resolution: int = 512
+    flip: bool = True
+    train_beta: float = 0.75
+    train_tau: float = 0.10
+    save_every: int = 100
+    preview_every: int = 100
+    preview_prompt: str = ""
+    preview_beta: float = 0.7
+    preview_tau: float = 0.15
+    existing: str = "ask"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainForm":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise TrainError(f"unknown training fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def concept_path(form: TrainForm) -> Path:
+    return host.concepts_folder() / f"{form.name}.safetensors"
+
+
+def work_dir(form: TrainForm) -> Path:
+    """Checkpoints, loss CSV and previews of a run (beside the concepts, hidden from the cards)."""
+    return host.concepts_folder() / ".training" / form.name
+
+
+def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
+    """(problems, dataset): every problem the form has, before any work; the dataset when it loads."""
+    problems: list[str] = []
+    if not NAME.match(form.name or "") or ".." in form.name or "/" in form.name or "\\" in form.name:
+        problems.append(f"concept name {form.name!r}: use letters, digits, '_', '-', '.' or spaces "
+                        "(no path separators or '..'); it becomes the file name and the tag")
+    if not form.token.strip() or len(form.token.split()) != 1:
+        problems.append("token word: one word that will stand for the concept in prompts (e.g. 'hugsy')")
+    if form.method not in ("perfusion", "infusion"):
+        problems.append(f"method {form.method!r}: perfusion or infusion")
+    if form.mask_source not in MASK_SOURCES:
+        problems.append(f"mask source {form.mask_source!r}: one of {', '.join(MASK_SOURCES)}")
+    if form.existing not in EXISTING:
+        problems.append(f"existing concept {form.existing!r}: one of {', '.join(EXISTING)}")
+    if min(form.steps, form.batch_size, form.grad_accum) < 1 or form.resolution < 64:
+        problems.append("steps, batch size and accumulation must be at least 1, resolution at least 64")
+    model = shared.sd_model
+    if host.diffusion_model(model) is None:
+        problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
+    else:
+        try:
+            adapter = WebUIAdapter(model)
+            n = adapter.token_count(form.superclass) if form.superclass.strip() else 0
+            if n != 1:
+                words = [w for w in form.superclass.split() if adapter.token_count(w) == 1]
+                hint = f"try one of: {', '.join(words)}" if words else "e.g. 'toy', 'dog', 'cat', 'person'"
+                problems.append(f"superclass {form.superclass!r} is {n} tokens, it must be exactly one; {hint}")
+        except NotImplementedError as e:
+            problems.append(str(e))
+    if form.templates_file:
+        try:
+            read_templates(form.templates_file)
+        except (OSError, TrainError) as e:
+            problems.append(f"templates file: {e}")
+    if form.name and NAME.match(form.name) and concept_path(form).exists() and form.existing == "ask":
+        problems.append(f"a concept named {form.name!r} exists ({concept_path(form)}): choose 'overwrite' "
+                        "(the old file is replaced only when training ends) or 'resume'")
+    folder = host.concepts_folder()
+    probe = folder if folder.exists() else folder.parent
+    if probe.exists() and shutil.disk_usage(probe).free < MIN_FREE_BYTES:
+        problems.append(f"less than {MIN_FREE_BYTES // 2**20} MB free on the disk of {folder}")
+    dataset = None
+    try:
+        mask = MASK_SOURCES.get(form.mask_source, "auto")
+        dataset = load_dataset(form.folder, resolution=form.resolution,
+                               mask_source="auto" if mask == "attention" else mask)
+    except (DatasetError, ValueError) as e:
+        problems.append(str(e))
+    return problems, dataset
+
+
+def config(form: TrainForm) -> TrainConfig:
+    templates = read_templates(form.templates_file) if form.templates_file else TrainConfig.templates
+    return TrainConfig(name=form.name, token=form.token.strip(), superclass=form.superclass.strip(),
+                       method=form.method, steps=int(form.steps), batch_size=int(form.batch_size),
+                       grad_accum=int(form.grad_accum), lr_values=float(form.lr_values),
+                       lr_embedding=float(form.lr_embedding), train_beta=float(form.train_beta),
+                       train_tau=float(form.train_tau), beta=float(form.preview_beta), tau=float(form.preview_tau),
+                       templates=templates, flip=bool(form.flip), save_every=int(form.save_every),
+                       preview_every=int(form.preview_every),
+                       clip_skip=int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1))
+
+
+@dataclass
+class Status:
+    """What the status route and the tab show."""
+
+    state: str = "idle"  # idle / training / done / interrupted / failed
+    name: str = ""
+    step: int = 0
+    total: int = 0
+    loss: float = 0.0
+    eta_s: float = 0.0
+    message: str = ""
+    concept: str = ""
+
+
+status = Status()
+
+
+def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None) -> Status:
+    """Check, then train through the WebUI's job state (the caller holds the queue lock). Returns the final
+    status; problems found before training are in its message and nothing is written."""
+    global status
+    problems, dataset = check(form)
+    if problems:
+        status = Status("failed", form.name, message="\n".join(problems))
+        return status
+    adapter = WebUIAdapter(shared.sd_model)
+    cfg = config(form)
+    state = shared.state
+    state.job_count, state.job_no = cfg.steps, 0
+    state.textinfo = "Perfusion: text-encoding covariance (once per model)"
+    cov = cached_covariance(host.concepts_folder() / ".cache", lambda texts: _encode_counted(adapter, texts),
+                            prompt_corpus(COVARIANCE_PROMPTS), encoder_hash=adapter.model_hash or "webui-model",
+                            clip_skip=cfg.clip_skip)
+    masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
+    import torch
+    images = torch.stack([s.image for s in dataset.samples])
+    captions = [s.caption for s in dataset.samples]
+    trainer = Trainer(adapter, cov, cfg, images, masks, work_dir(form), concept_path(form), captions=captions)
+    status = Status("training", form.name, 0, cfg.steps, message=dataset.summary())
+    started = time.monotonic()
+
+    def progress(p) -> None:
+        status.step, status.total, status.loss, status.eta_s = p.step, p.total, p.smoothed, p.eta_s
+        state.job_no = p.step
+        state.textinfo = f"Perfusion {form.name}: step {p.step}/{p.total}, loss {p.smoothed:.4f}"
+
+    result = trainer.run(resume=form.existing == "resume", progress=progress,
+                         should_stop=lambda: bool(state.interrupted), preview=preview)
+    status.state = "interrupted" if result.interrupted else "done"
+    status.step, status.concept = result.step, str(result.path)
+    status.message = (f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
+                      f"in {time.monotonic() - started:.0f} s; saved {result.path}")
+    return status
+
+
+def _encode_counted(adapter: WebUIAdapter, texts: list[str]):
+    import torch
+    with torch.no_grad():
+        context, _ = adapter.encode(texts)
+    return context, torch.full((len(texts),), context.shape[1])
+
+
+def save_preset(form: TrainForm, name: str) -> Path:
+    """The form as JSON in <concepts>/.presets/NAME.json (atomically)."""
+    from ..files import atomic_write
+    if not NAME.match(name or ""):
+        raise TrainError(f"preset name {name!r}: letters, digits, '_', '-', '.' or spaces")
+    return atomic_write(host.concepts_folder() / ".presets" / f"{name}.json",
+                        json.dumps(asdict(form), indent=2).encode())
+
+
+def load_preset(name: str) -> TrainForm:
+    path = host.concepts_folder() / ".presets" / f"{name}.json"
+    try:
+        return TrainForm.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise TrainError(f"preset {path}: {e}") from None

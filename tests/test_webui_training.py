@@ -1,0 +1,123 @@
+"""The training tab's logic in the WebUI stand-in, on the tiny model: checks, a run, interrupt/resume, presets."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import webui_host as host
+from modules import errors, shared, ui_extra_networks
+
+from perfusion import load_concept
+from perfusion.webui import training
+from perfusion.webui.training import TrainForm
+
+
+@pytest.fixture(scope="module")
+def webui():
+    host.load_extension()
+    model = host.load_model()
+    yield model
+    host.unload_extension()
+
+
+@pytest.fixture
+def env(webui, tmp_path, monkeypatch):
+    host.reset()
+    concepts, photos = tmp_path / "concepts", tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        pixels = (rng.random((72, 72, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(photos / f"bear{k}.png")
+    shared.opts.data["perfusion_dir"] = str(concepts)
+    monkeypatch.setattr(training, "COVARIANCE_PROMPTS", 128)
+    shared.state.interrupted = False
+    yield concepts, photos
+    shared.state.interrupted = False
+    assert errors.exception_records == []
+
+
+def form(photos, **kw):
+    base = dict(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=4, batch_size=2,
+                resolution=64, save_every=2, preview_every=0, mask_source="none")
+    return TrainForm(**{**base, **kw})
+
+
+def test_a_short_run_gives_a_concept_with_a_card(env):
+    concepts, photos = env
+    result = training.train(form(photos))
+    assert result.state == "done" and result.step == 4, result.message
+    concept = load_concept(concepts / "hugsy.safetensors")
+    assert concept.token == "hugsy" and concept.superclass == "teddy" and concept.steps == 4
+    page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")
+    assert [item["name"] for item in page.list_items()] == ["hugsy"]  # .training/.cache stay hidden
+    out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    assert "Perfusion: hugsy" in out.infotexts[0] and out.comments == ""
+
+
+def test_interrupt_saves_and_resume_continues_to_the_end(env):
+    concepts, photos = env
+    seen = []
+    orig = training.Trainer.run
+
+    def run(self, *a, progress=None, **kw):
+        def stop_after(p):
+            progress(p)
+            if p.step == 2 and not seen:
+                seen.append(p.step)
+                shared.state.interrupted = True
+        return orig(self, *a, progress=stop_after, **kw)
+    training.Trainer.run = run
+    try:
+        first = training.train(form(photos))
+    finally:
+        training.Trainer.run = orig
+    assert first.state == "interrupted" and first.step == 2 and (concepts / "hugsy.safetensors").exists()
+    shared.state.interrupted = False
+    again = training.train(form(photos))
+    assert again.state == "failed" and "exists" in again.message  # 'ask' never overwrites
+    resumed = training.train(form(photos, existing="resume"))
+    assert resumed.state == "done" and resumed.step == 4
+    assert load_concept(concepts / "hugsy.safetensors").steps == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(folder="/nonexistent/photos"), "/nonexistent/photos"),
+    (dict(superclass="teddy bear"), "must be exactly one"),
+    (dict(name="../evil"), "no path separators"),
+    (dict(name="a/b"), "no path separators"),
+    (dict(token="two words"), "token word"),
+    (dict(mask_source="sometimes"), "mask source"),
+])
+def test_bad_input_is_reported_before_any_work(env, change, message):
+    concepts, photos = env
+    result = training.train(form(photos, **change))
+    assert result.state == "failed" and message in result.message
+    assert not (concepts / "hugsy.safetensors").exists() and not (concepts / ".training").exists()
+
+
+def test_unreadable_and_empty_folders(env, tmp_path):
+    concepts, photos = env
+    (photos / "broken.png").write_bytes(b"not an image")
+    problems, dataset = training.check(form(photos))
+    assert problems == [] and len(dataset.samples) == 3 and "broken.png" in dataset.summary()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    problems, _ = training.check(form(empty))
+    assert any("is empty" in p for p in problems)
+
+
+def test_no_model_loaded(env, monkeypatch):
+    concepts, photos = env
+    monkeypatch.setattr(shared, "sd_model", None)
+    problems, _ = training.check(form(photos))
+    assert any("no model is loaded" in p for p in problems)
+
+
+def test_presets_round_trip_and_reject_unknown_fields(env):
+    concepts, photos = env
+    f = form(photos, steps=123)
+    path = training.save_preset(f, "teddy defaults")
+    assert path.parent.name == ".presets" and training.load_preset("teddy defaults") == f
+    path.write_text('{"name": "x", "colour": "red"}')
+    with pytest.raises(training.TrainError, match="unknown training fields"):
+        training.load_preset("teddy defaults")
