@@ -14,3 +14,16 @@ onUiLoaded(function perfusionAddHints() {
         "Gate temperature tau": "Used when a tag gives none (<perfusion:NAME:TAU>). Higher: softer gate."
     });
 });
+
+// The training tab's Train button: a task id for the WebUI's progress API, live previews and loss text.
+function perfusion_start_training() {
+    gradioApp().querySelector('#perfusion_train_error').innerHTML = '';
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById('perfusion_train_output'),
+        gradioApp().getElementById('perfusion_train_output'), function() {}, function(progress) {
+            gradioApp().getElementById('perfusion_train_progress').innerHTML = progress.textinfo;
+        });
+    var args = Array.from(arguments);
+    args[0] = id;
+    return args;
+}

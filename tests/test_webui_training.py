@@ -121,3 +121,27 @@ def test_presets_round_trip_and_reject_unknown_fields(env):
     path.write_text('{"name": "x", "colour": "red"}')
     with pytest.raises(training.TrainError, match="unknown training fields"):
         training.load_preset("teddy defaults")
+
+
+def test_training_api_checks_runs_and_reports_status(env):
+    fastapi = pytest.importorskip("fastapi")
+    import time
+    from dataclasses import asdict
+    from fastapi.testclient import TestClient
+    from modules import script_callbacks
+    concepts, photos = env
+    app = fastapi.FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    client = TestClient(app)
+    bad = client.post("/perfusion/v1/train", json={**asdict(form(photos)), "superclass": "teddy bear"})
+    assert bad.status_code == 422 and any("exactly one" in p for p in bad.json()["detail"])
+    assert client.post("/perfusion/v1/train", json={"name": "x", "colour": 1}).status_code == 422
+    ok = client.post("/perfusion/v1/train", json=asdict(form(photos)))
+    assert ok.status_code == 200 and ok.json() == {"started": "hugsy"}
+    for _ in range(600):
+        status = client.get("/perfusion/v1/train/status").json()
+        if status["state"] in ("done", "failed", "interrupted"):
+            break
+        time.sleep(0.1)
+    assert status["state"] == "done" and status["step"] == 4, status
+    assert (concepts / "hugsy.safetensors").exists()

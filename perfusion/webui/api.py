@@ -1,18 +1,23 @@
 """HTTP routes on the WebUI's FastAPI app, behind the same --api-auth credentials as /sdapi.
 
-    GET  /perfusion/v1/concepts   every concept file with its metadata
-    POST /perfusion/v1/refresh    rescan the concepts folder; returns the same list
+    GET  /perfusion/v1/concepts       every concept file with its metadata
+    POST /perfusion/v1/refresh        rescan the concepts folder; returns the same list
+    POST /perfusion/v1/train          start training (the tab's fields as JSON); 422 lists every problem
+    GET  /perfusion/v1/train/status   state, step, total, loss, ETA, message
 """
 
+import threading
+from dataclasses import asdict
 from secrets import compare_digest
 from typing import Any
 
 from modules import shared
 
-from . import host, network
+from . import host, network, training
 from .page import concept_metadata
+from .training import TrainError, TrainForm
 
-ROUTES = ("/perfusion/v1/concepts", "/perfusion/v1/refresh")
+ROUTES = ("/perfusion/v1/concepts", "/perfusion/v1/refresh", "/perfusion/v1/train", "/perfusion/v1/train/status")
 
 
 def concepts() -> dict:
@@ -30,6 +35,40 @@ def concepts() -> dict:
 def refresh() -> dict:
     network.library().refresh()
     return concepts()
+
+
+def start_training(body: dict) -> dict:
+    """Check the form now (422 with every problem), then train in a thread that waits for the WebUI's
+    queue lock like any generation (409 while a training runs)."""
+    from fastapi import HTTPException
+    try:
+        form = TrainForm.from_dict(body)
+    except (TrainError, TypeError) as e:
+        raise HTTPException(status_code=422, detail=[str(e)]) from None
+    if training.status.state == "training":
+        raise HTTPException(status_code=409, detail=[f"already training {training.status.name}"])
+    problems, _ = training.check(form)
+    if problems:
+        raise HTTPException(status_code=422, detail=problems)
+    training.status = training.Status("queued", form.name)
+    threading.Thread(target=_train_in_queue, args=(form,), daemon=True).start()
+    return {"started": form.name}
+
+
+def _train_in_queue(form: TrainForm) -> None:
+    from modules.call_queue import queue_lock
+    with queue_lock:
+        shared.state.begin(job="perfusion_train")
+        try:
+            training.train(form)
+        except Exception as e:  # reported through the status route, never lost in a thread
+            training.status = training.Status("failed", form.name, message=f"{type(e).__name__}: {e}")
+        finally:
+            shared.state.end()
+
+
+def training_status() -> dict:
+    return asdict(training.status)
 
 
 def credentials() -> dict[str, str]:
@@ -52,6 +91,7 @@ def on_app_started(demo: Any, app: Any) -> None:
 
     present = {getattr(r, "path", None) for r in app.routes}
     dependencies = [Depends(authenticate)] if shared.cmd_opts.api_auth else []
-    for path, fn, method in zip(ROUTES, (concepts, refresh), ("GET", "POST")):
+    handlers = (concepts, refresh, start_training, training_status)
+    for path, fn, method in zip(ROUTES, handlers, ("GET", "POST", "POST", "GET")):
         if path not in present:
             app.add_api_route(path, fn, methods=[method], dependencies=dependencies)

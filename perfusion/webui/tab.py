@@ -1,0 +1,117 @@
+"""The "Perfusion" training tab (on_ui_tabs): the form, Train / Interrupt / Resume, progress and previews.
+
+Widgets only; what the buttons do lives in perfusion/webui/training.py. Training goes through the
+WebUI's job queue (wrap_gradio_gpu_call), so generation waits while it runs, the progress bar shows
+step, ETA and loss, and previews appear live (shared.state.assign_current_image).
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch
+from modules import shared
+
+from ..generate import generate
+from ..hooks import Activation
+from . import training
+from .adapter import WebUIAdapter
+from .training import MASK_SOURCES, TrainForm
+
+FIELDS = [f.name for f in fields(TrainForm)]
+
+
+def preview(form: TrainForm):
+    """The trainer's preview callback: one image of the preview prompt with the training edit on."""
+    def show(concept, step: int) -> None:
+        prompt = form.preview_prompt or f"a photo of {form.token}"
+        adapter = WebUIAdapter(shared.sd_model)
+        size = form.resolution // 8
+        with torch.no_grad():
+            image = generate(adapter, [prompt], [Activation(concept, form.preview_beta, form.preview_tau)],
+                             latent_shape=(4, size, size), seed=step, steps=20, guidance=7.0)
+        from PIL import Image
+        pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        shared.state.assign_current_image(Image.fromarray(pixels))
+    return show
+
+
+def run(task_id: str, existing: str, *values: Any) -> tuple[str, str]:
+    """Train button (through wrap_gradio_gpu_call): returns (result HTML, problems HTML)."""
+    form = TrainForm(**dict(zip(FIELDS, values)))
+    if existing:
+        form.existing = existing
+    status = training.train(form, preview(form) if form.preview_every else None)
+    if status.state == "failed":
+        return "", "<br>".join(html.escape(line) for line in status.message.splitlines())
+    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.", ""
+
+
+def check_only(*values: Any) -> str:
+    problems, dataset = training.check(TrainForm(**dict(zip(FIELDS, values))))
+    lines = problems or ["Ready to train."]
+    if dataset is not None:
+        lines.append(dataset.summary())
+    return "<br>".join(html.escape(line).replace("\n", "<br>") for line in lines)
+
+
+def create_tab():
+    """on_ui_tabs callback."""
+    import gradio as gr
+    from modules.call_queue import wrap_gradio_gpu_call
+    d = TrainForm(preview_prompt="")
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            with gr.Column():
+                name = gr.Textbox(label="Concept name (file and tag)", elem_id="perfusion_train_name")
+                token = gr.Textbox(label="Token word (write it in prompts)", elem_id="perfusion_train_token")
+                superclass = gr.Textbox(label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass")
+                folder = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder")
+                mask_source = gr.Dropdown(list(MASK_SOURCES), value=d.mask_source, label="Masks")
+                templates_file = gr.Textbox(label="Templates file (empty: built-in)", value="")
+                method = gr.Radio(["perfusion", "infusion"], value=d.method, label="Method")
+                with gr.Row():
+                    steps = gr.Number(value=d.steps, precision=0, label="Steps")
+                    batch_size = gr.Number(value=d.batch_size, precision=0, label="Batch size")
+                    grad_accum = gr.Number(value=d.grad_accum, precision=0, label="Gradient accumulation")
+                    resolution = gr.Number(value=d.resolution, precision=0, label="Resolution")
+                with gr.Row():
+                    lr_values = gr.Number(value=d.lr_values, label="Learning rate (values)")
+                    lr_embedding = gr.Number(value=d.lr_embedding, label="Learning rate (embedding)")
+                    flip = gr.Checkbox(value=d.flip, label="Flip")
+                with gr.Row():
+                    train_beta = gr.Number(value=d.train_beta, label="Train gate beta")
+                    train_tau = gr.Number(value=d.train_tau, label="Train gate tau")
+                    save_every = gr.Number(value=d.save_every, precision=0, label="Save every N steps")
+                    preview_every = gr.Number(value=d.preview_every, precision=0, label="Preview every N steps")
+                preview_prompt = gr.Textbox(label="Preview prompt (empty: 'a photo of TOKEN')")
+                with gr.Row():
+                    preview_beta = gr.Number(value=d.preview_beta, label="Preview beta")
+                    preview_tau = gr.Number(value=d.preview_tau, label="Preview tau")
+                    existing = gr.Radio(list(training.EXISTING), value="ask", label="If the concept exists")
+                with gr.Row():
+                    preset_name = gr.Textbox(label="Preset name")
+                    save_preset = gr.Button("Save preset")
+                    load_preset = gr.Button("Load preset")
+                with gr.Row():
+                    check = gr.Button("Check", elem_id="perfusion_train_check")
+                    interrupt = gr.Button("Interrupt", elem_id="perfusion_train_interrupt")
+                    start = gr.Button("Train", variant="primary", elem_id="perfusion_train_start")
+            with gr.Column():
+                progress = gr.HTML(elem_id="perfusion_train_progress")
+                gallery = gr.HTML(elem_id="perfusion_train_output")
+                problems = gr.HTML(elem_id="perfusion_train_error")
+        form = [name, token, superclass, folder, mask_source, templates_file, method, steps, lr_values,
+                lr_embedding, batch_size, grad_accum, resolution, flip, train_beta, train_tau, save_every,
+                preview_every, preview_prompt, preview_beta, preview_tau, existing]
+        task_id = gr.Textbox(visible=False)
+        check.click(fn=check_only, inputs=form, outputs=[problems])
+        interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+        start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[""]), _js="perfusion_start_training",
+                    inputs=[task_id, existing, *form], outputs=[gallery, problems])
+        save_preset.click(fn=lambda n, *v: f"Saved {training.save_preset(TrainForm(*v), n)}",
+                          inputs=[preset_name, *form], outputs=[problems])
+        load_preset.click(fn=lambda n: list(asdict(training.load_preset(n)).values()), inputs=[preset_name],
+                          outputs=form)
+    return [(tab, "Perfusion", "perfusion_train")]
