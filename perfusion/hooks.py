@@ -275,7 +275,8 @@ class KeyContexts:
         self._last = None
 
     def __call__(self, e: torch.Tensor) -> Optional[torch.Tensor]:
-        if self._last is not None and self._last[0]() is e and self._last[1] == e._version:
+        version = None if e.is_inference() else e._version  # inference tensors (Forge) have no version counter
+        if self._last is not None and self._last[0]() is e and self._last[1] == version:
             return self._last[2]
         out, hit = e, False
         for b in range(e.shape[0]):
@@ -286,5 +287,5 @@ class KeyContexts:
                     out[b] = k.to(e.device, e.dtype)
                     break
         result = out if hit else None
-        self._last = (weakref.ref(e), e._version, result)
+        self._last = (weakref.ref(e), version, result)
         return result

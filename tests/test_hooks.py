@@ -340,3 +340,14 @@ def test_exact_projection_survives_concepts_with_the_same_direction():
                                 torch.cat([one.energy, twin.energy]), "exact")
     assert torch.isfinite(x).all()
     assert torch.allclose(x.sum(-1), s[:, 0], atol=1e-5)
+
+
+def test_key_contexts_work_on_inference_tensors():
+    """Forge samples under torch.inference_mode: its tensors have no version counter."""
+    contexts = KeyContexts()
+    cond, twin = torch.randn(1, 77, 8), torch.randn(1, 77, 8)
+    contexts.add(cond, twin)
+    with torch.inference_mode():
+        batch = torch.cat([cond, torch.randn(1, 77, 8)])
+        out = contexts(batch)
+        assert torch.equal(out[0], twin[0]) and torch.equal(out[1], batch[1]) and contexts(batch) is out

@@ -167,11 +167,16 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
     adapter = WebUIAdapter(shared.sd_model)
     cfg = config(form)
     state = shared.state
-    state.job_count, state.job_no = cfg.steps, 0
-    state.textinfo = "Perfusion: text-encoding covariance (once per model)"
+    status = Status("training", form.name, 0, cfg.steps, message="text-encoding covariance (once per model)")
+
+    def covariance_progress(done: int, total: int) -> None:
+        state.textinfo = f"Perfusion: text-encoding covariance, {done}/{total} prompts (once per model and CLIP skip)"
+        state.job_count, state.job_no = total, done
+
     cov = cached_covariance(host.concepts_folder() / ".cache", lambda texts: _encode_counted(adapter, texts),
                             prompt_corpus(COVARIANCE_PROMPTS), encoder_hash=adapter.model_hash or "webui-model",
-                            clip_skip=cfg.clip_skip)
+                            clip_skip=cfg.clip_skip, progress=covariance_progress)
+    state.job_count, state.job_no = cfg.steps, 0
     masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
     import torch
     images = torch.stack([s.image for s in dataset.samples])
