@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -12,9 +13,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..adapter import LdmClipAdapter
+from ..adapter import LdmClipAdapter, padding_mask
 from ..clip_tokenizer import load_tokenizer
 from ..files import atomic_write, short_hash
+from ..tokens import CLIP_EOS
 
 WEIGHTS = Path(__file__).with_name("weights") / "mini.safetensors"
 UNET = dict(image_size=32, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
@@ -22,7 +24,7 @@ UNET = dict(image_size=32, in_channels=3, out_channels=3, model_channels=32, num
             use_spatial_transformer=True, transformer_depth=1, context_dim=64, use_linear_in_transformer=True,
             use_checkpoint=False, legacy=False)
 TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+            num_attention_heads=2, max_position_embeddings=32, hidden_act="quick_gelu", bos_token_id=49406,
             eos_token_id=49407, pad_token_id=49407)
 TIMESTEPS = 1000
 LATENT_SHAPE = (3, 32, 32)
@@ -36,12 +38,12 @@ def cosine_alphas_cumprod(steps: int = TIMESTEPS, s: float = 0.008) -> torch.Ten
     return torch.cumprod(1 - betas, 0)
 
 
-def build(seed: int = 0) -> tuple[torch.nn.Module, CLIPTextModel]:
-    """Fresh (unet, text_encoder) with the mini configuration."""
+def build(seed: int = 0, unet: Optional[dict] = None, text: Optional[dict] = None) -> tuple[torch.nn.Module, CLIPTextModel]:
+    """Fresh (unet, text_encoder) with the mini configuration (or the given one, e.g. from a weights file)."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNetModel(**UNET), CLIPTextModel(CLIPTextConfig(**TEXT))
+        return UNetModel(**(unet or UNET)), CLIPTextModel(CLIPTextConfig(**(text or TEXT)))
 
 
 def save_weights(unet: torch.nn.Module, text: CLIPTextModel, path: Path, meta: dict) -> Path:
@@ -63,19 +65,23 @@ def load(path: Path = WEIGHTS, device: str = "cpu") -> LdmClipAdapter:
         raise FileNotFoundError(f"{path}: mini model weights missing; train them with "
                                 "`./dev.sh python -m perfusion.world.train_model`")
     tensors = load_file(str(path))
-    unet, text = build()
+    config = weights_meta(path).get("config", {})  # weights made with an earlier configuration load as made
+    unet, text = build(0, config.get("unet"), config.get("text"))
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")})
     for m in (unet, text):
         m.eval().requires_grad_(False).to(device)
     return LdmClipAdapter(unet, text, load_tokenizer(), cosine_alphas_cumprod(), "v",
-                          model_hash=short_hash(Path(path).read_bytes(), 10))
+                          model_hash=short_hash(Path(path).read_bytes(), 10),
+                          zero_padding=bool(config.get("zero_padding", False)))
 
 
 def encode_captions(parts: tuple, captions: list[str]) -> torch.Tensor:
-    """Context [B, 77, 64] for captions from parts = (tokenizer, text encoder); used by the model trainer,
+    """Context [B, 32, 64] (padding rows zeroed) for captions from parts = (tokenizer, text encoder); used by the model trainer,
     where the encoder is trainable (the adapter's encode serves the frozen model)."""
     tokenizer, text = parts
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
-    return text(input_ids=ids.to(text.device)).last_hidden_state
+    ids = tokenizer(captions, padding="max_length", max_length=text.config.max_position_embeddings, truncation=True,
+                    return_tensors="pt")["input_ids"].to(text.device)
+    lengths = (ids != CLIP_EOS).sum(1)  # BOS + tokens: the first EOS sits at this index
+    return text(input_ids=ids).last_hidden_state * padding_mask(lengths, ids.shape[1])
 
