@@ -33,7 +33,8 @@ NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 
 @dataclass
 class TrainForm:
-    """The tab's fields (also the API's JSON body and a preset file's content)."""
+    """The tab's fields (also the API's JSON body and a preset file's content); defaults are the trainer's
+    except where the WebUI wants its own (resolution, accumulation, save/preview cadence)."""
 
     name: str = ""
     token: str = ""
@@ -42,15 +43,15 @@ class TrainForm:
     mask_source: str = "auto"
     templates_file: str = ""
     method: str = "perfusion"
-    steps: int = 400
-    lr_values: float = 0.03
-    lr_embedding: float = 0.006
-    batch_size: int = 4
+    steps: int = TrainConfig.steps
+    lr_values: float = TrainConfig.lr_values
+    lr_embedding: float = TrainConfig.lr_embedding
+    batch_size: int = TrainConfig.batch_size
     grad_accum: int = 1
     resolution: int = 512
-    flip: bool = True
-    train_beta: float = 0.75
-    train_tau: float = 0.10
+    flip: bool = TrainConfig.flip
+    train_beta: float = TrainConfig.train_beta
+    train_tau: float = TrainConfig.train_tau
     save_every: int = 100
     preview_every: int = 100
     preview_prompt: str = ""
