@@ -92,3 +92,11 @@ def test_embedding_vector_and_forge_unet_lookup():
     forge = type("Forge", (), {})()
     forge.forge_objects = type("O", (), {"unet": type("P", (), {"model": type("M", (), {"diffusion_model": unet})})})
     assert host.is_forge(forge) and host.diffusion_model(forge) is unet and host.diffusion_model(None) is None
+
+
+def test_forge_install_is_told_by_its_package(monkeypatch, tmp_path):
+    assert not host.forge_installed()
+    (tmp_path / "modules_forge").mkdir()
+    (tmp_path / "modules_forge" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert host.forge_installed()

@@ -20,6 +20,12 @@ def is_forge(sd_model: Any) -> bool:
     return hasattr(sd_model, "forge_objects")
 
 
+def forge_installed() -> bool:
+    """Running inside Forge (its own package sits beside `modules`), whether or not a model is loaded."""
+    import importlib.util
+    return importlib.util.find_spec("modules_forge") is not None
+
+
 def diffusion_model(sd_model: Any) -> Optional[torch.nn.Module]:
     """The U-Net whose attn2 layers get the hooks (A1111: sd_model.model.diffusion_model; Forge: the
     patcher's model), or None when the WebUI has no model (yet)."""

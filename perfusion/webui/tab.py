@@ -57,7 +57,11 @@ def check_only(*values: Any) -> str:
 
 
 def create_tab():
-    """on_ui_tabs callback."""
+    """on_ui_tabs callback (no tab on Forge: training there is not supported)."""
+    from . import host
+    if host.forge_installed():
+        print("Perfusion: training is available on AUTOMATIC1111's WebUI; on Forge, concepts can be used, not trained")
+        return []
     import gradio as gr
     from modules.call_queue import wrap_gradio_gpu_call
     d = TrainForm(preview_prompt="")
