@@ -29,9 +29,10 @@ def env(webui, tmp_path, monkeypatch):
         pixels = (rng.random((72, 72, 3)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(photos / f"bear{k}.png")
     shared.opts.data["perfusion_dir"] = str(concepts)
-    monkeypatch.setattr(training, "COVARIANCE_PROMPTS", 128)
+    shared.opts.data["perfusion_covariance_prompts"] = 128
     shared.state.interrupted = False
     yield concepts, photos
+    shared.opts.data.pop("perfusion_covariance_prompts", None)
     shared.state.interrupted = False
     assert errors.exception_records == []
 

@@ -31,6 +31,9 @@ def register() -> None:
         "lock": shared.OptionInfo("local", "Default key locking", radio, {"choices": list(LOCKS)}),
         "projection": shared.OptionInfo("approximate", "Several concepts in one prompt: projection", radio,
                                         {"choices": list(PROJECTIONS)}),
+        "covariance_prompts": shared.OptionInfo(25000, "Training: prompts behind the text-encoding covariance "
+                                                "(built once per model and CLIP skip; fewer is faster, less exact)",
+                                                slider, {"minimum": 256, "maximum": 25000, "step": 256}),
         "warnings": shared.OptionInfo("UI and console", "Where warnings (unknown concept, bad file, ...) appear",
                                       radio, {"choices": list(WARNING_MODES)}),
     }

@@ -27,7 +27,6 @@ MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention
                 "auto": "auto"}
 EXISTING = ("ask", "overwrite", "resume")
 MIN_FREE_BYTES = 200 * 2**20
-COVARIANCE_PROMPTS = 25_000  # prompts of the shipped corpus behind C (built once per model and CLIP skip)
 NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 
 
@@ -175,7 +174,7 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
         state.job_count, state.job_no = total, done
 
     cov = cached_covariance(host.concepts_folder() / ".cache", lambda texts: _encode_counted(adapter, texts),
-                            prompt_corpus(COVARIANCE_PROMPTS), encoder_hash=adapter.model_hash or "webui-model",
+                            prompt_corpus(int(host.option("covariance_prompts"))), encoder_hash=adapter.model_hash or "webui-model",
                             clip_skip=cfg.clip_skip, progress=covariance_progress)
     state.job_count, state.job_no = cfg.steps, 0
     masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
