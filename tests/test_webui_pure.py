@@ -100,3 +100,18 @@ def test_forge_install_is_told_by_its_package(monkeypatch, tmp_path):
     (tmp_path / "modules_forge" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert host.forge_installed()
+
+
+def test_loss_curve_png(tmp_path):
+    import base64
+    import io
+    from PIL import Image
+    from perfusion.webui.plot import loss_html, read_losses
+    path = tmp_path / "x.loss.csv"
+    assert loss_html(path) == ""
+    path.write_text("step,loss,smoothed_loss,time\n" + "".join(f"{k},{1 / k},{1.2 / k},t\n" for k in range(1, 30)))
+    assert read_losses(path)[2] == (3, 1 / 3, 1.2 / 3)
+    html = loss_html(path)
+    image = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].rstrip('">'))))
+    pixels = image.convert("RGB").getdata()
+    assert image.size == (480, 160) and (30, 90, 200) in set(pixels)

@@ -17,6 +17,7 @@ from ..generate import generate
 from ..hooks import Activation
 from . import training
 from .adapter import WebUIAdapter
+from .plot import loss_html
 from .training import MASK_SOURCES, TrainForm
 
 FIELDS = [f.name for f in fields(TrainForm)]
@@ -45,7 +46,8 @@ def run(task_id: str, existing: str, *values: Any) -> tuple[str, str]:
     status = training.train(form, preview(form) if form.preview_every else None)
     if status.state == "failed":
         return "", "<br>".join(html.escape(line) for line in status.message.splitlines())
-    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.", ""
+    curve = loss_html(training.work_dir(form) / f"{form.name}.loss.csv")
+    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.<br>" + curve, ""
 
 
 def check_only(*values: Any) -> str:
