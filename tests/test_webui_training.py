@@ -39,14 +39,16 @@ def env(webui, tmp_path, monkeypatch):
 
 def form(photos, **kw):
     base = dict(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=4, batch_size=2,
-                resolution=64, save_every=2, preview_every=0, mask_source="none")
+                resolution=64, save_every=2, preview_every=0, mask_source="none", report_samples=0)
     return TrainForm(**{**base, **kw})
 
 
 def test_a_short_run_gives_a_concept_with_a_card(env):
     concepts, photos = env
-    result = training.train(form(photos))
+    result = training.train(form(photos, report_samples=2))
     assert result.state == "done" and result.step == 4, result.message
+    assert set(result.report) == {"drift_mse", "drift_relative", "narrowness_w2", "baseline_w2", "samples"}
+    assert result.report["samples"] == 2 and result.report["drift_mse"] > 0
     concept = load_concept(concepts / "hugsy.safetensors")
     assert concept.token == "hugsy" and concept.superclass == "teddy" and concept.steps == 4
     page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")

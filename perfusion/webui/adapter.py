@@ -87,5 +87,10 @@ class WebUIAdapter:
         m = self.sd_model
         return m.get_first_stage_encoding(m.encode_first_stage(images.to(self.device)))
 
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, h, w) of the latents of a resolution x resolution image (one VAE encode of a grey image)."""
+        with torch.no_grad():
+            return tuple(self.encode_images(torch.zeros(1, 3, resolution, resolution)).shape[1:])
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.sd_model.decode_first_stage(latents)

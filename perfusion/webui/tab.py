@@ -47,7 +47,16 @@ def run(task_id: str, existing: str, *values: Any) -> tuple[str, str]:
     if status.state == "failed":
         return "", "<br>".join(html.escape(line) for line in status.message.splitlines())
     curve = loss_html(training.work_dir(form) / f"{form.name}.loss.csv")
-    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.<br>" + curve, ""
+    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.<br>" + curve + report_html(status.report), ""
+
+
+def report_html(report) -> str:
+    """The overfitting report as a small table (docs/overfitting-report.md explains the numbers)."""
+    if not report:
+        return ""
+    rows = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{v:.4g}</td></tr>" for k, v in report.items())
+    return f"<p>Overfitting report (drift: change on unrelated prompts; narrowness: W2 of class samples with the " \
+           f"concept on vs. off, against the baseline of two base sets):</p><table>{rows}</table>"
 
 
 def check_only(*values: Any) -> str:
@@ -96,6 +105,7 @@ def create_tab():
                     preview_beta = gr.Number(value=d.preview_beta, label="Preview beta")
                     preview_tau = gr.Number(value=d.preview_tau, label="Preview tau")
                     existing = gr.Radio(list(training.EXISTING), value="ask", label="If the concept exists")
+                    report_samples = gr.Number(value=d.report_samples, precision=0, label="Overfitting report: images per set")
                 with gr.Row():
                     preset_name = gr.Textbox(label="Preset name")
                     save_preset = gr.Button("Save preset")
@@ -110,7 +120,7 @@ def create_tab():
                 problems = gr.HTML(elem_id="perfusion_train_error")
         form = [name, token, superclass, folder, mask_source, templates_file, method, steps, lr_values,
                 lr_embedding, batch_size, grad_accum, resolution, flip, train_beta, train_tau, save_every,
-                preview_every, preview_prompt, preview_beta, preview_tau, existing]
+                preview_every, preview_prompt, preview_beta, preview_tau, existing, report_samples]
         task_id = gr.Textbox(visible=False)
         check.click(fn=check_only, inputs=form, outputs=[problems])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])

@@ -19,6 +19,7 @@ from modules import shared
 from ..covariance import cached_covariance
 from ..corpus import prompt_corpus
 from ..dataset import DatasetError, load_dataset
+from ..report import overfitting_report
 from ..train import TrainConfig, TrainError, Trainer, read_templates
 from . import host
 from .adapter import WebUIAdapter
@@ -57,6 +58,7 @@ class TrainForm:
     preview_beta: float = 0.7
     preview_tau: float = 0.15
     existing: str = "ask"
+    report_samples: int = 8  # images per set for the overfitting report after training (0: no report)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainForm":
@@ -151,6 +153,7 @@ class Status:
     eta_s: float = 0.0
     message: str = ""
     concept: str = ""
+    report: Optional[dict] = None  # the overfitting report (docs/overfitting-report.md)
 
 
 status = Status()
@@ -192,6 +195,10 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
 
     result = trainer.run(resume=form.existing == "resume", progress=progress,
                          should_stop=lambda: bool(state.interrupted), preview=preview)
+    if not result.interrupted and form.report_samples > 0:
+        state.textinfo = f"Perfusion {form.name}: overfitting report ({form.report_samples} images per set)"
+        status.report = overfitting_report(adapter, result.concept, adapter.latent_shape(form.resolution),
+                                           samples=int(form.report_samples)).as_dict()
     status.state = "interrupted" if result.interrupted else "done"
     status.step, status.concept = result.step, str(result.path)
     status.message = (f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
