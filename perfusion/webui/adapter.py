@@ -50,24 +50,16 @@ class WebUIAdapter:
 
     def encode(self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
                ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
-        from modules.textual_inversion.textual_inversion import Embedding as WebUIEmbedding
         words = dict(words or {})
-        dbs = host.embedding_databases(self.sd_model)
         replaced = []
         try:
             for word, emb in words.items():
-                if emb is None:
-                    continue
-                item = WebUIEmbedding(emb[""], word)
-                item.vectors, item.shape = host.embedding_size(emb)
-                for db in dbs:
-                    replaced.append((db, word, db.word_embeddings.get(word)))
-                    host.register_embedding(db, item, word, self.sd_model)
+                if emb is not None:  # the tensor itself (not a copy): gradients reach it
+                    replaced += host.register_word(self.sd_model, word, emb[""], host.embedding_size(emb))
             context = self.text(list(prompts))
             rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
         finally:
-            for db, word, previous in reversed(replaced):
-                host.register_embedding(db, previous, word, self.sd_model)
+            host.restore_words(self.sd_model, replaced)
         return context, rows
 
     def _rows(self, prompt: str, word: str, is_embedding: bool) -> list[int]:

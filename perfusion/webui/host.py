@@ -6,14 +6,12 @@ imported (and its pure helpers tested) without the WebUI.
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
 OPTION_PREFIX = "perfusion_"
-DEFAULT_FOLDER = Path("models") / "perfusion"
 
 
 def is_forge(sd_model: Any) -> bool:
@@ -72,6 +70,30 @@ def register_embedding(db: Any, embedding: Any, name: str, sd_model: Any) -> Non
         db.register_embedding_by_name(embedding, name)
 
 
+def register_word(sd_model: Any, word: str, vec: Any, size: tuple[int, int], filename: str = "") -> list[tuple]:
+    """`vec` as the textual-inversion vectors of `word` in every embedding database of the model (size:
+    (vectors, shape) as embedding_size gives). Returns [(db, word, the embedding it replaced)] for
+    restore_words."""
+    try:
+        from modules.textual_inversion.textual_inversion import Embedding
+    except ImportError:  # Forge keeps it with its text engines
+        from backend.text_processing.textual_inversion import Embedding
+    replaced = []
+    for db in embedding_databases(sd_model):
+        item = Embedding(vec, word)
+        item.vectors, item.shape = size
+        item.filename = filename
+        replaced.append((db, word, db.word_embeddings.get(word)))
+        register_embedding(db, item, word, sd_model)
+    return replaced
+
+
+def restore_words(sd_model: Any, replaced: list[tuple]) -> None:
+    """Undo register_word: each word gets back what it had (nothing, or a user's own embedding)."""
+    for db, word, previous in reversed(replaced):
+        register_embedding(db, previous, word, sd_model)
+
+
 def embedding_vector(concept_embedding: dict[str, torch.Tensor], device: Any = "cpu") -> Any:
     """The WebUI's Embedding.vec for a concept's embedding, float32 on `device` (the WebUI concatenates it
     with the token embeddings as is): a tensor [n, d] for one text encoder, SDXL's dict {"clip_l", "clip_g"}."""
@@ -121,8 +143,3 @@ def cond_tensors(cond: Any) -> Iterator[torch.Tensor]:
             if hasattr(cond, attr):
                 yield from cond_tensors(getattr(cond, attr))
                 return
-
-
-def preload_default(models_dir: Optional[str]) -> str:
-    """Default of --perfusion-dir for preload.py."""
-    return os.path.join(models_dir, "perfusion") if models_dir else str(DEFAULT_FOLDER)

@@ -85,12 +85,12 @@ def switch_off() -> None:
         runtime.hooks.clear()
     runtime.applied, runtime.key_contexts = [], None
     model = shared.sd_model
-    for db, word, previous in reversed(runtime.registered):
+    for item in reversed(runtime.registered):
         if model is not None:
             try:
-                host.register_embedding(db, previous, word, model)
+                host.restore_words(model, [item])
             except Exception as e:  # a DB rebuilt since: nothing of ours left in it
-                print(f"Perfusion: could not unregister the embedding of {word!r}: {e}")
+                print(f"Perfusion: could not unregister the embedding of {item[1]!r}: {e}")
     runtime.registered = []
 
 
@@ -106,22 +106,18 @@ def _hooks_for(model: Any) -> Optional[engine.Hooks]:
 
 
 def _register_embedding(model: Any, concept: Concept) -> None:
-    try:
-        from modules.textual_inversion.textual_inversion import Embedding
-    except ImportError:  # Forge keeps it with its text engines
-        from backend.text_processing.textual_inversion import Embedding
-    for db in host.embedding_databases(model):
-        previous = db.word_embeddings.get(concept.token)
-        embedding = Embedding(host.embedding_vector(concept.embedding, host.text_device(model)), concept.token)
-        embedding.vectors, embedding.shape = host.embedding_size(concept.embedding)
-        embedding.filename = f"perfusion:{concept.name}"
-        host.register_embedding(db, embedding, concept.token, model)
-        runtime.registered.append((db, concept.token, previous))
+    runtime.registered += host.register_word(
+        model, concept.token, host.embedding_vector(concept.embedding, host.text_device(model)),
+        host.embedding_size(concept.embedding), filename=f"perfusion:{concept.name}")
+
+
+def whole_word(word: str) -> re.Pattern:
+    """`word` as a whole word, any case (as the concept's word is matched in prompts)."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
 
 
 def _mentions(prompts: list[str], word: str) -> bool:
-    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
-    return any(pattern.search(text or "") for text in prompts)
+    return any(whole_word(word).search(text or "") for text in prompts)
 
 
 def _resolve(p: Any, requests: list[Request], defaults: Defaults, hooks: engine.Hooks) -> list[Applied]:
@@ -162,7 +158,7 @@ def _resolve(p: Any, requests: list[Request], defaults: Defaults, hooks: engine.
 
 
 def _first(*values: Optional[float]) -> float:
-    return next(float(v) for v in values if v is not None and v != "")
+    return next(float(v) for v in values if v is not None)
 
 
 def user_preferences(entry: Entry) -> dict:
@@ -258,7 +254,7 @@ def feed_global_lock(p: Any, cond: Any) -> None:
     prompts = list((p.hr_prompts if hires else p.prompts) or [])
     for a in runtime.applied:
         if a.activation.lock == "global":
-            word = re.compile(rf"(?<!\w){re.escape(a.activation.concept.token)}(?!\w)", re.IGNORECASE)
+            word = whole_word(a.activation.concept.token)
             prompts = [word.sub(a.activation.concept.superclass, text) for text in prompts]
     steps = getattr(p, "firstpass_steps", None) or p.steps
     hires_steps = None
