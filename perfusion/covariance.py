@@ -113,6 +113,14 @@ def load_covariance(path: str | os.PathLike) -> Covariance:
                       int(meta.get("clip_skip", 1)), meta.get("positions", "all"), float(meta.get("ridge", 0)))
 
 
+def adapter_encoder(adapter) -> Encoder:
+    """An Encoder over an engine Adapter: its contexts, every row counted (for positions "all")."""
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        context, _ = adapter.encode(texts)
+        return context, torch.full((len(texts),), context.shape[1])
+    return encode
+
+
 def cached_covariance(cache_dir: str | os.PathLike, encode: Encoder, prompts: Sequence[str], *, encoder_hash: str,
                       clip_skip: int = 1, positions: str = "all", ridge: float = 1e-5, batch_size: int = 64,
                       progress: Optional[Progress] = None) -> Covariance:

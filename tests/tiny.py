@@ -7,6 +7,7 @@ import perfusion
 from perfusion.adapter import LdmClipAdapter
 from perfusion.clip_tokenizer import load_tokenizer
 from perfusion.corpus import prompt_corpus
+from perfusion.covariance import adapter_encoder
 from models import small_text_encoder, small_unet
 
 
@@ -34,10 +35,7 @@ def tiny_adapter(prediction: str = "v", seed: int = 0) -> LdmClipAdapter:
 
 
 def tiny_covariance(adapter: LdmClipAdapter, prompts: int = 256) -> perfusion.Covariance:
-    def encode(batch):
-        context, _ = adapter.encode(batch)
-        return context, torch.full((len(batch),), 77)
-    return perfusion.build_covariance(encode, prompt_corpus(prompts, seed=5), batch_size=128)
+    return perfusion.build_covariance(adapter_encoder(adapter), prompt_corpus(prompts, seed=5), batch_size=128)
 
 
 def pattern_images(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:

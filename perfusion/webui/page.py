@@ -44,7 +44,7 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         prefs = network.user_preferences(entry)
         tau = prefs.get("tau")
         if tau is None:
-            tau = float(meta["suggested gate"].split("tau ")[1]) if "suggested gate" in meta else host.option("tau")
+            tau = host.option("tau") if "error" in meta else network.library().load(entry).tau  # loaded: cached
         token = meta.get("token", "")
         prompt = ui_extra_networks.quote_js(format_tag(entry.name, tau) + (f" {token}" if token else ""))
         item = {

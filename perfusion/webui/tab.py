@@ -38,11 +38,9 @@ def preview(form: TrainForm):
     return show
 
 
-def run(task_id: str, existing: str, *values: Any) -> tuple[str, str]:
+def run(task_id: str, *values: Any) -> tuple[str, str]:
     """Train button (through wrap_gradio_gpu_call): returns (result HTML, problems HTML)."""
     form = TrainForm(**dict(zip(FIELDS, values)))
-    if existing:
-        form.existing = existing
     status = training.train(form, preview(form) if form.preview_every else None)
     if status.state == "failed":
         return "", "<br>".join(html.escape(line) for line in status.message.splitlines())
@@ -125,7 +123,7 @@ def create_tab():
         check.click(fn=check_only, inputs=form, outputs=[problems])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[""]), _js="perfusion_start_training",
-                    inputs=[task_id, existing, *form], outputs=[gallery, problems])
+                    inputs=[task_id, *form], outputs=[gallery, problems])
         save_preset.click(fn=lambda n, *v: f"Saved {training.save_preset(TrainForm(*v), n)}",
                           inputs=[preset_name, *form], outputs=[problems])
         load_preset.click(fn=lambda n: list(asdict(training.load_preset(n)).values()), inputs=[preset_name],

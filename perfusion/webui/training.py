@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from modules import shared
 
-from ..covariance import cached_covariance
+from ..covariance import adapter_encoder, cached_covariance
 from ..corpus import prompt_corpus
 from ..dataset import DatasetError, load_dataset
 from ..report import overfitting_report
-from ..train import TrainConfig, TrainError, Trainer, read_templates
+from ..train import TrainConfig, TrainError, Trainer, check_superclass, read_templates
 from . import host
 from .adapter import WebUIAdapter
 
@@ -81,7 +82,7 @@ def work_dir(form: TrainForm) -> Path:
 def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     """(problems, dataset): every problem the form has, before any work; the dataset when it loads."""
     problems: list[str] = []
-    if not NAME.match(form.name or "") or ".." in form.name or "/" in form.name or "\\" in form.name:
+    if not NAME.match(form.name or "") or ".." in form.name:  # NAME admits no path separator
         problems.append(f"concept name {form.name!r}: use letters, digits, '_', '-', '.' or spaces "
                         "(no path separators or '..'); it becomes the file name and the tag")
     if not form.token.strip() or len(form.token.split()) != 1:
@@ -99,13 +100,8 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
     else:
         try:
-            adapter = WebUIAdapter(model)
-            n = adapter.token_count(form.superclass) if form.superclass.strip() else 0
-            if n != 1:
-                words = [w for w in form.superclass.split() if adapter.token_count(w) == 1]
-                hint = f"try one of: {', '.join(words)}" if words else "e.g. 'toy', 'dog', 'cat', 'person'"
-                problems.append(f"superclass {form.superclass!r} is {n} tokens, it must be exactly one; {hint}")
-        except NotImplementedError as e:
+            check_superclass(WebUIAdapter(model), form.superclass)
+        except (NotImplementedError, TrainError) as e:
             problems.append(str(e))
     if form.templates_file:
         try:
@@ -176,12 +172,11 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
         state.textinfo = f"Perfusion: text-encoding covariance, {done}/{total} prompts (once per model and CLIP skip)"
         state.job_count, state.job_no = total, done
 
-    cov = cached_covariance(host.concepts_folder() / ".cache", lambda texts: _encode_counted(adapter, texts),
+    cov = cached_covariance(host.concepts_folder() / ".cache", adapter_encoder(adapter),
                             prompt_corpus(int(host.option("covariance_prompts"))), encoder_hash=adapter.model_hash or "webui-model",
                             clip_skip=cfg.clip_skip, progress=covariance_progress)
     state.job_count, state.job_no = cfg.steps, 0
     masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
-    import torch
     images = torch.stack([s.image for s in dataset.samples])
     captions = [s.caption for s in dataset.samples]
     trainer = Trainer(adapter, cov, cfg, images, masks, work_dir(form), concept_path(form), captions=captions)
@@ -204,13 +199,6 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
     status.message = (f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
                       f"in {time.monotonic() - started:.0f} s; saved {result.path}")
     return status
-
-
-def _encode_counted(adapter: WebUIAdapter, texts: list[str]):
-    import torch
-    with torch.no_grad():
-        context, _ = adapter.encode(texts)
-    return context, torch.full((len(texts),), context.shape[1])
 
 
 def save_preset(form: TrainForm, name: str) -> Path:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..concept import Concept
-from ..covariance import Covariance, cached_covariance
+from ..covariance import Covariance, adapter_encoder, cached_covariance
 from ..dataset import load_dataset
 from ..generate import generate
 from ..hooks import Activation
@@ -36,12 +36,7 @@ TEMPLATES = ("a [name] [filewords]", "a photo of a [name] [filewords]", "an imag
 def world_covariance(adapter, cache: Path, prompts: int = 4096) -> Covariance:
     """C of the mini text encoder over world captions (cached by model hash)."""
     captions = scenes_and_captions(12345, prompts)[1]
-
-    def encode(texts):
-        context, _ = adapter.encode(texts)
-        return context, torch.full((len(texts),), context.shape[1])
-
-    return cached_covariance(cache, encode, captions, encoder_hash=adapter.model_hash, batch_size=256)
+    return cached_covariance(cache, adapter_encoder(adapter), captions, encoder_hash=adapter.model_hash, batch_size=256)
 
 
 def train_folder(adapter, cov: Covariance, folder: Path, cfg: TrainConfig, concept_path: Path, work_dir: Path,
