@@ -1,0 +1,97 @@
+"""The training tab in a real browser: served standalone by the WebUI stand-in (gradio 3.41.2, the WebUI's
+version) and driven in headless Chromium (Debian's /usr/bin/chromium, or PERFUSION_CHROMIUM).
+PERFUSION_SCREENSHOT=path saves the finished tab there (docs/images/training-tab-standin.png)."""
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = os.environ.get("PERFUSION_CHROMIUM", "/usr/bin/chromium")
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt install chromium, or set PERFUSION_CHROMIUM)", allow_module_level=True)
+
+import tab_server  # noqa: E402
+import webui_host as host  # noqa: E402
+from modules import errors, shared  # noqa: E402
+
+from perfusion import load_concept  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tab")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(photos / f"bear{k}.png")
+    (photos / "notes.png").write_bytes(b"not an image")
+    shared.opts.data["perfusion_dir"] = str(root / "concepts")
+    shared.opts.data["perfusion_covariance_prompts"] = 128
+    demo, url = tab_server.launch()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, wait_until="networkidle")
+        yield page, root, photos
+        browser.close()
+    demo.close()
+    host.unload_extension()
+    shared.opts.data.pop("perfusion_dir", None)
+    shared.opts.data.pop("perfusion_covariance_prompts", None)
+
+
+def fill(page, form: dict) -> None:
+    tab = page.locator("#tab_perfusion_train")
+    for elem_id in ("name", "token", "superclass", "folder"):
+        if elem_id in form:
+            page.locator(f"#perfusion_train_{elem_id} textarea").fill(form[elem_id])
+    for label, value in form.get("numbers", {}).items():
+        tab.get_by_label(label, exact=True).fill(str(value))
+
+
+def test_check_reports_problems_then_a_ready_dataset(served):
+    page, _, photos = served
+    fill(page, {"name": "hugsy", "token": "hugsy", "superclass": "teddy bear", "folder": str(photos)})
+    page.click("#perfusion_train_check")
+    problems = page.locator("#perfusion_train_error").first  # gradio 3 repeats an HTML's elem_id inside
+    problems.get_by_text("exactly one", exact=False).wait_for(timeout=30000)
+    fill(page, {"superclass": "teddy"})
+    page.click("#perfusion_train_check")
+    problems.get_by_text("Ready to train.").wait_for(timeout=30000)
+    text = problems.inner_text()
+    assert "3 usable images, 1 skipped" in text and "notes.png" in text
+
+
+def test_train_shows_progress_previews_and_the_finished_concept(served, monkeypatch):
+    page, root, photos = served
+    fill(page, {"name": "hugsy", "token": "hugsy", "superclass": "teddy", "folder": str(photos),
+                "numbers": {"Steps": 6, "Batch size": 1, "Resolution": 64, "Save every N steps": 3,
+                            "Preview every N steps": 2, "Overfitting report: images per set": 2}})
+    page.click("#perfusion_train_start")
+    output, bars, progress_text = (page.locator("#perfusion_train_output").first, page.locator(".progressDiv .progress"),
+                                   page.locator("#perfusion_train_progress").first)
+    seen, previews, deadline = set(), 0, time.monotonic() + 240
+    while "Finished" not in output.inner_text() and time.monotonic() < deadline:
+        for locator in (bars, progress_text):
+            if locator.count():
+                seen.add(locator.first.inner_text().strip())
+        previews = max(previews, output.locator(".livePreview img").count())
+        page.wait_for_timeout(50)
+    result = output.inner_text()
+    assert "Finished step 6" in result, (result, page.locator("#perfusion_train_error").first.inner_text())
+    assert any("step" in s and "loss" in s for s in seen), seen  # the WebUI progress bar's textinfo
+    assert previews >= 1
+    assert output.locator("img").count() >= 1 and "Overfitting report" in result  # loss curve, report table
+    concept = load_concept(root / "concepts" / "hugsy.safetensors")
+    assert concept.steps == 6 and concept.superclass == "teddy"
+    assert errors.exception_records == []
+    shot = os.environ.get("PERFUSION_SCREENSHOT")
+    page.screenshot(path=str(root / "tab.png"), full_page=True)
+    if shot:
+        shutil.copy(root / "tab.png", shot)
