@@ -5,7 +5,8 @@ Measured side by side in one run (variants interleaved, medians):
   edited  the same U-Net with one concept active at the train gate (beta 0.75, tau 0.10), forward +
           backward to the concept parameters (16 value targets and i*), U-Net frozen
 and peak memory of one step of each, each in a fresh process (peak RSS above the RSS after the
-model is built). Target: edited / bare <= 1.10.
+model is built). Target: edited / bare <= 1.10. *checkpointed*: the edited step with gradient
+checkpointing of the U-Net's blocks (the training tab's option): its memory and time against edited.
 
 Run: ./dev.sh bench train_step [--repeats N]
 """
@@ -25,6 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 
 import perfusion  # noqa: E402
+from perfusion.checkpointing import checkpointed_blocks  # noqa: E402
 from concepts import layer_widths, make_concept, random_covariance  # noqa: E402
 from models import sd15_unet  # noqa: E402
 
@@ -57,7 +59,12 @@ def edited_step(unet, hooks, concept, x, t, ctx):
         v.grad = None
 
 
-STEPS = {"bare": bare_step, "edited": edited_step}
+def checkpointed_step(unet, hooks, concept, x, t, ctx):
+    with checkpointed_blocks(unet):
+        edited_step(unet, hooks, concept, x, t, ctx)
+
+
+STEPS = {"bare": bare_step, "edited": edited_step, "checkpointed": checkpointed_step}
 
 
 def _rss_kb(field: str) -> int:
@@ -98,13 +105,14 @@ def main() -> None:
     ratios = [e / b for e, b in zip(times["edited"], times["bare"])]
     mem = {k: int(subprocess.run([sys.executable, __file__, "--memory-child", k], check=True, capture_output=True,
                                  text=True).stdout.split()[-1]) for k in STEPS}
-    print("| measure | bare | edited | edited / bare |")
-    print("|---|---|---|---|")
-    print(f"| step time, median of {a.repeats} (s) | {statistics.median(times['bare']):.2f} | "
-          f"{statistics.median(times['edited']):.2f} | {statistics.median(ratios):.3f} (paired rounds: "
-          f"{min(ratios):.3f}-{max(ratios):.3f}) |")
-    print(f"| peak memory of one step above the model (MiB) | {mem['bare'] / 1024:.0f} | {mem['edited'] / 1024:.0f} | "
-          f"{mem['edited'] / mem['bare']:.3f} |")
+    saving = [c / e for c, e in zip(times["checkpointed"], times["edited"])]
+    print("| measure | bare | edited | checkpointed | edited / bare | checkpointed / edited |")
+    print("|---|---|---|---|---|---|")
+    print(f"| step time, median of {a.repeats} (s) | " + " | ".join(f"{statistics.median(times[k]):.2f}" for k in STEPS)
+          + f" | {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
+          f"{statistics.median(saving):.3f} ({min(saving):.3f}-{max(saving):.3f}) |")
+    print("| peak memory of one step above the model (MiB) | " + " | ".join(f"{mem[k] / 1024:.0f}" for k in STEPS)
+          + f" | {mem['edited'] / mem['bare']:.3f} | {mem['checkpointed'] / mem['edited']:.3f} |")
 
 
 if __name__ == "__main__":

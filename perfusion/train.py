@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -28,6 +29,7 @@ from .concept import Concept, save_concept
 from .covariance import Covariance, concept_gate
 from .dataset import soft_mask
 from .diffusion import q_sample, training_target
+from .checkpointing import checkpointed_blocks
 from .files import atomic_write
 from .hooks import Activation, attach
 from .masks import attention_masks
@@ -79,6 +81,7 @@ class TrainConfig:
     preview_every: int = 0
     seed: int = 0
     clip_skip: int = 1
+    gradient_checkpointing: bool = False  # recompute U-Net blocks in backward: less memory, ~30 % slower
 
     def check(self) -> None:
         if self.method not in ("perfusion", "infusion"):
@@ -139,6 +142,13 @@ def check_superclass(adapter: Adapter, superclass: str) -> None:
     words = [w for w in superclass.replace("-", " ").split() if adapter.token_count(w) == 1]
     hint = f"try one of: {', '.join(words)}" if words else "try a common one-word class such as 'toy', 'dog', 'cat', 'person'"
     raise TrainError(f"superclass {superclass!r} is {n} tokens, it must be exactly one; {hint}")
+
+
+def loss_scaler(unet: torch.nn.Module) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for a half-precision U-Net on CUDA (the concept's tensors stay fp32, but their
+    gradients pass through fp16 activations, where small ones would flush to zero); a no-op otherwise."""
+    p = next(unet.parameters())
+    return torch.amp.GradScaler(p.device.type, enabled=p.device.type == "cuda" and p.dtype == torch.float16)
 
 
 class Trainer:
@@ -314,38 +324,42 @@ class Trainer:
         step, started, smoothed = state["step"], time.monotonic(), (losses[-1] if losses else None)
         first = step
         interrupted = False
+        self.scaler = loss_scaler(ad.diffusion_model)
+        checkpointing = checkpointed_blocks(ad.diffusion_model) if cfg.gradient_checkpointing else nullcontext()
         try:
-            while step < cfg.steps:
-                for group in opt.param_groups:
-                    group["lr"] = (cfg.lr_values if group["name"] == "values" else cfg.lr_embedding) * self._lr_scale(step)
-                total, i_star_before = 0.0, state["i_star"]
-                for k in range(cfg.grad_accum):
-                    if should_stop():
-                        interrupted = True
+            with checkpointing:
+                while step < cfg.steps:
+                    for group in opt.param_groups:
+                        group["lr"] = (cfg.lr_values if group["name"] == "values" else cfg.lr_embedding) * self._lr_scale(step)
+                    total, i_star_before = 0.0, state["i_star"]
+                    for k in range(cfg.grad_accum):
+                        if should_stop():
+                            interrupted = True
+                            break
+                        total += self._micro_step(state, hooks, step, k) / cfg.grad_accum
+                    if interrupted:  # back to the last whole step: what the checkpoint holds
+                        state["i_star"] = i_star_before
+                        opt.zero_grad(set_to_none=True)
                         break
-                    total += self._micro_step(state, hooks, step, k) / cfg.grad_accum
-                if interrupted:  # back to the last whole step: what the checkpoint holds
-                    state["i_star"] = i_star_before
+                    self.scaler.step(opt)
+                    self.scaler.update()
                     opt.zero_grad(set_to_none=True)
-                    break
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                state["step"] = step
-                losses.append(total)
-                smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-                self._append_loss(step, total, smoothed)
-                if progress:
-                    rate = (step - first) / max(time.monotonic() - started, 1e-9)
-                    progress(Progress(step, cfg.steps, total, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    self.save_checkpoint(state, opt, step)
-                    save_concept(self._concept(state, state["i_star"], step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
-                if preview and cfg.preview_every and step % cfg.preview_every == 0:
-                    with torch.no_grad():
-                        concept = self._concept(state, state["i_star"], step)
-                        hooks.activate([Activation(concept, cfg.beta, cfg.tau)])
-                        preview(concept, step)
+                    step += 1
+                    state["step"] = step
+                    losses.append(total)
+                    smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
+                    self._append_loss(step, total, smoothed)
+                    if progress:
+                        rate = (step - first) / max(time.monotonic() - started, 1e-9)
+                        progress(Progress(step, cfg.steps, total, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                        self.save_checkpoint(state, opt, step)
+                        save_concept(self._concept(state, state["i_star"], step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
+                    if preview and cfg.preview_every and step % cfg.preview_every == 0:
+                        with torch.no_grad():
+                            concept = self._concept(state, state["i_star"], step)
+                            hooks.activate([Activation(concept, cfg.beta, cfg.tau)])
+                            preview(concept, step)
         finally:
             hooks.clear()
         self.save_checkpoint(state, opt, step)
@@ -373,7 +387,7 @@ class Trainer:
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)
         per_pixel = (pred - target).square().mean(1)  # [B, h, w]
         loss = (per_pixel * mask).mean()
-        (loss / cfg.grad_accum).backward()
+        self.scaler.scale(loss / cfg.grad_accum).backward()
         return float(loss.detach())
 
     def _append_loss(self, step: int, loss: float, smoothed: float) -> None:

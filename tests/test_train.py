@@ -237,3 +237,31 @@ def test_ablations_trained_keys_ungated_and_embedding_only(world, tmp_path):
     assert c_rome.step == 2
     with pytest.raises(TrainError, match="keys"):
         config(keys="frozen").check()
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same(world, tmp_path):
+    adapter, cov, images = world
+    to_k = next(iter(attach(adapter.diffusion_model).layers.values())).to_k
+    calls = []
+    handle = to_k.register_forward_hook(lambda m, a, y: calls.append(torch.is_grad_enabled()))
+    try:
+        plain = Trainer(adapter, cov, config(steps=3), images, None, tmp_path / "a", tmp_path / "a.safetensors").run()
+        plain_calls, calls[:] = len(calls), []
+        saved = Trainer(adapter, cov, config(steps=3, gradient_checkpointing=True), images, None, tmp_path / "b",
+                        tmp_path / "b.safetensors").run()
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * plain_calls  # every micro-step's block ran again in backward
+    assert all(type(b).forward is b.forward.__func__ for b in adapter.diffusion_model.input_blocks)  # restored
+    for k, v in plain.concept.values.items():  # gradients reached the concept's values and embedding alike
+        torch.testing.assert_close(saved.concept.values[k], v, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(saved.concept.embedding[""], plain.concept.embedding[""], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(plain.concept.embedding[""], Trainer(adapter, cov, config(steps=3), images, None,
+                           tmp_path / "c", tmp_path / "c.safetensors")._init_state()["embedding"][""])
+
+
+def test_gradient_checkpointing_refuses_an_unknown_unet_layout():
+    from perfusion.checkpointing import checkpointed_blocks
+    with pytest.raises(TypeError, match="ldm-style U-Net"):
+        with checkpointed_blocks(torch.nn.Linear(2, 2)):
+            pass

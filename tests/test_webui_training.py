@@ -1,13 +1,14 @@
 """The training tab's logic in the WebUI stand-in, on the tiny model: checks, a run, interrupt/resume, presets."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import webui_host as host
-from modules import errors, shared, ui_extra_networks
+from modules import devices, errors, shared, ui_extra_networks
 
 from perfusion import load_concept
-from perfusion.webui import training
+from perfusion.webui import tab, training
 from perfusion.webui.training import TrainForm
 
 
@@ -55,6 +56,24 @@ def test_a_short_run_gives_a_concept_with_a_card(env):
     assert [item["name"] for item in page.list_items()] == ["hugsy"]  # .training/.cache stay hidden
     out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     assert "Perfusion: hugsy" in out.infotexts[0] and out.comments == ""
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_vae_in_ram_while_training_and_back_for_each_preview(env, monkeypatch, offload):
+    concepts, photos = env
+    monkeypatch.setattr(devices, "cpu", torch.device("cpu", 0))  # told apart from devices.device (cpu)
+    monkeypatch.setitem(shared.opts.data, "unload_models_when_training", offload)
+    vae = shared.sd_model.first_stage_model
+    vae.moves.clear()
+    run = form(photos, preview_every=2, gradient_checkpointing=True)
+    result = training.train(run, tab.preview(run))
+    assert result.state == "done" and result.step == 4, result.message
+    preview_moves = [devices.device, torch.device("cpu")] * 2  # to the GPU for each preview, then back
+    if offload:  # to RAM after the latents are cached, back at the end
+        assert vae.moves == [devices.cpu, *preview_moves, torch.device("cpu")]
+    else:
+        assert vae.moves == preview_moves
+    assert load_concept(concepts / "hugsy.safetensors").steps == 4
 
 
 def test_interrupt_saves_and_resume_continues_to_the_end(env):

@@ -103,6 +103,19 @@ class TinyCondStage(torch.nn.Module):
                           for o in out])
 
 
+class VaePlacement(torch.nn.Linear):
+    """Where the WebUI keeps its VAE (`first_stage_model`). The tiny model's first stage is the identity, so
+    only the VAE's moves between devices are observable: `moves` lists every `.to(device)`."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+        self.moves = []
+
+    def to(self, device, *args, **kwargs):
+        self.moves.append(device)
+        return super().to(device, *args, **kwargs)
+
+
 class TinySDModel(torch.nn.Module):
     def __init__(self, adapter):
         super().__init__()
@@ -110,6 +123,7 @@ class TinySDModel(torch.nn.Module):
         self.model = torch.nn.Module()
         self.model.diffusion_model = adapter.diffusion_model
         self.cond_stage_model = TinyCondStage(adapter)
+        self.first_stage_model = VaePlacement()
         self.calls = 0  # text encodings made (to see the conditioning cache at work)
 
         self.alphas_cumprod = adapter.alphas_cumprod.float()

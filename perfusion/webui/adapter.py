@@ -56,7 +56,9 @@ class WebUIAdapter:
             for word, emb in words.items():
                 if emb is not None:  # the tensor itself (not a copy): gradients reach it
                     replaced += host.register_word(self.sd_model, word, emb[""], host.embedding_size(emb))
-            context = self.text(list(prompts))
+            from modules import devices
+            with devices.autocast():  # as the WebUI trains: fp16 weights, fp32 concept tensors
+                context = self.text(list(prompts))
             rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
         finally:
             host.restore_words(self.sd_model, replaced)
@@ -73,7 +75,9 @@ class WebUIAdapter:
         return [rows[-1] for rows in word_rows([c.tokens for c in chunks], ids, length)]
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.sd_model.apply_model(x, t, context)
+        from modules import devices
+        with devices.autocast():
+            return self.sd_model.apply_model(x, t, context)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         m = self.sd_model

@@ -6,6 +6,7 @@ imported (and its pure helpers tested) without the WebUI.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -114,6 +115,24 @@ def text_device(sd_model: Any) -> Any:
         return "cpu"
     from modules import devices
     return devices.device
+
+
+@contextmanager
+def vae_on(sd_model: Any, device: Any) -> Iterator[None]:
+    """The VAE (first_stage_model) on `device` inside, back where it was after. Training with the WebUI's
+    "Move VAE and CLIP to RAM when training" keeps it in RAM once the latents are cached (the text
+    encoder stays: the embedding's gradient passes through it) and brings it back for previews."""
+    vae = getattr(sd_model, "first_stage_model", None)
+    params = next(vae.parameters(), None) if vae is not None else None
+    if params is None or device is None:
+        yield
+        return
+    was = params.device
+    vae.to(device)
+    try:
+        yield
+    finally:
+        vae.to(was)
 
 
 def clear_cond_caches(p: Any) -> None:

@@ -15,7 +15,7 @@ from modules import shared
 
 from ..generate import generate
 from ..hooks import Activation
-from . import training
+from . import host, training
 from .adapter import WebUIAdapter
 from .plot import loss_html
 from .training import MASK_SOURCES, TrainForm
@@ -27,9 +27,10 @@ def preview(form: TrainForm):
     """The trainer's preview callback: one image of the preview prompt with the training edit on."""
     def show(concept, step: int) -> None:
         prompt = form.preview_prompt or f"a photo of {form.token}"
+        from modules import devices
         adapter = WebUIAdapter(shared.sd_model)
         size = form.resolution // 8
-        with torch.no_grad():
+        with torch.no_grad(), host.vae_on(shared.sd_model, devices.device):
             image = generate(adapter, [prompt], [Activation(concept, form.preview_beta, form.preview_tau)],
                              latent_shape=(4, size, size), seed=step, steps=20, guidance=7.0)
         from PIL import Image
@@ -67,7 +68,6 @@ def check_only(*values: Any) -> str:
 
 def create_tab():
     """on_ui_tabs callback (no tab on Forge: training there is not supported)."""
-    from . import host
     if host.forge_installed():
         print("Perfusion: training is available on AUTOMATIC1111's WebUI; on Forge, concepts can be used, not trained")
         return []
@@ -104,6 +104,7 @@ def create_tab():
                     preview_tau = gr.Number(value=d.preview_tau, label="Preview tau")
                     existing = gr.Radio(list(training.EXISTING), value="ask", label="If the concept exists")
                     report_samples = gr.Number(value=d.report_samples, precision=0, label="Overfitting report: images per set")
+                    gradient_checkpointing = gr.Checkbox(value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)")
                 with gr.Row():
                     preset_name = gr.Textbox(label="Preset name")
                     save_preset = gr.Button("Save preset")
@@ -118,7 +119,7 @@ def create_tab():
                 problems = gr.HTML(elem_id="perfusion_train_error")
         form = [name, token, superclass, folder, mask_source, templates_file, method, steps, lr_values,
                 lr_embedding, batch_size, grad_accum, resolution, flip, train_beta, train_tau, save_every,
-                preview_every, preview_prompt, preview_beta, preview_tau, existing, report_samples]
+                preview_every, preview_prompt, preview_beta, preview_tau, existing, report_samples, gradient_checkpointing]
         task_id = gr.Textbox(visible=False)
         check.click(fn=check_only, inputs=form, outputs=[problems])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
