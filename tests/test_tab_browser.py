@@ -68,11 +68,12 @@ def test_check_reports_problems_then_a_ready_dataset(served):
     assert "3 usable images, 1 skipped" in text and "notes.png" in text
 
 
-def test_train_shows_progress_previews_and_the_finished_concept(served, monkeypatch):
+def test_train_shows_progress_previews_and_the_finished_concept(served):
     page, root, photos = served
     fill(page, {"name": "hugsy", "token": "hugsy", "superclass": "teddy", "folder": str(photos),
-                "numbers": {"Steps": 6, "Batch size": 1, "Resolution": 64, "Save every N steps": 3,
-                            "Preview every N steps": 2, "Overfitting report: images per set": 2}})
+                "numbers": {"Steps": 6, "Batch size": 1, "Gradient accumulation": 1, "Resolution": 64,
+                            "Save every N steps": 3, "Preview every N steps": 2,
+                            "Overfitting report: images per set": 2}})
     page.click("#perfusion_train_start")
     output, bars, progress_text = (page.locator("#perfusion_train_output").first, page.locator(".progressDiv .progress"),
                                    page.locator("#perfusion_train_progress").first)

@@ -40,7 +40,7 @@ def env(webui, tmp_path, monkeypatch):
 
 def form(photos, **kw):
     base = dict(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=4, batch_size=2,
-                resolution=64, save_every=2, preview_every=0, mask_source="none", report_samples=0)
+                grad_accum=1, resolution=64, save_every=2, preview_every=0, mask_source="none", report_samples=0)
     return TrainForm(**{**base, **kw})
 
 

@@ -47,8 +47,8 @@ class TrainForm:
     steps: int = TrainConfig.steps
     lr_values: float = TrainConfig.lr_values
     lr_embedding: float = TrainConfig.lr_embedding
-    batch_size: int = TrainConfig.batch_size
-    grad_accum: int = 1
+    batch_size: int = 1  # x4 accumulation = the trainer's batch of 4, in the memory of one image (8 GB cards)
+    grad_accum: int = 4
     resolution: int = 512
     flip: bool = TrainConfig.flip
     train_beta: float = TrainConfig.train_beta
