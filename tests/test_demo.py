@@ -1,6 +1,8 @@
 """CI smoke run of the main job on the committed mini model (3 training steps, 3 sampling steps)."""
 from __future__ import annotations
 
+import hashlib
+
 from PIL import Image
 
 import perfusion
@@ -8,10 +10,13 @@ from perfusion.world import model as mini
 from perfusion.world.demo import main
 
 
-def test_weights_are_committed_with_their_config():
+def test_weights_are_committed_with_their_config_and_hash():
     meta = mini.weights_meta()
     assert meta["steps"] >= 1000 and meta["config"]["unet"]["context_dim"] == 64
+    assert meta["config"]["train"]["steps"] == meta["steps"]
     assert mini.WEIGHTS.stat().st_size <= 20 * 2**20
+    digest, name = mini.WEIGHTS.with_suffix(".sha256").read_text().split()
+    assert name == mini.WEIGHTS.name and hashlib.sha256(mini.WEIGHTS.read_bytes()).hexdigest() == digest
 
 
 def test_demo_quick_run_writes_concepts_and_a_contact_sheet(tmp_path, capsys):
