@@ -38,12 +38,20 @@ def cosine_alphas_cumprod(steps: int = TIMESTEPS, s: float = 0.008) -> torch.Ten
     return torch.cumprod(1 - betas, 0)
 
 
-def build(seed: int = 0, unet: Optional[dict] = None, text: Optional[dict] = None) -> tuple[torch.nn.Module, CLIPTextModel]:
-    """Fresh (unet, text_encoder) with the mini configuration (or the given one, e.g. from a weights file)."""
+def build(seed: int = 0, unet: Optional[dict] = None, text: Optional[dict] = None,
+          token_scale: float = 1.0) -> tuple[torch.nn.Module, CLIPTextModel]:
+    """Fresh (unet, text_encoder) with the mini configuration (or the given one, e.g. from a weights file).
+
+    token_scale multiplies the random token table: at 10 a word's own embedding outweighs what the
+    causal attention mixes in from the words before it, so each context row stands for its word (as
+    in the trained CLIP), instead of carrying the earlier words' (and a concept's) encodings along."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNetModel(**(unet or UNET)), CLIPTextModel(CLIPTextConfig(**(text or TEXT)))
+        model, encoder = UNetModel(**(unet or UNET)), CLIPTextModel(CLIPTextConfig(**(text or TEXT)))
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight.mul_(token_scale)
+    return model, encoder
 
 
 def save_weights(unet: torch.nn.Module, text: CLIPTextModel, path: Path, meta: dict) -> Path:

@@ -29,7 +29,7 @@ from .scenes import PATTERNS, batch, to_tensor
 # The text encoder stays at its seeded random init (as Stable Diffusion keeps CLIP frozen): trained jointly,
 # this 64-wide encoder collapsed every word but the last one (the background) to nearly the same encoding.
 DEFAULTS = dict(steps=3600, batch=32, lr=2e-3, warmup=100, ema=0.999, drop_caption=0.1, two_objects=0.25, seed=0,
-                train_text=False)
+                train_text=False, token_scale=1.0)
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -79,7 +79,7 @@ def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int
     """Train (or continue) until `steps` or the time budget; returns the step reached."""
     cfg = {**DEFAULTS, **overrides, "steps": steps}
     torch.manual_seed(cfg["seed"])
-    unet, text = mini.build(cfg["seed"])
+    unet, text = mini.build(cfg["seed"], token_scale=cfg["token_scale"])
     models = {"unet": unet, "text": text, "ema_unet": copy.deepcopy(unet), "ema_text": copy.deepcopy(text)}
     for name in ("ema_unet", "ema_text"):
         models[name].requires_grad_(False)
@@ -131,7 +131,7 @@ def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int
     if step >= steps:
         meta = {"config": {"unet": mini.UNET, "text": mini.TEXT, "train": cfg, "zero_padding": True}, "steps": step,
                 "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
-        init_unet, init_text = mini.build(cfg["seed"])
+        init_unet, init_text = mini.build(cfg["seed"], token_scale=cfg["token_scale"])
         mini.save_weights(debiased_ema(models["ema_unet"], init_unet, cfg["ema"], step),
                           debiased_ema(models["ema_text"], init_text, cfg["ema"], step), out, meta)
         print(f"wrote {out}", flush=True)
@@ -144,8 +144,10 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=90.0, help="stop (resumably) after this long")
     p.add_argument("--work", type=Path, default=Path("cache/world"))
     p.add_argument("--out", type=Path, default=mini.WEIGHTS)
+    p.add_argument("--token-scale", type=float, default=DEFAULTS["token_scale"],
+                   help="scale of the frozen encoder's random token table (see model.build)")
     a = p.parse_args()
-    train(a.steps, a.minutes, a.work, a.out)
+    train(a.steps, a.minutes, a.work, a.out, token_scale=a.token_scale)
 
 
 if __name__ == "__main__":
