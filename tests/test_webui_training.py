@@ -76,6 +76,16 @@ def test_vae_in_ram_while_training_and_back_for_each_preview(env, monkeypatch, o
     assert load_concept(concepts / "hugsy.safetensors").steps == 4
 
 
+def test_interrupt_during_the_covariance_stops_before_training(env):
+    concepts, photos = env
+    shared.state.interrupted = True  # pressed before the first batch of corpus prompts is done
+    result = training.train(form(photos))
+    assert result.state == "interrupted" and "covariance" in result.message
+    assert not (concepts / "hugsy.safetensors").exists() and not list((concepts / ".cache").glob("*"))
+    shared.state.interrupted = False
+    assert training.train(form(photos)).state == "done"  # and it starts over, unharmed
+
+
 def test_interrupt_saves_and_resume_continues_to_the_end(env):
     concepts, photos = env
     seen = []

@@ -138,6 +138,10 @@ def config(form: TrainForm) -> TrainConfig:
                        clip_skip=int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1))
 
 
+class CovarianceInterrupted(Exception):
+    """Interrupt pressed while the covariance corpus is encoded (nothing saved yet)."""
+
+
 @dataclass
 class Status:
     """What the status route and the tab show."""
@@ -170,12 +174,20 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
     status = Status("training", form.name, 0, cfg.steps, message="text-encoding covariance (once per model)")
 
     def covariance_progress(done: int, total: int) -> None:
+        if state.interrupted:
+            raise CovarianceInterrupted
         state.textinfo = f"Perfusion: text-encoding covariance, {done}/{total} prompts (once per model and CLIP skip)"
         state.job_count, state.job_no = total, done
 
-    cov = cached_covariance(host.concepts_folder() / ".cache", adapter_encoder(adapter),
-                            prompt_corpus(int(host.option("covariance_prompts"))), encoder_hash=adapter.model_hash or "webui-model",
-                            clip_skip=cfg.clip_skip, progress=covariance_progress)
+    try:
+        cov = cached_covariance(host.concepts_folder() / ".cache", adapter_encoder(adapter),
+                                prompt_corpus(int(host.option("covariance_prompts"))),
+                                encoder_hash=adapter.model_hash or "webui-model", clip_skip=cfg.clip_skip,
+                                progress=covariance_progress)
+    except CovarianceInterrupted:
+        status = Status("interrupted", form.name, message="Interrupted while encoding the covariance corpus, before "
+                        "training; nothing was written (it starts over next time)")
+        return status
     state.job_count, state.job_no = cfg.steps, 0
     masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
     images = torch.stack([s.image for s in dataset.samples])

@@ -132,7 +132,7 @@ def render_rows(adapter, concepts: dict, steps: int, seed: int = 1) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Perfusion on the embedded mini model: train and render a contact sheet.")
-    p.add_argument("--steps", type=int, default=300, help="training steps per concept")
+    p.add_argument("--steps", type=int, default=150, help="training steps per concept")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--quick", action="store_true", help="smoke run: 3 training steps, 3 sampling steps")

@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=Path, default=CONCEPTS[0].folder)
     p.add_argument("--superclass", default=CONCEPTS[0].superclass)
     p.add_argument("--token", default="chekka")
-    p.add_argument("--steps", type=int, default=300, help="training steps per concept")
+    p.add_argument("--steps", type=int, default=150, help="training steps per concept")
     p.add_argument("--seeds", type=int, default=4, help="noise draws per prompt")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("docs/quality"))
