@@ -83,6 +83,7 @@ class Method:
     edit: bool = True
 
 
+BASE = "base model (superclass word)"
 METHODS = (
     Method("Perfusion (local lock)", {}),
     Method("Perfusion (global lock)", {}, lock="global", betas=(0.3, 0.4, 0.5, 0.6, 0.7)),
@@ -137,6 +138,17 @@ def evaluate(adapter, concept: Concept, method: Method, beta, identity, seeds: i
             "alignment": float(np.mean([a for _, a in scores])), "samples": images[::seeds]}
 
 
+def evaluate_base(adapter, superclass: str, identity, seeds: int, steps: int) -> dict:
+    """The base model with the superclass word in place of the concept: the alignment a concept should keep,
+    and the fidelity the base model reaches by chance."""
+    prompts = [p for p in PROMPTS for _ in range(seeds)]
+    images = from_tensor(generate(adapter, [p.text.replace("[name]", superclass) for p in prompts], [],
+                                  latent_shape=mini.LATENT_SHAPE, seed=7, steps=steps))
+    scores = [score(img, p, identity) for img, p in zip(images, prompts)]
+    return {"method": BASE, "shots": 0, "beta": None, "fidelity": float(np.mean([f for f, _ in scores])),
+            "alignment": float(np.mean([a for _, a in scores])), "samples": images[::seeds]}
+
+
 def train_concept(adapter, cov, folder: Path, token: str, superclass: str, shots: int, method: Method, steps: int,
                   out: Path) -> Concept:
     infusion = method.train.get("method") == "infusion"
@@ -179,11 +191,11 @@ def pareto_plot(rows: list[dict], path: Path) -> Path:
         d.text((m + v * (w - m - 20) - 8, h - m + 6), f"{v:.1f}", fill="black", font=font)
     d.text((w // 2 - 60, h - 25), "prompt alignment", fill="black", font=font)
     d.text((5, 5), "identity fidelity", fill="black", font=font)
-    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#000000"]
     xy = lambda a, f: (m + a * (w - m - 20), h - m - f * (h - m - 20))  # noqa: E731
-    names = sorted({r["method"] for r in rows}, key=[mm.name for mm in METHODS].index)
+    names = sorted({r["method"] for r in rows}, key=[mm.name for mm in METHODS + (Method(BASE, {}),)].index)
     for k, name in enumerate(names):
-        for shots, width in ((5, 3), (1, 1)):
+        for shots, width in ((5, 3), (1, 1), (0, 1)):
             pts = [xy(r["alignment"], r["fidelity"]) for r in rows if r["method"] == name and r["shots"] == shots]
             if len(pts) > 1:
                 d.line(pts, fill=colours[k], width=width)
@@ -213,7 +225,9 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], path: Path, cell: int = 64) 
 
 def markdown(results: list[dict], args) -> str:
     """The results as Markdown tables (the sweep, the overfitting reports, two concepts)."""
-    lines = [f"Instance: `{args.images}` (superclass '{args.superclass}'), {args.steps} training steps, "
+    images = args.images.resolve()
+    shown = images.relative_to(Path.cwd()) if images.is_relative_to(Path.cwd()) else images
+    lines = [f"Instance: `{shown}` (superclass '{args.superclass}'), {args.steps} training steps, "
              f"{len(PROMPTS)} prompts x {args.seeds} seeds, DDIM {args.sample_steps} steps, guidance 2.", "",
              "| method | shots | beta | identity fidelity | prompt alignment |", "|---|---|---|---|---|"]
     for r in results:
@@ -245,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("docs/quality"))
     p.add_argument("--quick", action="store_true", help="smoke run: few steps, one beta per method")
+    p.add_argument("--base-only", action="store_true", help="only the base model's reference row (no training)")
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.seeds, a.sample_steps = 3, 1, 3
@@ -253,7 +268,11 @@ def main(argv=None) -> int:
     cov = world_covariance(adapter, Path("out/demo/cache"))
     identity = identity_of(a.images)
     print(f"instance: {a.images} reads as {identity[1]} {identity[0]}; superclass '{a.superclass}'")
-    results, grids = [], []
+    base = evaluate_base(adapter, a.superclass, identity, a.seeds, a.sample_steps)
+    print(f"  {BASE}: fidelity {base['fidelity']:.2f} alignment {base['alignment']:.2f}", flush=True)
+    if a.base_only:
+        return 0
+    results, grids = [{k: v for k, v in base.items() if k != "samples"}], [(BASE, base["samples"])]
     second = None
     for method in METHODS:
         for shots in (1, 5):
