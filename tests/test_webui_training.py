@@ -86,6 +86,20 @@ def test_interrupt_during_the_covariance_stops_before_training(env):
     assert training.train(form(photos)).state == "done"  # and it starts over, unharmed
 
 
+def test_an_error_mid_run_leaves_the_status_failed(env, monkeypatch):
+    _, photos = env
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(training.Trainer, "run", broken)
+    with pytest.raises(RuntimeError):
+        training.train(form(photos))
+    assert training.status.state == "failed" and "out of memory" in training.status.message
+    from perfusion.webui import api
+    training.status.loss = float("nan")
+    assert api.training_status()["loss"] is None  # JSON has no NaN: the route would answer 500
+
+
 def test_interrupt_saves_and_resume_continues_to_the_end(env):
     concepts, photos = env
     seen = []

@@ -6,6 +6,7 @@
     GET  /perfusion/v1/train/status   state, step, total, loss, ETA, message
 """
 
+import math
 import threading
 from dataclasses import asdict
 from secrets import compare_digest
@@ -68,7 +69,8 @@ def _train_in_queue(form: TrainForm) -> None:
 
 
 def training_status() -> dict:
-    return asdict(training.status)
+    """The status as JSON-safe values (a NaN or infinite loss becomes null: JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(training.status).items()}
 
 
 def credentials() -> dict[str, str]:

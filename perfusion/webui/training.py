@@ -47,8 +47,8 @@ class TrainForm:
     steps: int = TrainConfig.steps
     lr_values: float = TrainConfig.lr_values
     lr_embedding: float = TrainConfig.lr_embedding
-    batch_size: int = 1  # x4 accumulation = the trainer's batch of 4, in the memory of one image (8 GB cards)
-    grad_accum: int = 4
+    batch_size: int = 1  # the memory of one image per micro-step (8 GB cards)
+    grad_accum: int = 1  # >1 gives NaN in the real WebUI v1.10.1 (not in the stand-in): under investigation
     resolution: int = 512
     flip: bool = TrainConfig.flip
     train_beta: float = TrainConfig.train_beta
@@ -168,6 +168,15 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
     if problems:
         status = Status("failed", form.name, message="\n".join(problems))
         return status
+    try:
+        return _train(form, dataset, preview)
+    except BaseException as e:  # the status route must not say "training" forever (it would refuse every new run)
+        status = Status("failed", form.name, message=f"training stopped: {type(e).__name__}: {e}")
+        raise
+
+
+def _train(form: TrainForm, dataset, preview) -> Status:
+    global status
     adapter = WebUIAdapter(shared.sd_model)
     cfg = config(form)
     state = shared.state
