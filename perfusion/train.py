@@ -28,8 +28,8 @@ from .adapter import Adapter
 from .concept import Concept, save_concept
 from .covariance import Covariance, concept_gate
 from .dataset import soft_mask
-from .diffusion import q_sample, training_target
 from .checkpointing import checkpointed_blocks
+from .diffusion import q_sample, training_target
 from .files import atomic_write
 from .hooks import Activation, attach
 from .masks import attention_masks
@@ -324,7 +324,7 @@ class Trainer:
         step, started, smoothed = state["step"], time.monotonic(), (losses[-1] if losses else None)
         first = step
         interrupted = False
-        self.scaler = loss_scaler(ad.diffusion_model)
+        scaler = loss_scaler(ad.diffusion_model)
         checkpointing = checkpointed_blocks(ad.diffusion_model) if cfg.gradient_checkpointing else nullcontext()
         try:
             with checkpointing:
@@ -336,13 +336,13 @@ class Trainer:
                         if should_stop():
                             interrupted = True
                             break
-                        total += self._micro_step(state, hooks, step, k) / cfg.grad_accum
+                        total += self._micro_step(state, hooks, scaler, step, k) / cfg.grad_accum
                     if interrupted:  # back to the last whole step: what the checkpoint holds
                         state["i_star"] = i_star_before
                         opt.zero_grad(set_to_none=True)
                         break
-                    self.scaler.step(opt)
-                    self.scaler.update()
+                    scaler.step(opt)
+                    scaler.update()
                     opt.zero_grad(set_to_none=True)
                     step += 1
                     state["step"] = step
@@ -367,7 +367,7 @@ class Trainer:
         path = save_concept(concept, self.concept_path)
         return TrainResult(concept, path, step, interrupted, losses)
 
-    def _micro_step(self, state: dict, hooks, step: int, k: int) -> float:
+    def _micro_step(self, state: dict, hooks, scaler: torch.amp.GradScaler, step: int, k: int) -> float:
         cfg, ad = self.cfg, self.adapter
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
         embedding = state["embedding"] if cfg.method == "perfusion" else None
@@ -387,7 +387,7 @@ class Trainer:
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)
         per_pixel = (pred - target).square().mean(1)  # [B, h, w]
         loss = (per_pixel * mask).mean()
-        self.scaler.scale(loss / cfg.grad_accum).backward()
+        scaler.scale(loss / cfg.grad_accum).backward()
         return float(loss.detach())
 
     def _append_loss(self, step: int, loss: float, smoothed: float) -> None:

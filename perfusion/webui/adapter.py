@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import torch
+from modules import devices
 
 from ..adapter import Embedding
 from ..hooks import find_cross_attention
@@ -56,7 +57,6 @@ class WebUIAdapter:
             for word, emb in words.items():
                 if emb is not None:  # the tensor itself (not a copy): gradients reach it
                     replaced += host.register_word(self.sd_model, word, emb[""], host.embedding_size(emb))
-            from modules import devices
             with devices.autocast():  # as the WebUI trains: fp16 weights, fp32 concept tensors
                 context = self.text(list(prompts))
             rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
@@ -75,7 +75,6 @@ class WebUIAdapter:
         return [rows[-1] for rows in word_rows([c.tokens for c in chunks], ids, length)]
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        from modules import devices
         with devices.autocast():
             return self.sd_model.apply_model(x, t, context)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 import torch
-from modules import shared
+from modules import devices, shared
 
 from ..generate import generate
 from ..hooks import Activation
@@ -27,7 +27,6 @@ def preview(form: TrainForm):
     """The trainer's preview callback: one image of the preview prompt with the training edit on."""
     def show(concept, step: int) -> None:
         prompt = form.preview_prompt or f"a photo of {form.token}"
-        from modules import devices
         adapter = WebUIAdapter(shared.sd_model)
         size = form.resolution // 8
         with torch.no_grad(), host.vae_on(shared.sd_model, devices.device):

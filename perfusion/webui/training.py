@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from modules import shared
+from modules import devices, shared
 
 from ..covariance import adapter_encoder, cached_covariance
 from ..corpus import prompt_corpus
@@ -210,7 +210,6 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         state.job_no = p.step
         state.textinfo = f"Perfusion {form.name}: step {p.step}/{p.total}, loss {p.smoothed:.4f}"
 
-    from modules import devices
     offload = bool(getattr(shared.opts, "unload_models_when_training", False))  # the WebUI's Training option
     with host.vae_on(shared.sd_model, devices.cpu if offload else None):
         result = trainer.run(resume=form.existing == "resume", progress=progress,

@@ -133,20 +133,22 @@ def evaluate(adapter, concept: Concept, method: Method, beta, identity, seeds: i
     """Fidelity and alignment over PROMPTS x seeds at one beta, plus one sample per prompt."""
     word = concept.token
     images = images_for(adapter, concept, method, beta, [p.text.replace("[name]", word) for p in PROMPTS], seeds, steps)
+    return {"beta": beta, **scores_of(images, identity, seeds)}
+
+
+def scores_of(images: np.ndarray, identity, seeds: int) -> dict:
+    """Mean fidelity and alignment of images made for PROMPTS x seeds (in that order), one sample per prompt."""
     scores = [score(img, p, identity) for img, p in zip(images, [p for p in PROMPTS for _ in range(seeds)])]
-    return {"beta": beta, "fidelity": float(np.mean([f for f, _ in scores])),
-            "alignment": float(np.mean([a for _, a in scores])), "samples": images[::seeds]}
+    return {"fidelity": float(np.mean([f for f, _ in scores])), "alignment": float(np.mean([a for _, a in scores])),
+            "samples": images[::seeds]}
 
 
 def evaluate_base(adapter, superclass: str, identity, seeds: int, steps: int) -> dict:
     """The base model with the superclass word in place of the concept: the alignment a concept should keep,
     and the fidelity the base model reaches by chance."""
-    prompts = [p for p in PROMPTS for _ in range(seeds)]
-    images = from_tensor(generate(adapter, [p.text.replace("[name]", superclass) for p in prompts], [],
-                                  latent_shape=mini.LATENT_SHAPE, seed=7, steps=steps))
-    scores = [score(img, p, identity) for img, p in zip(images, prompts)]
-    return {"method": BASE, "shots": 0, "beta": None, "fidelity": float(np.mean([f for f, _ in scores])),
-            "alignment": float(np.mean([a for _, a in scores])), "samples": images[::seeds]}
+    texts = [p.text.replace("[name]", superclass) for p in PROMPTS for _ in range(seeds)]
+    images = from_tensor(generate(adapter, texts, [], latent_shape=mini.LATENT_SHAPE, seed=7, steps=steps))
+    return {"method": BASE, "shots": 0, "beta": None, **scores_of(images, identity, seeds)}
 
 
 def train_concept(adapter, cov, folder: Path, token: str, superclass: str, shots: int, method: Method, steps: int,
@@ -193,7 +195,7 @@ def pareto_plot(rows: list[dict], path: Path) -> Path:
     d.text((5, 5), "identity fidelity", fill="black", font=font)
     colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#000000"]
     xy = lambda a, f: (m + a * (w - m - 20), h - m - f * (h - m - 20))  # noqa: E731
-    names = sorted({r["method"] for r in rows}, key=[mm.name for mm in METHODS + (Method(BASE, {}),)].index)
+    names = sorted({r["method"] for r in rows}, key=[BASE, *(mm.name for mm in METHODS)].index)
     for k, name in enumerate(names):
         for shots, width in ((5, 3), (1, 1), (0, 1)):
             pts = [xy(r["alignment"], r["fidelity"]) for r in rows if r["method"] == name and r["shots"] == shots]
