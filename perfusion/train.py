@@ -50,6 +50,15 @@ class TrainError(ValueError):
     """Training cannot start or resume; the message says what to change."""
 
 
+class NonFiniteError(TrainError):
+    """A micro-step met NaN or Inf (in the text encoding or the loss); the run stops before applying it, so
+    the concept and checkpoint on disk keep the last finite step. `where`: "text encoder" or "loss"."""
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in its checkpoint)."""
@@ -372,6 +381,9 @@ class Trainer:
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
         embedding = state["embedding"] if cfg.method == "perfusion" else None
         context, rows = ad.encode(prompts, {self.word: embedding})
+        if not torch.isfinite(context).all():
+            raise NonFiniteError(f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
+                                 "stopped before applying the step", "text encoder")
         rows = rows[self.word]
         i_star = state["i_star"]
         if cfg.method == "perfusion" and cfg.ema is not None:
@@ -387,6 +399,9 @@ class Trainer:
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)
         per_pixel = (pred - target).square().mean(1)  # [B, h, w]
         loss = (per_pixel * mask).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"step {step + 1}: the loss is {float(loss.detach())} (NaN or Inf in the U-Net's prediction); "
+                                 "stopped before applying the step", "loss")
         scaler.scale(loss / cfg.grad_accum).backward()
         return float(loss.detach())
 

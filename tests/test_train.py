@@ -9,7 +9,7 @@ import torch
 import perfusion
 from perfusion.diffusion import q_sample, training_target
 from perfusion.hooks import Activation, attach
-from perfusion.train import TrainConfig, Trainer, TrainError
+from perfusion.train import NonFiniteError, TrainConfig, Trainer, TrainError
 from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 
@@ -122,6 +122,32 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(world, tmp_path):
     assert torch.equal(resumed.concept.i_star, straight.concept.i_star)
     rows = list(csv.reader(open(tmp_path / "b" / "hugsy.loss.csv")))
     assert [r[0] for r in rows[1:]] == [str(s) for s in range(1, 9)]
+
+
+@pytest.mark.parametrize("where", ["text encoder", "loss"])
+def test_nan_stops_before_the_step_and_keeps_the_last_finite_files(world, tmp_path, monkeypatch, where):
+    adapter, cov, images = world
+    poisoned = {"on": False}
+    encode, apply_model = adapter.encode, adapter.apply_model
+
+    def nan_encode(prompts, words=None):
+        context, rows = encode(prompts, words)
+        return (context * float("nan") if poisoned["on"] and where == "text encoder" else context), rows
+
+    def nan_apply(x, t, context):
+        out = apply_model(x, t, context)
+        return out * float("inf") if poisoned["on"] and where == "loss" else out
+    monkeypatch.setattr(adapter, "encode", nan_encode)
+    monkeypatch.setattr(adapter, "apply_model", nan_apply)
+    trainer = Trainer(adapter, cov, config(save_every=1), images, None, tmp_path, tmp_path / "n.safetensors")
+    with pytest.raises(NonFiniteError, match=f"step 3: the {where}") as raised:
+        trainer.run(progress=lambda p: poisoned.update(on=p.step == 2))
+    assert raised.value.where == where
+    on_disk = perfusion.load_concept(tmp_path / "hugsy-00002.safetensors")  # validation refuses NaN: finite
+    assert on_disk.steps == 2 and not (tmp_path / "n.safetensors").exists()
+    poisoned["on"] = False
+    resumed = Trainer(adapter, cov, config(save_every=1), images, None, tmp_path, tmp_path / "n.safetensors").run(resume=True)
+    assert resumed.step == 8 and torch.isfinite(resumed.concept.embedding[""]).all()
 
 
 def test_resume_refuses_a_different_run_and_a_missing_checkpoint(world, tmp_path):

@@ -100,6 +100,21 @@ def test_an_error_mid_run_leaves_the_status_failed(env, monkeypatch):
     assert api.training_status()["loss"] is None  # JSON has no NaN: the route would answer 500
 
 
+@pytest.mark.parametrize("emphasis, hint", [("Original", "Emphasis mode to 'No norm'"), ("No norm", "--no-half")])
+def test_nan_in_the_text_encoding_fails_with_what_to_change(env, monkeypatch, emphasis, hint):
+    concepts, photos = env
+    encode = training.WebUIAdapter.encode
+
+    def nan_encode(self, prompts, words=None):
+        context, rows = encode(self, prompts, words)
+        return context * float("nan"), rows
+    monkeypatch.setattr(training.WebUIAdapter, "encode", nan_encode)
+    monkeypatch.setitem(shared.opts.data, "emphasis", emphasis)
+    result = training.train(form(photos))
+    assert result.state == "failed" and "step 1: the text encoder" in result.message and hint in result.message
+    assert not (concepts / "hugsy.safetensors").exists()
+
+
 def test_interrupt_saves_and_resume_continues_to_the_end(env):
     concepts, photos = env
     seen = []

@@ -21,7 +21,7 @@ from ..covariance import adapter_encoder, cached_covariance
 from ..corpus import prompt_corpus
 from ..dataset import DatasetError, load_dataset
 from ..report import overfitting_report
-from ..train import TrainConfig, TrainError, Trainer, check_superclass, read_templates
+from ..train import NonFiniteError, TrainConfig, TrainError, Trainer, check_superclass, read_templates
 from . import host
 from .adapter import WebUIAdapter
 
@@ -48,7 +48,7 @@ class TrainForm:
     lr_values: float = TrainConfig.lr_values
     lr_embedding: float = TrainConfig.lr_embedding
     batch_size: int = 1  # the memory of one image per micro-step (8 GB cards)
-    grad_accum: int = 1  # >1 gives NaN in the real WebUI v1.10.1 (not in the stand-in): under investigation
+    grad_accum: int = 4  # an effective batch of 4 at the memory of 1
     resolution: int = 512
     flip: bool = TrainConfig.flip
     train_beta: float = TrainConfig.train_beta
@@ -211,9 +211,13 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         state.textinfo = f"Perfusion {form.name}: step {p.step}/{p.total}, loss {p.smoothed:.4f}"
 
     offload = bool(getattr(shared.opts, "unload_models_when_training", False))  # the WebUI's Training option
-    with host.vae_on(shared.sd_model, devices.cpu if offload else None):
-        result = trainer.run(resume=form.existing == "resume", progress=progress,
-                             should_stop=lambda: bool(state.interrupted), preview=preview)
+    try:
+        with host.vae_on(shared.sd_model, devices.cpu if offload else None):
+            result = trainer.run(resume=form.existing == "resume", progress=progress,
+                                 should_stop=lambda: bool(state.interrupted), preview=preview)
+    except NonFiniteError as e:
+        status = Status("failed", form.name, status.step, cfg.steps, message=f"{e}{_non_finite_hint(e)}")
+        return status
     if not result.interrupted and form.report_samples > 0:
         state.textinfo = f"Perfusion {form.name}: overfitting report ({form.report_samples} images per set)"
         status.report = overfitting_report(adapter, result.concept, adapter.latent_shape(form.resolution),
@@ -223,6 +227,15 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     status.message = (f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
                       f"in {time.monotonic() - started:.0f} s; saved {result.path}")
     return status
+
+
+def _non_finite_hint(e: NonFiniteError) -> str:
+    """What to change in the WebUI for a NaN met while training."""
+    if e.where == "text encoder" and getattr(shared.opts, "emphasis", "Original") == "Original":
+        return (". The WebUI's emphasis mode 'Original' divides the encoding by its own mean, which is 0/0 when "
+                "the text encoder's last layer norm has no bias (random or converted checkpoints): set Settings > "
+                "Stable Diffusion > Emphasis mode to 'No norm' and train again")
+    return ". Try fp32 (--no-half) or a lower learning rate; the concept on disk is the last finite step"
 
 
 def save_preset(form: TrainForm, name: str) -> Path:
