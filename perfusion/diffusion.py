@@ -8,6 +8,15 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) -> prediction
 
 
+def join_contexts(*contexts: torch.Tensor) -> torch.Tensor:
+    """The contexts stacked along the batch, keeping a per-prompt `vector` [B, k] if every one carries it
+    (SDXL's pooled text + size embedding, attached by its adapter as the WebUI attaches `pooled`)."""
+    joined = torch.cat(contexts)
+    if all(hasattr(c, "vector") for c in contexts):
+        joined.vector = torch.cat([c.vector for c in contexts])
+    return joined
+
+
 def _coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) shaped [B, 1, 1, 1] like `like`."""
     ac = alphas_cumprod.to(like.device)[t.long()].to(torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
@@ -61,7 +70,7 @@ def ddim_sample(model: Denoiser, alphas_cumprod: torch.Tensor, cond: torch.Tenso
         if uncond is None or guidance == 1:
             pred = model(x, tb, cond)
         else:
-            both = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([cond, uncond]))
+            both = model(torch.cat([x, x]), torch.cat([tb, tb]), join_contexts(cond, uncond))
             c, u = both.chunk(2)
             pred = u + guidance * (c - u)
         x0, eps = split_prediction(pred, x, tb, alphas_cumprod, prediction)

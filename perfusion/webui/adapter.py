@@ -1,10 +1,14 @@
-"""The engine's Adapter over the model the WebUI has loaded (A1111 SD1.x / SD2.x), for training in the WebUI.
+"""The engine's Adapter over the model the WebUI has loaded (A1111 SD1.x / SD2.x / SDXL), for training in the WebUI.
 
 Text goes through the WebUI's own conditioning path (`cond_stage_model(texts)`: CLIP skip, emphasis,
 chunks of 75 tokens) with the concept's embedding registered as a textual-inversion vector, as the
 WebUI's own embedding training does, so gradients reach the embedding and the encodings are the ones
 generation will see. Rows come from the same tokenizer (`tokenize_line`): an embedding's vectors
 sit at chunk * 77 + fix offset + 1 + j.
+
+SDXL: the conditioner's two text encoders (clip_l, clip_g) each take their half of the embedding; the
+context is the cross-attention rows [B, 77k, 2048] carrying SDXL's `vector` (pooled clip_g + size
+embedding, at the training resolution) for the U-Net. The refiner (clip_g only) is refused.
 """
 from __future__ import annotations
 
@@ -19,19 +23,29 @@ from ..tokens import word_rows
 from . import host
 
 
-class WebUIAdapter:
-    """Adapter for `shared.sd_model` (LatentDiffusion with a FrozenCLIPEmbedderWithCustomWords-style
-    cond_stage_model). SDXL is refused here with a clear message."""
+SDXL_ENCODERS = ("clip_l", "clip_g")  # the order of the text embedders in SDXL's conditioner
 
-    def __init__(self, sd_model: Any):
-        if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
-            raise NotImplementedError("training on SDXL is not supported yet; load an SD1.x or SD2.x model")
+
+class WebUIAdapter:
+    """Adapter for `shared.sd_model`: LatentDiffusion with a FrozenCLIPEmbedderWithCustomWords-style
+    cond_stage_model, or SDXL's DiffusionEngine whose conditioner holds clip_l and clip_g."""
+
+    def __init__(self, sd_model: Any, resolution: int = 1024):
         self.sd_model = sd_model
+        self.sdxl = hasattr(sd_model, "conditioner")
+        self.resolution = resolution  # SDXL's size conditioning (original and target size)
+        if self.sdxl:
+            self.encoders = [e for e in sd_model.conditioner.embedders if hasattr(e, "tokenize_line")]
+            if len(self.encoders) != len(SDXL_ENCODERS):
+                raise NotImplementedError("this SDXL model has one text encoder (the refiner?); train on the SDXL "
+                                          "base model, which has clip_l and clip_g")
+        else:
+            self.encoders = [sd_model.cond_stage_model]
         self.diffusion_model = host.diffusion_model(sd_model)
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().double().cpu()
         self.prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
         self.context_dim = next(iter(find_cross_attention(self.diffusion_model).values())).to_k.in_features
-        self.arch = {768: "sd1", 1024: "sd2"}.get(self.context_dim, "other")
+        self.arch = "sdxl" if self.sdxl else {768: "sd1", 1024: "sd2"}.get(self.context_dim, "other")
         self.model_hash = str(getattr(sd_model, "sd_model_hash", "") or "")
 
     @property
@@ -40,14 +54,28 @@ class WebUIAdapter:
 
     @property
     def text(self) -> Any:
-        return self.sd_model.cond_stage_model
+        """The text encoder whose tokenizer places the rows (SDXL: clip_l; clip_g tokenizes alike)."""
+        return self.encoders[0]
 
     def token_count(self, word: str) -> int:
         return len(self.text.tokenize([word])[0])
 
     def word_embedding(self, word: str) -> Embedding:
         n = self.token_count(word)
-        return {"": self.text.encode_embedding_init_text(word, n).detach().float().clone()}
+        keys = SDXL_ENCODERS if self.sdxl else ("",)
+        return {key: encoder.encode_embedding_init_text(word, n).detach().float().clone()
+                for key, encoder in zip(keys, self.encoders)}
+
+    def _condition(self, prompts: list[str]) -> torch.Tensor:
+        """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: with .vector [B, k])."""
+        if not self.sdxl:
+            return self.sd_model.cond_stage_model(list(prompts))
+        from modules.prompt_parser import SdConditioning
+        cond = self.sd_model.get_learned_conditioning(SdConditioning(prompts, width=self.resolution,
+                                                                     height=self.resolution))
+        context = cond["crossattn"]
+        context.vector = cond["vector"]
+        return context
 
     def encode(self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
                ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
@@ -55,10 +83,11 @@ class WebUIAdapter:
         replaced = []
         try:
             for word, emb in words.items():
-                if emb is not None:  # the tensor itself (not a copy): gradients reach it
-                    replaced += host.register_word(self.sd_model, word, emb[""], host.embedding_size(emb))
+                if emb is not None:  # the tensors themselves (not copies): gradients reach them
+                    vec = emb[""] if set(emb) == {""} else dict(emb)
+                    replaced += host.register_word(self.sd_model, word, vec, host.embedding_size(emb))
             with devices.autocast():  # as the WebUI trains: fp16 weights, fp32 concept tensors
-                context = self.text(list(prompts))
+                context = self._condition(list(prompts))
             rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
         finally:
             host.restore_words(self.sd_model, replaced)
@@ -75,8 +104,9 @@ class WebUIAdapter:
         return [rows[-1] for rows in word_rows([c.tokens for c in chunks], ids, length)]
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        cond = {"crossattn": context, "vector": context.vector} if self.sdxl else context
         with devices.autocast():
-            return self.sd_model.apply_model(x, t, context)
+            return self.sd_model.apply_model(x, t, cond)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         m = self.sd_model

@@ -27,11 +27,10 @@ def preview(form: TrainForm):
     """The trainer's preview callback: one image of the preview prompt with the training edit on."""
     def show(concept, step: int) -> None:
         prompt = form.preview_prompt or f"a photo of {form.token}"
-        adapter = WebUIAdapter(shared.sd_model)
-        size = form.resolution // 8
+        adapter = WebUIAdapter(shared.sd_model, int(form.resolution))
         with torch.no_grad(), host.vae_on(shared.sd_model, devices.device):
             image = generate(adapter, [prompt], [Activation(concept, form.preview_beta, form.preview_tau)],
-                             latent_shape=(4, size, size), seed=step, steps=20, guidance=7.0)
+                             latent_shape=adapter.latent_shape(form.resolution), seed=step, steps=20, guidance=7.0)
         from PIL import Image
         pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         shared.state.assign_current_image(Image.fromarray(pixels))

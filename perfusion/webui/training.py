@@ -177,7 +177,7 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
 
 def _train(form: TrainForm, dataset, preview) -> Status:
     global status
-    adapter = WebUIAdapter(shared.sd_model)
+    adapter = WebUIAdapter(shared.sd_model, int(form.resolution))
     cfg = config(form)
     state = shared.state
     status = Status("training", form.name, 0, cfg.steps, message="text-encoding covariance (once per model)")

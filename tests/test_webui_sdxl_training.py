@@ -1,0 +1,84 @@
+"""Training on SDXL from the tab's logic, in the WebUI stand-in with an SDXL-shaped model (two text encoders,
+pooled vector into the U-Net)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import webui_host as host
+from modules import errors, shared
+
+from perfusion import load_concept
+from perfusion.webui import training
+from perfusion.webui.adapter import WebUIAdapter
+from perfusion.webui.training import TrainForm
+from webui_host_sdxl import load_sdxl_model
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    host.load_extension()
+    model = load_sdxl_model()
+    yield model
+    host.unload_extension()
+
+
+@pytest.fixture
+def env(sdxl, tmp_path):
+    host.reset()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(2):
+        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(photos / f"bear{k}.png")
+    shared.opts.data["perfusion_dir"] = str(tmp_path / "concepts")
+    shared.opts.data["perfusion_covariance_prompts"] = 64
+    yield tmp_path / "concepts", photos
+    shared.opts.data.pop("perfusion_covariance_prompts", None)
+    assert errors.exception_records == []
+
+
+def test_the_adapter_encodes_both_text_encoders_and_the_pooled_vector(sdxl):
+    adapter = WebUIAdapter(sdxl, resolution=512)
+    assert adapter.arch == "sdxl" and adapter.context_dim == 2048
+    emb = adapter.word_embedding("teddy")
+    assert {k: tuple(v.shape) for k, v in emb.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
+    learned = {k: (torch.randn_like(v) * 0.3).requires_grad_(True) for k, v in emb.items()}
+    context, rows = adapter.encode(["a photo of hugsy", "a hugsy on a table"], {"hugsy": learned})
+    assert context.shape == (2, 77, 2048) and context.vector.shape[0] == 2
+    assert rows == {"hugsy": [[4], [2]]}
+    plain, _ = adapter.encode(["a photo of hugsy", "a hugsy on a table"])
+    assert not torch.allclose(context.vector, plain.vector)  # the word reaches the pooled vector too
+    assert torch.equal(context[0, :4], plain[0, :4]) and torch.equal(context[1, :2], plain[1, :2])  # causal
+    out = adapter.apply_model(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), context)
+    out.square().mean().backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in learned.values())
+    size = sdxl.vectors[-1][:, 1280:]
+    assert not torch.equal(size, WebUIAdapter(sdxl, resolution=1024).encode(["x"])[0].vector[:, 1280:].expand_as(size))
+
+
+def test_a_short_sdxl_run_with_previews_gives_an_sdxl_concept(env, sdxl):
+    concepts, photos = env
+    previews = []
+    form = TrainForm(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=3, batch_size=1,
+                     grad_accum=2, resolution=64, save_every=0, preview_every=2, mask_source="none", report_samples=0)
+    before = len(sdxl.vectors)
+    result = training.train(form, preview=lambda concept, step: previews.append(step))
+    assert result.state == "done" and result.step == 3, result.message
+    concept = load_concept(concepts / "hugsy.safetensors")
+    assert concept.arch == "sdxl" and concept.context_dim == 2048 and set(concept.embedding) == {"clip_l", "clip_g"}
+    start = {k: v for k, v in WebUIAdapter(sdxl).word_embedding("teddy").items()}
+    assert all(not torch.allclose(concept.embedding[k].float(), start[k], atol=1e-3) for k in start)  # both halves trained
+    assert previews == [2] and len(sdxl.vectors) - before >= 6  # every micro-step fed the U-Net a vector
+
+
+def test_the_tab_preview_samples_with_the_vector(env, sdxl):
+    concepts, photos = env
+    form = TrainForm(name="p", token="hugsy", superclass="teddy", folder=str(photos), steps=1, batch_size=1,
+                     grad_accum=1, resolution=64, save_every=0, preview_every=1, mask_source="none",
+                     report_samples=0, preview_prompt="a photo of hugsy", gradient_checkpointing=True)
+    from perfusion.webui import tab
+    result = training.train(form, tab.preview(form))
+    assert result.state == "done", result.message
+    assert shared.state.current_image is not None and shared.state.current_image.size == (64, 64)
+    assert sdxl.vectors[-1].shape[0] == 2  # the guided batch: cond and uncond vectors joined
