@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from .adapter import Adapter
 from .concept import Concept
 from .diffusion import q_sample
-from .generate import generate
-from .hooks import Activation, attach
+from .generate import generate, key_words
+from .hooks import Activation, KeyContexts, attach
 
 NEUTRAL_PROMPTS = ("a photo of a dog", "a red car on a street", "a bowl of fruit on a table", "a mountain landscape",
                    "a portrait of a woman", "a cat sleeping on a sofa", "a city at night", "a wooden chair")
@@ -65,12 +65,18 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def drift(adapter: Adapter, concept: Concept, beta: float, tau: float, prompts=NEUTRAL_PROMPTS,
-          latent_shape: tuple[int, int, int] = (4, 64, 64), draws: int = 2, seed: int = 0) -> tuple[float, float]:
+          latent_shape: tuple[int, int, int] = (4, 64, 64), draws: int = 2, seed: int = 0,
+          lock: str = "local") -> tuple[float, float]:
     """(mean squared prediction difference, same divided by the base prediction's mean square)."""
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
     gen = torch.Generator().manual_seed(seed)
     diff = base_sq = 0.0
+    item = [Activation(concept, beta, tau, lock=lock)]
     context, _ = adapter.encode(list(prompts))
+    key_context = None
+    if lock == "global":
+        key_context = KeyContexts()
+        key_context.add(context, adapter.encode(list(prompts), key_words(adapter, item))[0])
     for _ in range(draws):
         n = len(prompts)
         x0 = torch.randn(n, *latent_shape, generator=gen).to(adapter.device) * 0.5
@@ -78,7 +84,7 @@ def drift(adapter: Adapter, concept: Concept, beta: float, tau: float, prompts=N
         x_t = q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(x0), adapter.alphas_cumprod).to(context.dtype)
         hooks.clear()
         base = adapter.apply_model(x_t, t, context).float()
-        hooks.activate([Activation(concept, beta, tau)])
+        hooks.activate(item, key_context=key_context)
         edited = adapter.apply_model(x_t, t, context).float()
         hooks.clear()
         diff += float((edited - base).square().mean())
@@ -88,17 +94,17 @@ def drift(adapter: Adapter, concept: Concept, beta: float, tau: float, prompts=N
 
 def overfitting_report(adapter: Adapter, concept: Concept, latent_shape: tuple[int, int, int], samples: int = 16,
                        beta: Optional[float] = None, tau: Optional[float] = None, seed: int = 0, steps: int = 20,
-                       features: Callable[[torch.Tensor], torch.Tensor] = pixel_features) -> Report:
-    """Both measures at the concept's suggested gate (or beta/tau).
+                       features: Callable[[torch.Tensor], torch.Tensor] = pixel_features, lock: str = "local") -> Report:
+    """Both measures at the concept's suggested gate (or beta/tau), with local or global key-locking.
 
     baseline_w2 is the same distance between two independent sets of base-model class samples: the
     narrowness figure means something only against it.
     """
     beta = concept.beta if beta is None else beta
     tau = concept.tau if tau is None else tau
-    mse, rel = drift(adapter, concept, beta, tau, latent_shape=latent_shape, seed=seed)
+    mse, rel = drift(adapter, concept, beta, tau, latent_shape=latent_shape, seed=seed, lock=lock)
     word = concept.token
-    item = [Activation(concept, beta, tau)]
+    item = [Activation(concept, beta, tau, lock=lock)]
     mine = generate(adapter, [f"a photo of a {word}"] * samples, item, latent_shape=latent_shape, seed=seed, steps=steps)
     cls = [f"a photo of a {concept.superclass}"] * samples
     base = generate(adapter, cls, latent_shape=latent_shape, seed=seed + 1, steps=steps)

@@ -60,3 +60,11 @@ def test_report_end_to_end(trained):
     r = overfitting_report(adapter, concept, latent_shape=(4, 8, 8), samples=6, steps=3)
     assert r.samples == 6 and r.drift_mse >= 0 and r.narrowness_w2 > 0 and r.baseline_w2 > 0
     assert set(r.as_dict()) == {"drift_mse", "drift_relative", "narrowness_w2", "baseline_w2", "samples"}
+
+
+def test_report_follows_the_locking_mode(trained):
+    adapter, concept = trained
+    local = overfitting_report(adapter, concept, latent_shape=(4, 8, 8), samples=4, steps=3)
+    glob = overfitting_report(adapter, concept, latent_shape=(4, 8, 8), samples=4, steps=3, lock="global")
+    assert glob.narrowness_w2 != local.narrowness_w2  # the samples' keys come from the superclass's encoding
+    assert glob.baseline_w2 == local.baseline_w2  # base-model sets do not depend on the concept

@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                     grids.append((f"{method.name} b={beta}", r["samples"]))
             if shots == 5:
                 rep = overfitting_report(adapter, concept, mini.LATENT_SHAPE, samples=4 if a.quick else 16,
-                                         steps=a.sample_steps)
+                                         steps=a.sample_steps, lock=method.lock)
                 results.append({"method": method.name, "shots": 5, "report": rep.as_dict()})
                 if method.name.startswith("Perfusion (local"):
                     second = concept
