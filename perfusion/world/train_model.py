@@ -29,7 +29,7 @@ from .scenes import PATTERNS, batch, to_tensor
 # The text encoder stays at its seeded random init (as Stable Diffusion keeps CLIP frozen): trained jointly,
 # this 64-wide encoder collapsed every word but the last one (the background) to nearly the same encoding.
 DEFAULTS = dict(steps=3600, batch=32, lr=2e-3, warmup=100, ema=0.999, drop_caption=0.1, two_objects=0.25, seed=0,
-                train_text=False, token_scale=1.0)
+                train_text=False, token_scale=10.0)
 
 
 def lr_at(step: int, cfg: dict) -> float:
