@@ -26,6 +26,9 @@ UNET = dict(image_size=32, in_channels=3, out_channels=3, model_channels=32, num
 TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=32, hidden_act="quick_gelu", bos_token_id=49406,
             eos_token_id=49407, pad_token_id=49407)
+# World 2 (48x48, perfusion/world/w2): four levels (48, 24, 12, 6 px), attention at 12 and 6 px only (self-
+# attention at 24x24 would cost 4x the step), wider at the low levels where the caption's words are bound.
+UNET_W2 = dict(UNET, image_size=48, channel_mult=(1, 2, 3, 4), attention_resolutions=(4, 8))
 TIMESTEPS = 1000
 LATENT_SHAPE = (3, 32, 32)
 

@@ -1,6 +1,6 @@
 """Train the embedded mini model on the miniature world (resumable, CPU-sized).
 
-    ./dev.sh python -m perfusion.world.train_model [--steps N] [--minutes M] [--work DIR]
+    ./dev.sh python -m perfusion.world.train_model [--world 1|2] [--steps N] [--minutes M] [--work DIR]
 
 Every step draws a fresh batch of scenes seeded by the step number (no data set on disk), so a run
 resumed from its checkpoint continues exactly. Checkpoints (model, EMA, optimizer, step) are
@@ -24,12 +24,18 @@ from ..clip_tokenizer import load_tokenizer
 from ..diffusion import q_sample, training_target
 from ..files import atomic_write
 from . import model as mini
-from .scenes import PATTERNS, batch, to_tensor
+from . import scenes as world1
+from .scenes import to_tensor
+from .w2 import scenes as world2
 
 # The text encoder stays at its seeded random init (as Stable Diffusion keeps CLIP frozen): trained jointly,
 # this 64-wide encoder collapsed every word but the last one (the background) to nearly the same encoding.
 DEFAULTS = dict(steps=3600, batch=32, lr=2e-3, warmup=100, ema=0.999, drop_caption=0.1, two_objects=0.25, seed=0,
                 train_text=False, token_scale=10.0)
+# World 2's model is 3x larger and sees 40 % two-object scenes (their words have to be bound to the right object).
+WORLDS = {1: (world1, mini.UNET, DEFAULTS, Path("cache/world")),
+          2: (world2, mini.UNET_W2, dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.4, world=2),
+              Path("cache/world2"))}
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -51,7 +57,9 @@ def debiased_ema(ema: torch.nn.Module, init: torch.nn.Module, decay: float, step
 
 
 def save_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer, step: int, cfg: dict, log: list) -> None:
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in models.items() for k, v in m.state_dict().items()}
+    """Everything that changes while training, atomically (a frozen text encoder is rebuilt from its seed)."""
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in models.items() for k, v in m.state_dict().items()
+               if cfg["train_text"] or "text" not in name}
     state = opt.state_dict()
     for idx, s in state["state"].items():
         for key, value in s.items():
@@ -65,7 +73,9 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     for name, m in models.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if saved:  # a frozen text encoder is not saved: it stays as built from the seed
+            m.load_state_dict(saved)
     state = opt.state_dict()
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -75,11 +85,12 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
     return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"])
 
 
-def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int:
+def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **overrides) -> int:
     """Train (or continue) until `steps` or the time budget; returns the step reached."""
-    cfg = {**DEFAULTS, **overrides, "steps": steps}
+    scenes, unet_config, defaults, _ = WORLDS[world]
+    cfg = {**defaults, **overrides, "steps": steps}
     torch.manual_seed(cfg["seed"])
-    unet, text = mini.build(cfg["seed"], token_scale=cfg["token_scale"])
+    unet, text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
     models = {"unet": unet, "text": text, "ema_unet": copy.deepcopy(unet), "ema_text": copy.deepcopy(text)}
     for name in ("ema_unet", "ema_text"):
         models[name].requires_grad_(False)
@@ -100,8 +111,8 @@ def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int
     deadline = time.monotonic() + minutes * 60
     started, window = time.monotonic(), []
     while step < steps and time.monotonic() < deadline:
-        images, captions, _ = batch(cfg["seed"] * 1_000_003 + step, cfg["batch"], PATTERNS, cfg["two_objects"],
-                                    cfg["drop_caption"])
+        images, captions, _ = scenes.batch(cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS,
+                                           cfg["two_objects"], cfg["drop_caption"])
         gen = torch.Generator().manual_seed(cfg["seed"] * 7_919 + step)
         x0 = to_tensor(images)
         t = torch.randint(len(alphas), (len(x0),), generator=gen)
@@ -129,9 +140,9 @@ def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int
             save_checkpoint(ckpt, models, opt, step, cfg, log)
     save_checkpoint(ckpt, models, opt, step, cfg, log)
     if step >= steps:
-        meta = {"config": {"unet": mini.UNET, "text": mini.TEXT, "train": cfg, "zero_padding": True}, "steps": step,
+        meta = {"config": {"unet": unet_config, "text": mini.TEXT, "train": cfg, "zero_padding": True}, "steps": step,
                 "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
-        init_unet, init_text = mini.build(cfg["seed"], token_scale=cfg["token_scale"])
+        init_unet, init_text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
         mini.save_weights(debiased_ema(models["ema_unet"], init_unet, cfg["ema"], step),
                           debiased_ema(models["ema_text"], init_text, cfg["ema"], step), out, meta)
         print(f"wrote {out}", flush=True)
@@ -140,14 +151,18 @@ def train(steps: int, minutes: float, work: Path, out: Path, **overrides) -> int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--world", type=int, choices=sorted(WORLDS), default=1,
+                   help="1: the 32x32 world of the committed weights; 2: the 48x48 two-colour world")
+    p.add_argument("--steps", type=int, help="default: the world's (3,600 / 12,000)")
     p.add_argument("--minutes", type=float, default=90.0, help="stop (resumably) after this long")
-    p.add_argument("--work", type=Path, default=Path("cache/world"))
-    p.add_argument("--out", type=Path, default=mini.WEIGHTS)
+    p.add_argument("--work", type=Path, help="checkpoint folder (default cache/world, cache/world2)")
+    p.add_argument("--out", type=Path, help="weights file (default perfusion/world/weights/mini[2].safetensors)")
     p.add_argument("--token-scale", type=float, default=DEFAULTS["token_scale"],
                    help="scale of the frozen encoder's random token table (see model.build)")
     a = p.parse_args()
-    train(a.steps, a.minutes, a.work, a.out, token_scale=a.token_scale)
+    _, _, defaults, work = WORLDS[a.world]
+    out = a.out or (mini.WEIGHTS if a.world == 1 else mini.WEIGHTS.with_name("mini2.safetensors"))
+    train(a.steps or defaults["steps"], a.minutes, a.work or work, out, a.world, token_scale=a.token_scale)
 
 
 if __name__ == "__main__":
