@@ -18,7 +18,7 @@ SUPERSAMPLE = 4
 PERIOD = 6  # output pixels per pattern repeat (stripes: 4 body + 2 accent rows; checks: 3 px cells)
 SHAPES = ("ball", "box", "cone", "star", "ring")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 210, 40),
-           "purple": (150, 60, 200), "orange": (245, 140, 30)}
+           "purple": (150, 60, 200), "cyan": (40, 200, 210)}
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (15, 15, 15), "white": (240, 240, 240), "brown": (110, 70, 40)}
 POSITIONS = {"left": (14, 24), "right": (34, 24), "top": (24, 14), "bottom": (24, 34), "centre": (24, 24)}
 SIZES = {"small": 7.5, "big": 12.0}

@@ -1,0 +1,90 @@
+"""World 2: scenes, and the identity reader with its negative controls (what must NOT read as the instance)."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+
+from perfusion.world.w2.analyze import is_instance, read, read_pair
+from perfusion.world.w2.controls import CONTROLS, INSTANCES, confusion, control_image, placements
+from perfusion.world.w2.scenes import COLOURS, PATTERNS, Scene, Thing, batch, owner_map, random_scene, render
+
+
+def _away_from(inside: np.ndarray) -> np.ndarray:
+    """Pixels at least 2 px from `inside` (its edge pixels blend with the background)."""
+    near = inside.copy()
+    for _ in range(2):
+        near = near | np.roll(near, 1, 0) | np.roll(near, -1, 0) | np.roll(near, 1, 1) | np.roll(near, -1, 1)
+    return ~near
+
+
+def test_batches_are_deterministic_and_captions_never_name_the_accent():
+    a, caps, scenes = batch(3, 64)
+    b, caps_b, _ = batch(3, 64)
+    assert a.shape == (64, 48, 48, 3) and np.array_equal(a, b) and caps == caps_b
+    assert {t.pattern for s in scenes for t in s.things} == set(PATTERNS)
+    for text, scene in zip(caps, scenes):
+        assert f"on a {scene.background} background" in text
+        named = {w for w in text.split() if w in COLOURS} | ({"cyan"} if "cyan" in text else set())
+        assert named == {t.colour for t in scene.things}  # the accents stay unnamed
+        for t in scene.things:
+            assert t.shape in text and (t.pattern in text or t.pattern == "plain")
+            assert (t.accent is None) == (t.pattern == "plain") and t.accent != t.colour
+
+
+def test_render_paints_body_and_accent_inside_the_silhouette():
+    scene = Scene((Thing("box", "red", "two-tone", "big", "centre", "blue"),), "black", seed=1)
+    img, owner = render(scene).astype(int), owner_map(scene)
+    ys, xs = np.nonzero(owner == 0)
+    top, bottom = img[ys[ys < ys.mean() - 2], xs[ys < ys.mean() - 2]], img[ys[ys > ys.mean() + 2], xs[ys > ys.mean() + 2]]
+    assert np.abs(top.mean(0) - COLOURS["red"]).max() < 8 and np.abs(bottom.mean(0) - COLOURS["blue"]).max() < 8
+    assert (img[_away_from(owner >= 0)] == (15, 15, 15)).all()
+
+
+def test_reader_reads_rendered_ground_truth():
+    rng = random.Random(11)
+    wrong, n = Counter(), 200
+    for _ in range(n):
+        scene = random_scene(rng, two_objects=0.0)
+        thing, r = scene.things[0], read(render(scene))
+        for attr in ("shape", "size", "position", "pattern"):
+            wrong[attr] += getattr(r, attr) != getattr(thing, attr)
+        wrong["background"] += r.background != scene.background
+        wrong["colour"] += not r.shows_colour(thing.colour)
+        wrong["instance"] += not is_instance(r, thing)
+    for attr in ("shape", "size", "position", "background", "colour"):
+        assert wrong[attr] <= 0.01 * n, wrong
+    assert wrong["pattern"] <= 0.04 * n and wrong["instance"] <= 0.05 * n, wrong
+
+
+def test_reader_reads_pairs():
+    rng = random.Random(12)
+    wrong = 0
+    for _ in range(40):
+        scene = random_scene(rng, two_objects=1.0)
+        layout = "left-right" if scene.things[0].position == "left" else "top-bottom"
+        wrong += sum(not is_instance(r, t) for t, r in zip(scene.things, read_pair(render(scene), layout)))
+    assert wrong <= 0.06 * 80
+
+
+def test_identity_needs_the_pattern_not_the_tint():
+    """Every look-alike at every position and size reads as not-the-instance; the instance itself does."""
+    table = confusion(seeds=(0,))
+    assert table["instance"] >= 0.95, table
+    assert all(table[c] == 0.0 for c in CONTROLS), table
+
+
+def test_controls_are_look_alikes():
+    """The controls keep what a weak reader would look at: silhouette and (for 'mean colour') average colour."""
+    scene = placements(INSTANCES[0])[0]
+    instance, owner = render(scene).astype(float), owner_map(scene)
+    inside, away = owner == 0, _away_from(owner == 0)
+    for name in CONTROLS:
+        img = control_image(scene, name).astype(float)
+        assert not np.array_equal(img, instance), name
+        if name != "other shape":
+            assert (img[away] == instance[away]).all(), name  # background untouched
+    mean = control_image(scene, "mean colour").astype(float)
+    assert np.abs(mean[inside].mean(0) - instance[inside].mean(0)).max() < 12
+    assert read(mean).pattern == "plain" and not is_instance(read(mean), scene.things[0])
