@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as _load_safetensors_bytes
 from safetensors.torch import save as _save_safetensors_bytes
 
-from .files import atomic_write
+from .files import atomic_write, read_regular
 
 FORMAT_VERSION = "1"
 METHODS = ("perfusion", "infusion")
@@ -25,7 +25,11 @@ SDXL_EMBEDDINGS = {"clip_l": 768, "clip_g": 1280}
 MAX_FILE_BYTES = 64 * 2**20
 MAX_HEADER_BYTES = 2**20
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-_NUMERIC_FIELDS = ("context_dim", "clip_skip", "train_beta", "train_tau", "beta", "tau", "steps")
+# metadata numbers: (smallest, largest) accepted; the integer ones must be whole
+_NUMERIC_FIELDS = {"context_dim": (1, 65536), "clip_skip": (1, 64), "steps": (0, 10**9),
+                   "train_beta": (-100.0, 100.0), "train_tau": (0.0, 100.0), "beta": (-100.0, 100.0),
+                   "tau": (0.0, 100.0)}  # tau > 0: validate says so
+_INTEGER_FIELDS = ("context_dim", "clip_skip", "steps")
 
 
 class ConceptError(ValueError):
@@ -132,12 +136,20 @@ def _read_header(data: bytes, source: str) -> dict:
     if not isinstance(header, dict):
         raise fail("not a safetensors file (header is not a JSON object)")
     body = len(data) - 8 - n
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise fail("'__metadata__' must map text keys to text values")
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
             raise fail(f"tensor '{name}' has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
-        start, end = info.get("data_offsets", (0, -1))
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
+            raise fail(f"tensor '{name}': 'data_offsets' must be two whole numbers, found {offsets!r}")
+        if not (isinstance(shape, list) and all(type(v) is int and v >= 0 for v in shape)):
+            raise fail(f"tensor '{name}': 'shape' must be a list of whole numbers, found {shape!r}")
+        start, end = offsets
         if not (0 <= start <= end <= body):
             raise fail(f"file is truncated (tensor '{name}' runs past the end of the file)")
     return header
@@ -148,11 +160,8 @@ def load_concept(path: str | os.PathLike) -> Concept:
     path = Path(path)
     source = str(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ConceptError(f"{source}: {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit for concept files")
-        data = path.read_bytes()
-    except OSError as e:
+        data = read_regular(path, MAX_FILE_BYTES)
+    except OSError as e:  # FileRefused says why (not a regular file, too large)
         raise ConceptError(f"{source}: cannot read the file ({e.strerror or e})") from None
     header = _read_header(data, source)
     meta = header.get("__metadata__") or {}
@@ -167,9 +176,15 @@ def load_concept(path: str | os.PathLike) -> Concept:
         tensors = _load_safetensors_bytes(data)
     except Exception as e:  # safetensors raises its own error types for malformed bodies
         raise ConceptError(f"{source}: unreadable tensor data ({e})") from None
-    concept = _from_tensors(tensors, meta, source)
-    concept.name = path.stem
-    validate(concept, source=source)
+    try:
+        concept = _from_tensors(tensors, meta, source)
+        concept.name = path.stem
+        validate(concept, source=source)
+    except ConceptError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, RuntimeError) as e:
+        # a malformation no check above names; still this file's problem, never the caller's crash
+        raise ConceptError(f"{source}: malformed concept ({type(e).__name__}: {e})") from None
     return concept
 
 
@@ -178,16 +193,23 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
     if missing:
         raise ConceptError(f"{source}: metadata field(s) missing: {', '.join(missing)}")
     numbers = {}
-    for key in _NUMERIC_FIELDS:
+    for key, (low, high) in _NUMERIC_FIELDS.items():
         if key in meta:
             try:
-                numbers[key] = float(meta[key])
+                value = float(meta[key])
             except ValueError:
                 raise ConceptError(f"{source}: metadata field '{key}' is not a number: {meta[key]!r}") from None
+            if not low <= value <= high or (key in _INTEGER_FIELDS and value != int(value)):
+                kind = "a whole number" if key in _INTEGER_FIELDS else "a number"
+                raise ConceptError(f"{source}: metadata field '{key}' must be {kind} from {low} to {high}, "
+                                   f"found {meta[key]!r}")
+            numbers[key] = value
     required = ("i_star", "a", "energy", "i_super")
     absent = [k for k in required if k not in tensors]
     if absent:
         raise ConceptError(f"{source}: tensor(s) missing: {', '.join(absent)}")
+    if tensors["i_star"].dim() != 1:
+        raise ConceptError(f"{source}: tensor 'i_star' has shape {list(tensors['i_star'].shape)}, expected [d]")
     embedding, values, keys, extra = {}, {}, {}, []
     for name, t in tensors.items():
         if name == "embedding":
@@ -202,8 +224,6 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
             extra.append(name)
     if extra:
         raise ConceptError(f"{source}: unexpected tensor(s): {', '.join(sorted(extra))}")
-    if int(numbers["context_dim"]) != numbers["context_dim"]:
-        raise ConceptError(f"{source}: metadata 'context_dim' must be an integer")
     kwargs = {k: (int(v) if k in ("clip_skip", "steps") else v) for k, v in numbers.items() if k != "context_dim"}
     concept = Concept(
         token=meta["token"], superclass=meta["superclass"], embedding=embedding,

@@ -3,8 +3,47 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+
+class FileRefused(OSError):
+    """A path that is not a regular file (FIFO, device, socket, folder) or is larger than allowed."""
+
+
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Never blocks on a FIFO (opened non-blocking,
+    checked with fstat before any read) and never reads past `limit` (a device such as /dev/zero behind a
+    symlink, or a file that grows while read, is refused)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise FileRefused(f"{path} is {info.st_size:,} bytes, more than the {limit:,}-byte limit")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise FileRefused(f"{path} grew past the {limit:,}-byte limit while it was read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    """A regular file (after symlinks), without opening it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
