@@ -75,6 +75,27 @@ def find_cross_attention(diffusion_model: nn.Module, context_dim: Optional[int] 
     return {name: m for name, m in found.items() if m.to_k.in_features == context_dim}
 
 
+def check_fit(concept: Concept, layers: dict[str, nn.Module]) -> None:
+    """Raise ConceptMismatch unless `concept` was made for these cross-attention layers (as
+    find_cross_attention gives them): their context width, names and output widths."""
+    src = concept.name or concept.token
+    context_dim = next(iter(layers.values())).to_k.in_features if layers else None
+    if concept.context_dim != context_dim:
+        raise ConceptMismatch(f"{src}: made for {concept.context_dim}-wide text encodings "
+                              f"({concept.arch}), this model reads {context_dim}")
+    if set(concept.values) != set(layers):
+        missing = sorted(set(layers) - set(concept.values))
+        foreign = sorted(set(concept.values) - set(layers))
+        raise ConceptMismatch(f"{src}: its layers do not match this model's cross-attention "
+                              f"({len(missing)} missing, e.g. {missing[:1]}; {len(foreign)} unknown, "
+                              f"e.g. {foreign[:1]}); it was trained for another architecture")
+    for name, attn in layers.items():
+        d_out = getattr(attn.to_v, "out_features", None)
+        if d_out is not None and concept.values[name].shape[0] != d_out:
+            raise ConceptMismatch(f"{src}: layer {name} has {concept.values[name].shape[0]} outputs, "
+                                  f"this model's has {d_out}")
+
+
 class Hooks:
     """Hooks on one U-Net. A context manager; `detach()` removes them. Use `attach()` to make one."""
 
@@ -94,21 +115,7 @@ class Hooks:
     # -- what is active -------------------------------------------------------------------
     def check(self, concept: Concept) -> None:
         """Raise ConceptMismatch unless `concept` was made for this model's context width and layers."""
-        src = concept.name or concept.token
-        if concept.context_dim != self.context_dim:
-            raise ConceptMismatch(f"{src}: made for {concept.context_dim}-wide text encodings "
-                                  f"({concept.arch}), this model reads {self.context_dim}")
-        if set(concept.values) != set(self.layers):
-            missing = sorted(set(self.layers) - set(concept.values))
-            foreign = sorted(set(concept.values) - set(self.layers))
-            raise ConceptMismatch(f"{src}: its layers do not match this model's cross-attention "
-                                  f"({len(missing)} missing, e.g. {missing[:1]}; {len(foreign)} unknown, "
-                                  f"e.g. {foreign[:1]}); it was trained for another architecture")
-        for name, attn in self.layers.items():
-            d_out = getattr(attn.to_v, "out_features", None)
-            if d_out is not None and concept.values[name].shape[0] != d_out:
-                raise ConceptMismatch(f"{src}: layer {name} has {concept.values[name].shape[0]} outputs, "
-                                      f"this model's has {d_out}")
+        check_fit(concept, self.layers)
 
     def activate(self, items: list[Activation], projection: str = "approximate",
                  key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None) -> None:

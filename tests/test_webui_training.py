@@ -8,6 +8,7 @@ import webui_host as host
 from modules import devices, errors, shared, ui_extra_networks
 
 from perfusion import load_concept
+from perfusion.webui import host as host_layer
 from perfusion.webui import tab, training
 from perfusion.webui.training import TrainForm
 
@@ -53,7 +54,9 @@ def test_a_short_run_gives_a_concept_with_a_card(env):
     concept = load_concept(concepts / "hugsy.safetensors")
     assert concept.token == "hugsy" and concept.superclass == "teddy" and concept.steps == 4
     page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")
-    assert [item["name"] for item in page.list_items()] == ["hugsy"]  # .training/.cache stay hidden
+    assert [item["name"] for item in page.list_items()] == ["hugsy"]
+    assert sorted(p.name for p in concepts.iterdir()) == ["hugsy.safetensors"]  # working data lives elsewhere
+    assert (host_layer.work_folder() / "runs" / "hugsy").is_dir() and list((host_layer.work_folder() / "cache").glob("*"))
     out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     assert "Perfusion: hugsy" in out.infotexts[0] and out.comments == ""
 
@@ -81,7 +84,7 @@ def test_interrupt_during_the_covariance_stops_before_training(env):
     shared.state.interrupted = True  # pressed before the first batch of corpus prompts is done
     result = training.train(form(photos))
     assert result.state == "interrupted" and "covariance" in result.message
-    assert not (concepts / "hugsy.safetensors").exists() and not list((concepts / ".cache").glob("*"))
+    assert not (concepts / "hugsy.safetensors").exists() and not list((host_layer.work_folder() / "cache").glob("*"))
     shared.state.interrupted = False
     assert training.train(form(photos)).state == "done"  # and it starts over, unharmed
 
@@ -153,7 +156,7 @@ def test_bad_input_is_reported_before_any_work(env, change, message):
     concepts, photos = env
     result = training.train(form(photos, **change))
     assert result.state == "failed" and message in result.message
-    assert not (concepts / "hugsy.safetensors").exists() and not (concepts / ".training").exists()
+    assert not (concepts / "hugsy.safetensors").exists() and not (host_layer.work_folder() / "runs").exists()
 
 
 def test_unreadable_and_empty_folders(env, tmp_path):
@@ -174,11 +177,21 @@ def test_no_model_loaded(env, monkeypatch):
     assert any("no model is loaded" in p for p in problems)
 
 
+def test_working_data_of_earlier_versions_moves_out_of_the_concepts_folder(env):
+    concepts, _ = env
+    for old in (".training/hugsy", ".cache", ".presets"):
+        (concepts / old).mkdir(parents=True)
+    (concepts / ".presets" / "p.json").write_text("{}")
+    work = host_layer.work_folder()
+    assert work == concepts.parent / "concepts-training" and not list(concepts.iterdir())
+    assert (work / "runs" / "hugsy").is_dir() and (work / "cache").is_dir() and (work / "presets" / "p.json").exists()
+
+
 def test_presets_round_trip_and_reject_unknown_fields(env):
     concepts, photos = env
     f = form(photos, steps=123)
     path = training.save_preset(f, "teddy defaults")
-    assert path.parent.name == ".presets" and training.load_preset("teddy defaults") == f
+    assert path.parent == host_layer.work_folder() / "presets" and training.load_preset("teddy defaults") == f
     path.write_text('{"name": "x", "colour": "red"}')
     with pytest.raises(training.TrainError, match="unknown training fields"):
         training.load_preset("teddy defaults")

@@ -27,8 +27,10 @@ def concepts() -> dict:
     items = []
     for name in sorted(lib.entries, key=str.lower):
         entry = lib.entries[name]
+        metadata = concept_metadata(entry)
         items.append({"name": name, "path": str(entry.path), "shorthash": entry.shorthash,
-                      "tag": f"<perfusion:{name}>", "metadata": concept_metadata(entry),
+                      "tag": f"<perfusion:{name}>", "usable": "error" not in metadata,
+                      "problem": metadata.get("error"), "metadata": metadata,
                       "preferences": network.user_preferences(entry)})
     return {"folder": str(host.concepts_folder()), "concepts": items, "problems": list(lib.clashes)}
 

@@ -43,6 +43,24 @@ def concepts_folder() -> Path:
     return Path(chosen) if chosen else Path(paths.models_path) / "perfusion"
 
 
+# Working data that earlier versions kept inside the concepts folder, where the WebUI showed each
+# hidden folder as a button above the cards: moved to the work folder on first use.
+_LEGACY_WORK = {".training": "runs", ".cache": "cache", ".presets": "presets"}
+
+
+def work_folder() -> Path:
+    """Training runs (`runs/NAME`), the covariance cache (`cache`) and presets (`presets`): a sibling
+    of the concepts folder (`models/perfusion-training`), never shown as cards or folders."""
+    import shutil
+    concepts = concepts_folder()
+    work = concepts.parent / f"{concepts.name or 'perfusion'}-training"
+    for old, new in _LEGACY_WORK.items():
+        if (concepts / old).is_dir() and not (work / new).exists():
+            work.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(concepts / old), str(work / new))
+    return work
+
+
 def option(key: str) -> Any:
     from modules import shared
     return getattr(shared.opts, OPTION_PREFIX + key)
@@ -107,6 +125,37 @@ def embedding_size(concept_embedding: dict[str, torch.Tensor]) -> tuple[int, int
     number of tokens the word becomes, and the width (SDXL: clip_l + clip_g widths)."""
     first = next(iter(concept_embedding.values()))
     return int(first.shape[0]), sum(int(v.shape[-1]) for v in concept_embedding.values())
+
+
+# The WebUI splits a prompt into chunks of 75 tokens; a word's vectors must fit in one.
+MAX_EMBEDDING_ROWS = 75
+
+
+def embedding_width(sd_model: Any) -> Optional[int]:
+    """The width a textual-inversion vector must have for this model's text encoder(s) (SDXL: clip_l +
+    clip_g), found as the WebUI finds it (the encoding of one token); None where the host does not say."""
+    encoder = getattr(sd_model, "cond_stage_model", None)
+    if encoder is None or not hasattr(encoder, "encode_embedding_init_text"):
+        return None
+    try:
+        with torch.no_grad():
+            return int(encoder.encode_embedding_init_text(",", 1).shape[-1])
+    except Exception:  # a host whose encoder answers differently (Forge's engines): no check rather than no image
+        return None
+
+
+def check_embedding(sd_model: Any, concept: Any) -> None:
+    """Raise ConceptMismatch unless the concept's word vectors fit this model's text encoder."""
+    from ..hooks import ConceptMismatch
+    rows, width = embedding_size(concept.embedding)
+    src = concept.name or concept.token
+    if not 1 <= rows <= MAX_EMBEDDING_ROWS:
+        raise ConceptMismatch(f"{src}: its word has {rows} vectors; the text encoder takes 1 to "
+                              f"{MAX_EMBEDDING_ROWS} per word")
+    want = embedding_width(sd_model)
+    if want is not None and width != want:
+        raise ConceptMismatch(f"{src}: its word vectors are {width} wide, this model's text encoder takes {want} "
+                              f"(made for another architecture: {concept.arch})")
 
 
 def text_device(sd_model: Any) -> Any:

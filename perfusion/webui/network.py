@@ -135,8 +135,12 @@ def _resolve(p: Any, requests: list[Request], defaults: Defaults, hooks: engine.
         try:
             concept = lib.load(entry)
             hooks.check(concept)
+            host.check_embedding(shared.sd_model, concept)
         except ConceptError as e:
             warn(p, f"{e}; skipped")
+            continue
+        except Exception as e:  # never let one file take the prompt's other concepts (or the image) down
+            warn(p, f"{entry.path}: unusable ({type(e).__name__}: {e}); skipped")
             continue
         clip_skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
         if concept.clip_skip != clip_skip and concept.arch in ("sd1", "other"):
@@ -155,6 +159,23 @@ def _resolve(p: Any, requests: list[Request], defaults: Defaults, hooks: engine.
                                        tau=_first(req.tau, user.get("tau"), defaults.tau), lock=lock)
         applied.append(Applied(entry, activation))
     return applied
+
+
+def problem_of(entry: Entry) -> Optional[str]:
+    """Why the concept in `entry` cannot be used with the loaded model (file checks only while none is
+    loaded); None when it can. What the cards and the API show before anyone generates."""
+    try:
+        concept = library().load(entry)
+        model = shared.sd_model
+        unet = host.diffusion_model(model)
+        if unet is not None:
+            engine.check_fit(concept, engine.find_cross_attention(unet))
+            host.check_embedding(model, concept)
+    except ConceptError as e:
+        return str(e)
+    except ValueError:  # a U-Net with several context widths: the generation's own check decides
+        return None
+    return None
 
 
 def _first(*values: Optional[float]) -> float:
@@ -207,12 +228,14 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
                 warn(p, problem)
             if request is not None:
                 requests.append(request)
-        applied = _resolve(p, requests, defaults, hooks)
         prompts = list(getattr(p, "prompts", None) or [])
-        for a in applied:
-            if not _mentions(prompts, a.activation.concept.token):
+        applied = []
+        for a in _resolve(p, requests, defaults, hooks):
+            if _mentions(prompts, a.activation.concept.token):
+                applied.append(a)
+            else:
                 warn(p, f"{a.entry.name}: its word {a.activation.concept.token!r} is not in the prompt, so the "
-                        f"concept cannot show; write e.g. 'a photo of {a.activation.concept.token}'")
+                        f"concept is skipped; write e.g. 'a photo of {a.activation.concept.token}'")
         if not applied:
             return
         for a in applied:

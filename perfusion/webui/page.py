@@ -12,12 +12,13 @@ from .tags import format_tag
 
 
 def concept_metadata(entry) -> dict:
-    """What the card's metadata view shows (read from the file; an unreadable file says why)."""
+    """What the card's metadata view shows (read from the file; an unusable file says why under "error")."""
     try:
         c = network.library().load(entry)
     except ConceptError as e:
         return {"error": str(e)}
-    return {"token": c.token, "superclass": c.superclass, "method": c.method, "architecture": c.arch,
+    problem = network.problem_of(entry)
+    return {**({"error": problem} if problem else {}),"token": c.token, "superclass": c.superclass, "method": c.method, "architecture": c.arch,
             "context width": c.context_dim, "layers": len(c.values), "locked keys stored": bool(c.keys),
             "base model hash": c.base_model_hash, "clip skip": c.clip_skip, "training steps": c.steps,
             "trained gate": f"beta {c.train_beta:g}, tau {c.train_tau:g}",
@@ -47,14 +48,17 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
             tau = host.option("tau") if "error" in meta else network.library().load(entry).tau  # loaded: cached
         token = meta.get("token", "")
         prompt = ui_extra_networks.quote_js(format_tag(entry.name, tau) + (f" {token}" if token else ""))
+        description = self.find_description(path)
+        if "error" in meta:  # marked before anyone generates with it; the metadata view has the whole reason
+            description = f"Unusable: {meta['error']}" + (f"\n{description}" if description else "")
         item = {
             "name": entry.name,
             "filename": str(entry.path),
             "shorthash": entry.shorthash,
             "preview": self.find_preview(path),
-            "description": self.find_description(path),
+            "description": description,
             "search_terms": [self.search_terms_from_path(str(entry.path)), token, meta.get("superclass", ""),
-                             entry.shorthash],
+                             entry.shorthash] + (["unusable"] if "error" in meta else []),
             "local_preview": f"{path}.{shared.opts.samples_format}",
             "metadata": meta,
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(str(entry.path))},

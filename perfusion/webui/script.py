@@ -15,6 +15,7 @@ from ..edit import PROJECTIONS
 from ..hooks import LOCKS
 from . import network
 from .network import Defaults
+from .tags import BETA_RANGE, TAU_RANGE
 
 INFOTEXT_DEFAULTS = "Perfusion defaults"
 
@@ -59,7 +60,8 @@ class PerfusionScript(scripts.Script):
     def process(self, p: Any, enabled: bool = True, beta: float = 0.7, tau: float = 0.15, lock: str = "local",
                 projection: str = "approximate", *rest: Any) -> None:
         settings = Defaults.from_settings()
-        d = Defaults(bool(enabled), _number(beta, settings.beta), _number(tau, settings.tau),
+        d = Defaults(bool(enabled), _gate_value(p, "beta", beta, BETA_RANGE, settings.beta),
+                     _gate_value(p, "tau", tau, TAU_RANGE, settings.tau),
                      lock if lock in LOCKS else settings.lock,
                      projection if projection in PROJECTIONS else settings.projection)
         p.perfusion_defaults = d
@@ -70,11 +72,18 @@ class PerfusionScript(scripts.Script):
         network.feed_global_lock(p, kwargs.get("c"))
 
 
-def _number(value: Any, fallback: float) -> float:
+def _gate_value(p: Any, name: str, value: Any, allowed: tuple[float, float], fallback: float) -> float:
+    """A slider's (or alwayson_scripts') value when it is a number in the range tags accept, else the
+    setting's, with a warning (a tau of 0 or NaN would otherwise drop every concept without a word)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        return fallback
+        number = float("nan")
+    if allowed[0] <= number <= allowed[1]:
+        return number
+    network.warn(p, f"the accordion's {name} {value!r} is not a number in {allowed[0]}..{allowed[1]}; "
+                    f"using the setting's {fallback:g}")
+    return fallback
 
 
 def _pasted(params: dict, key: str, cast) -> Any:

@@ -76,8 +76,8 @@ def concept_path(form: TrainForm) -> Path:
 
 
 def work_dir(form: TrainForm) -> Path:
-    """Checkpoints, loss CSV and previews of a run (beside the concepts, hidden from the cards)."""
-    return host.concepts_folder() / ".training" / form.name
+    """Checkpoints, loss CSV and previews of a run (in the work folder beside the concepts folder)."""
+    return host.work_folder() / "runs" / form.name
 
 
 def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
@@ -189,7 +189,7 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         state.job_count, state.job_no = total, done
 
     try:
-        cov = cached_covariance(host.concepts_folder() / ".cache", adapter_encoder(adapter),
+        cov = cached_covariance(host.work_folder() / "cache", adapter_encoder(adapter),
                                 prompt_corpus(int(host.option("covariance_prompts"))),
                                 encoder_hash=adapter.model_hash or "webui-model", clip_skip=cfg.clip_skip,
                                 progress=covariance_progress)
@@ -239,16 +239,16 @@ def _non_finite_hint(e: NonFiniteError) -> str:
 
 
 def save_preset(form: TrainForm, name: str) -> Path:
-    """The form as JSON in <concepts>/.presets/NAME.json (atomically)."""
+    """The form as JSON in <work folder>/presets/NAME.json (atomically)."""
     from ..files import atomic_write
     if not NAME.match(name or ""):
         raise TrainError(f"preset name {name!r}: letters, digits, '_', '-', '.' or spaces")
-    return atomic_write(host.concepts_folder() / ".presets" / f"{name}.json",
+    return atomic_write(host.work_folder() / "presets" / f"{name}.json",
                         json.dumps(asdict(form), indent=2).encode())
 
 
 def load_preset(name: str) -> TrainForm:
-    path = host.concepts_folder() / ".presets" / f"{name}.json"
+    path = host.work_folder() / "presets" / f"{name}.json"
     try:
         return TrainForm.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as e:
