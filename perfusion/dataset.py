@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .files import is_regular, read_regular
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIXES = (".mask.png", "_mask.png", "-mask.png")
 MASK_SOURCES = ("auto", "alpha", "files", "none")
@@ -24,6 +26,10 @@ CAPTION_SUFFIX = ".txt"
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey ("I" is how Pillow < 10 opens it)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _FORMATS = "png, jpg or webp"
+MAX_IMAGES = 200  # Perfusion learns from 1-10 photos; a folder of thousands is a mistake, not a data set
+MAX_PIXELS = 64 * 2**20  # per image or mask (a 8192 x 8192 photo): larger ones are refused before decoding
+MAX_CAPTION_BYTES = 64 * 2**10
+LISTED = 5  # skipped files named in a message; the rest are counted (a wrong folder is not echoed back)
 
 
 class DatasetError(ValueError):
@@ -95,6 +101,9 @@ def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64,
     images, skipped, names = _scan(folder)
     if not images and not skipped:
         raise DatasetError(f"dataset folder {folder} is empty: add 1-10 photos of the concept ({_FORMATS})")
+    if len(images) > MAX_IMAGES:
+        raise DatasetError(f"dataset folder {folder} holds {len(images)} images: Perfusion learns from 1-10 "
+                           f"photos of one concept; choose a folder with at most {MAX_IMAGES}")
     samples, seen = [], {}
     for path in images:
         try:
@@ -142,6 +151,8 @@ def _scan(folder: Path) -> tuple[list[Path], list[Skipped], set[str]]:
     for path in files:
         if path.is_dir():
             skipped.append(Skipped(path, "folder (subfolders are not read)"))
+        elif not is_regular(path):
+            skipped.append(Skipped(path, "not a regular file (a pipe, device or broken link)"))
         elif _is_companion(path.name, stems):
             continue
         elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -179,7 +190,10 @@ def _not_image(path: Path) -> str:
 
 
 def _reasons(skipped: list[Skipped]) -> str:
-    return "\n".join(f"  {s.path.name}: {s.reason}" for s in skipped)
+    lines = [f"  {s.path.name}: {s.reason}" for s in skipped[:LISTED]]
+    if len(skipped) > LISTED:
+        lines.append(f"  ... and {len(skipped) - LISTED} more")
+    return "\n".join(lines)
 
 
 def _load_sample(path: Path, names: set[str], seen: dict[bytes, str], resolution: int, min_size: int,
@@ -210,8 +224,12 @@ def _decode(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
     _Skip("unreadable <what> (...)").
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: the size is known before any pixel is decoded
+            if im.width * im.height > MAX_PIXELS:
+                raise _Skip(f"{what} of {im.width}x{im.height} px is larger than {MAX_PIXELS // 2**20} megapixels")
             return _pixels(ImageOps.exif_transpose(im))
+    except _Skip:
+        raise
     except UnidentifiedImageError as e:
         raise _Skip(f"unreadable {what} (cannot identify image file)") from e
     except Exception as e:  # broken files fail inside Pillow in many ways (OSError, SyntaxError, struct.error, ...)
@@ -268,7 +286,7 @@ def _caption(path: Path, names: set[str]) -> str:
     if name not in names:
         return ""
     try:
-        return (path.parent / name).read_text(encoding="utf-8-sig", errors="replace").strip()
+        return read_regular(path.parent / name, MAX_CAPTION_BYTES).decode("utf-8-sig", errors="replace").strip()
     except OSError as e:
         raise _Skip(f"unreadable caption {name} ({e.strerror or e})") from e
 

@@ -30,10 +30,11 @@ from .covariance import Covariance, concept_gate
 from .dataset import soft_mask
 from .checkpointing import checkpointed_blocks
 from .diffusion import q_sample, training_target
-from .files import atomic_write
+from .files import atomic_write, read_regular
 from .hooks import Activation, attach
 from .masks import attention_masks
 
+MAX_TEMPLATES_BYTES = 256 * 2**10
 TI_TEMPLATES = (
     "a photo of a [name]", "a rendering of a [name]", "a cropped photo of the [name]", "the photo of a [name]",
     "a photo of a clean [name]", "a photo of a dirty [name]", "a dark photo of the [name]", "a photo of my [name]",
@@ -134,9 +135,10 @@ def read_templates(path: str | Path) -> tuple[str, ...]:
     """Template lines from a textual-inversion style file ([name], optional [filewords]); blank lines skipped."""
     path = Path(path)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainError(f"{path}: cannot read the templates file ({e})") from None
+        text = read_regular(path, MAX_TEMPLATES_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError):  # one message for every cause: it does not tell which paths exist
+        raise TrainError(f"{path}: cannot read it as a UTF-8 text file of at most {MAX_TEMPLATES_BYTES // 1024} KB") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     bad = [n for n, line in enumerate(lines, 1) if "[name]" not in line]
     if not lines or bad:
         raise TrainError(f"{path}: every line needs a [name] placeholder" + (f" (line {bad[0]} has none)" if bad else " (file is empty)"))

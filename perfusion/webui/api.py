@@ -16,7 +16,7 @@ from modules import shared
 
 from . import host, network, training
 from .page import concept_metadata
-from .training import TrainError, TrainForm
+from .training import FormError, TrainForm
 
 ROUTES = ("/perfusion/v1/concepts", "/perfusion/v1/refresh", "/perfusion/v1/train", "/perfusion/v1/train/status")
 
@@ -42,20 +42,24 @@ def refresh() -> dict:
 
 def start_training(body: dict) -> dict:
     """Check the form now (422 with every problem), then train in a thread that waits for the WebUI's
-    queue lock like any generation (409 while a training runs)."""
+    queue lock like any generation (409 while one is queued or runs)."""
     from fastapi import HTTPException
     try:
         form = TrainForm.from_dict(body)
-    except (TrainError, TypeError) as e:
-        raise HTTPException(status_code=422, detail=[str(e)]) from None
-    if training.status.state == "training":
-        raise HTTPException(status_code=409, detail=[f"already training {training.status.name}"])
-    problems, _ = training.check(form)
-    if problems:
-        raise HTTPException(status_code=422, detail=problems)
-    training.status = training.Status("queued", form.name)
+    except FormError as e:
+        raise HTTPException(status_code=422, detail=e.problems) from None
+    with _starting:  # one request at a time between this check and the status change below
+        if training.status.state in ("queued", "training"):
+            raise HTTPException(status_code=409, detail=[f"already {training.status.state}: {training.status.name}"])
+        problems, _ = training.check(form)
+        if problems:
+            raise HTTPException(status_code=422, detail=problems)
+        training.status = training.Status("queued", form.name)
     threading.Thread(target=_train_in_queue, args=(form,), daemon=True).start()
     return {"started": form.name}
+
+
+_starting = threading.Lock()
 
 
 def _train_in_queue(form: TrainForm) -> None:

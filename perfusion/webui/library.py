@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..concept import Concept, ConceptError, load_concept
+from ..concept import MAX_FILE_BYTES, Concept, ConceptError, load_concept
+from ..files import is_regular, read_regular
 
 SKIPPED_SUFFIXES = (".resume.safetensors", ".covariance.safetensors")
+
+
+def is_concept_file(filename: str) -> bool:
+    """A file name the library lists as a concept (training checkpoints and caches are not)."""
+    return filename.endswith(".safetensors") and not filename.endswith(SKIPPED_SUFFIXES)
 
 
 @dataclass
@@ -29,11 +35,10 @@ class Entry:
     @property
     def sha256(self) -> str:
         if self._hash is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._hash = h.hexdigest()
+            try:
+                self._hash = hashlib.sha256(read_regular(self.path, MAX_FILE_BYTES)).hexdigest()
+            except OSError:  # gone, replaced by a special file, or too large: no hash matches it
+                self._hash = ""
         return self._hash
 
     @property
@@ -64,12 +69,21 @@ class Library:
         for folder in self.folders:
             if not folder.is_dir():
                 continue
+            seen = set()  # real paths of the folders walked: a symlink loop is walked once
             for root, dirs, files in os.walk(folder, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for file in sorted(files):
-                    if not file.endswith(".safetensors") or file.endswith(SKIPPED_SUFFIXES):
+                    if not is_concept_file(file):
                         continue
                     path = Path(root) / file
+                    if not is_regular(path):  # a FIFO or device would hang whoever reads it
+                        self.clashes.append(f"{path} is not a regular file; skipped")
+                        continue
                     try:
                         stamp = _stamp(path)
                     except OSError:

@@ -7,6 +7,7 @@ unless the form says so; a concept that exists is resumed only when asked.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -20,16 +21,32 @@ from modules import devices, shared
 from ..covariance import adapter_encoder, cached_covariance
 from ..corpus import prompt_corpus
 from ..dataset import DatasetError, load_dataset
+from ..files import read_regular
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, TrainError, Trainer, check_superclass, read_templates
 from . import host
 from .adapter import WebUIAdapter
+from .library import is_concept_file
 
 MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none",
                 "auto": "auto"}
 EXISTING = ("ask", "overwrite", "resume")
 MIN_FREE_BYTES = 200 * 2**20
-NAME = re.compile(r"^[\w][\w .-]{0,63}$")
+NAME = re.compile(r"[\w][\w .-]{0,62}[\w-]|[\w]")  # used with fullmatch: no trailing newline, dot or space
+# Names Windows reserves for devices (with any extension): a concept folder shared there could not hold them.
+RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECASE)
+
+
+def name_problem(name: str, what: str = "concept name") -> Optional[str]:
+    """Why `name` cannot be a concept's file name and tag (None if it can)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        return (f"{what} {name!r}: use letters, digits, '_', '-', '.' or spaces, starting and ending with a letter "
+                "or digit (no path separators or '..'); it becomes the file name and the tag")
+    if RESERVED.fullmatch(name):
+        return f"{what} {name!r} is a device name on Windows (CON, NUL, COM1, ...): choose another"
+    if not is_concept_file(f"{name}.safetensors"):
+        return f"{what} {name!r} ends like a training checkpoint or cache file, which are not listed as concepts"
+    return None
 
 
 @dataclass
@@ -63,12 +80,67 @@ class TrainForm:
     gradient_checkpointing: bool = False  # less GPU memory (SD1.5 at 512 px in 8 GB), about 30 % slower
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainForm":
+    def from_dict(cls, data: Any) -> "TrainForm":
+        """A form from JSON (the API's body, a preset): every field's type and range checked, every problem
+        reported at once (FormError.problems), nothing started."""
+        if not isinstance(data, dict):
+            raise FormError([f"the training request must be a JSON object of fields, got {type(data).__name__}"])
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise TrainError(f"unknown training fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        unknown = sorted(str(k) for k in set(data) - set(known))
+        problems = [f"unknown training fields {unknown}; known: {sorted(known)}"] if unknown else []
+        values = {}
+        for name, value in data.items():
+            if name in known:
+                kind = type(getattr(cls, name))
+                converted = _typed(value, kind)
+                if converted is None:
+                    problems.append(f"{name}: expected {_KIND_WORDS[kind]}, got {json.dumps(value)[:40]}")
+                else:
+                    values[name] = converted
+        form = cls(**values)
+        problems += [p for p in form_problems(form) if p.split(":")[0] not in {q.split(":")[0] for q in problems}]
+        if problems:
+            raise FormError(problems)
+        return form
+
+
+class FormError(TrainError):
+    """Training fields of the wrong type or out of range; `problems` lists every one."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+_KIND_WORDS = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
+# (smallest, largest) of each numeric field: a mistyped 1e300 steps must not run for ever
+RANGES = {"steps": (1, 100_000), "batch_size": (1, 64), "grad_accum": (1, 256), "resolution": (64, 4096),
+          "save_every": (0, 100_000), "preview_every": (0, 100_000), "report_samples": (0, 256),
+          "lr_values": (1e-7, 10.0), "lr_embedding": (1e-7, 10.0), "train_beta": (-1.0, 2.0),
+          "train_tau": (0.01, 2.0), "preview_beta": (-1.0, 2.0), "preview_tau": (0.01, 2.0)}
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """value as `kind` when it is one (a whole float counts as an int, an int as a float), else None."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if kind is int:
+        return int(value) if float(value).is_integer() else None
+    return float(value)
+
+
+def form_problems(form: TrainForm) -> list[str]:
+    """Ranges of the numeric fields and the choice fields (the tab's widgets keep to them; JSON may not)."""
+    problems = []
+    for name, (low, high) in RANGES.items():
+        value = getattr(form, name)
+        if not isinstance(value, (int, float)) or not low <= value <= high:
+            problems.append(f"{name}: {value!r} is outside {low:g}..{high:g}")
+    return problems
 
 
 def concept_path(form: TrainForm) -> Path:
@@ -83,9 +155,9 @@ def work_dir(form: TrainForm) -> Path:
 def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     """(problems, dataset): every problem the form has, before any work; the dataset when it loads."""
     problems: list[str] = []
-    if not NAME.match(form.name or "") or ".." in form.name:  # NAME admits no path separator
-        problems.append(f"concept name {form.name!r}: use letters, digits, '_', '-', '.' or spaces "
-                        "(no path separators or '..'); it becomes the file name and the tag")
+    bad_name = name_problem(form.name)
+    if bad_name:
+        problems.append(bad_name)
     if not form.token.strip() or len(form.token.split()) != 1:
         problems.append("token word: one word that will stand for the concept in prompts (e.g. 'hugsy')")
     if form.method not in ("perfusion", "infusion"):
@@ -94,8 +166,7 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append(f"mask source {form.mask_source!r}: one of {', '.join(MASK_SOURCES)}")
     if form.existing not in EXISTING:
         problems.append(f"existing concept {form.existing!r}: one of {', '.join(EXISTING)}")
-    if min(form.steps, form.batch_size, form.grad_accum) < 1 or form.resolution < 64:
-        problems.append("steps, batch size and accumulation must be at least 1, resolution at least 64")
+    problems += form_problems(form)
     model = shared.sd_model
     if host.diffusion_model(model) is None:
         problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
@@ -109,7 +180,7 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
             read_templates(form.templates_file)
         except (OSError, TrainError) as e:
             problems.append(f"templates file: {e}")
-    if form.name and NAME.match(form.name) and concept_path(form).exists() and form.existing == "ask":
+    if not bad_name and concept_path(form).exists() and form.existing == "ask":
         problems.append(f"a concept named {form.name!r} exists ({concept_path(form)}): choose 'overwrite' "
                         "(the old file is replaced only when training ends) or 'resume'")
     folder = host.concepts_folder()
@@ -241,8 +312,9 @@ def _non_finite_hint(e: NonFiniteError) -> str:
 def save_preset(form: TrainForm, name: str) -> Path:
     """The form as JSON in <work folder>/presets/NAME.json (atomically)."""
     from ..files import atomic_write
-    if not NAME.match(name or ""):
-        raise TrainError(f"preset name {name!r}: letters, digits, '_', '-', '.' or spaces")
+    problem = name_problem(name, "preset name")
+    if problem:
+        raise TrainError(problem)
     return atomic_write(host.work_folder() / "presets" / f"{name}.json",
                         json.dumps(asdict(form), indent=2).encode())
 
@@ -250,6 +322,6 @@ def save_preset(form: TrainForm, name: str) -> Path:
 def load_preset(name: str) -> TrainForm:
     path = host.work_folder() / "presets" / f"{name}.json"
     try:
-        return TrainForm.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
+        return TrainForm.from_dict(json.loads(read_regular(path, 2**20).decode("utf-8")))
+    except (OSError, ValueError, TypeError) as e:  # FormError is a ValueError: its text lists the problems
         raise TrainError(f"preset {path}: {e}") from None
