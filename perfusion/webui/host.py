@@ -39,8 +39,11 @@ def diffusion_model(sd_model: Any) -> Optional[torch.nn.Module]:
 def concepts_folder() -> Path:
     """The concepts folder: the setting, else --perfusion-dir, else <models>/perfusion."""
     from modules import paths, shared
-    chosen = shared.opts.data.get(OPTION_PREFIX + "dir") or getattr(shared.cmd_opts, "perfusion_dir", None)
-    return Path(chosen) if chosen else Path(paths.models_path) / "perfusion"
+    default = Path(paths.models_path) / "perfusion"
+    for chosen in (shared.opts.data.get(OPTION_PREFIX + "dir"), getattr(shared.cmd_opts, "perfusion_dir", None)):
+        if isinstance(chosen, str) and chosen.strip() and "\0" not in chosen:  # a NUL byte is no path anywhere
+            return Path(chosen.strip())
+    return default
 
 
 # Working data that earlier versions kept inside the concepts folder, where the WebUI showed each

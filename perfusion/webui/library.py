@@ -16,6 +16,7 @@ from ..concept import MAX_FILE_BYTES, Concept, ConceptError, load_concept
 from ..files import is_regular, read_regular
 
 SKIPPED_SUFFIXES = (".resume.safetensors", ".covariance.safetensors")
+MAX_SCANNED = 20_000  # files looked at per refresh: a concepts folder set to "/" must not walk the whole disk
 
 
 def is_concept_file(filename: str) -> bool:
@@ -69,8 +70,13 @@ class Library:
         for folder in self.folders:
             if not folder.is_dir():
                 continue
-            seen = set()  # real paths of the folders walked: a symlink loop is walked once
+            seen, scanned = set(), 0  # real paths of the folders walked: a symlink loop is walked once
             for root, dirs, files in os.walk(folder, followlinks=True):
+                scanned += len(files)
+                if scanned > MAX_SCANNED:
+                    self.clashes.append(f"stopped looking for concepts after {MAX_SCANNED:,} files under {folder}: "
+                                        "is the concepts folder (Settings > Perfusion) the right one?")
+                    break
                 real = os.path.realpath(root)
                 if real in seen:
                     dirs[:] = []
