@@ -248,3 +248,24 @@ def test_a_preset_that_is_not_a_file_is_refused_without_hanging(folder):
     os.mkfifo(presets / "p.json")
     with pytest.raises(training.TrainError, match="p.json"):
         training.load_preset("p")
+
+
+def test_refresh_racing_generations(folder):
+    host.make_concept(folder)
+    expected = images(host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy"))
+    api, stop, failures = client(), threading.Event(), []
+
+    def hammer():
+        while not stop.is_set():
+            r = api.post("/perfusion/v1/refresh")
+            if r.status_code != 200 or [c["name"] for c in r.json()["concepts"]] != ["hugsy"]:
+                failures.append(r.text)
+    racer = threading.Thread(target=hammer)
+    racer.start()
+    try:
+        outs = [host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy") for _ in range(5)]
+    finally:
+        stop.set()
+        racer.join()
+    assert failures == [] and all(torch.equal(images(o), expected) for o in outs)
+    assert all(o.comments == "" for o in outs)

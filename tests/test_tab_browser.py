@@ -13,6 +13,8 @@ pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("PERFUSION_CHROMIUM", "/usr/bin/chromium")
 if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):  # .ci/run installs it: missing there is a broken CI, not a reason to skip
+        pytest.fail(f"no Chromium at {CHROMIUM} in CI (.ci/run installs Debian's chromium)", pytrace=False)
     pytest.skip(f"no Chromium at {CHROMIUM} (apt install chromium, or set PERFUSION_CHROMIUM)", allow_module_level=True)
 
 import tab_server  # noqa: E402
