@@ -269,3 +269,20 @@ def test_refresh_racing_generations(folder):
         racer.join()
     assert failures == [] and all(torch.equal(images(o), expected) for o in outs)
     assert all(o.comments == "" for o in outs)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "loop", "folder", "big"])
+def test_templates_file_that_is_not_a_small_text_file(folder, tmp_path, kind):
+    path = tmp_path / "templates.txt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        os.symlink("/dev/zero", path)
+    elif kind == "loop":
+        os.symlink(path, path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_text("a photo of [name]\n" * 20_000)
+    problems, _ = training.check(TrainForm(**_form(_photos(tmp_path / "photos"), templates_file=str(path))))
+    assert any("templates" in p and "cannot read it" in p for p in problems), problems
