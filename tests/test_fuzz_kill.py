@@ -64,6 +64,18 @@ def test_sigkill_during_a_checkpoint_sized_write_never_tears_the_file(tmp_path):
     assert all(s in versions for s in seen) and len(seen) == 30
 
 
+def test_sigkill_during_a_preset_save_never_tears_the_file(tmp_path):
+    import json
+    form = dict(name="hugsy", token="hugsy", superclass="teddy", folder="/photos", preview_prompt="x" * 50_000)
+    versions = [json.dumps({**form, "steps": k}, indent=2).encode()  # as save_preset writes (a long prompt)
+                for k in (100, 200)]
+    path = tmp_path / "teddy.json"
+    atomic_write(path, versions[0])
+    seen = _kill_while_writing(path, versions, rounds=30, seed=6)
+    assert all(s in versions for s in seen)
+    assert json.loads(path.read_bytes())["steps"] in (100, 200)
+
+
 TRAIN = """
 import sys, time
 sys.path.insert(0, {tests!r})
