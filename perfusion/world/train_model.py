@@ -85,10 +85,8 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
     return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"])
 
 
-def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **overrides) -> int:
-    """Train (or continue) until `steps` or the time budget; returns the step reached."""
-    scenes, unet_config, defaults, _ = WORLDS[world]
-    cfg = {**defaults, **overrides, "steps": steps}
+def _models(cfg: dict, unet_config: dict) -> tuple[dict, list, torch.optim.Optimizer]:
+    """(models {unet, text, ema_unet, ema_text}, trained parameters, optimizer) at their seeded init."""
     torch.manual_seed(cfg["seed"])
     unet, text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
     models = {"unet": unet, "text": text, "ema_unet": copy.deepcopy(unet), "ema_text": copy.deepcopy(text)}
@@ -96,7 +94,35 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
         models[name].requires_grad_(False)
     text.requires_grad_(cfg["train_text"])
     params = list(unet.parameters()) + (list(text.parameters()) if cfg["train_text"] else [])
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
+    return models, params, torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
+
+
+def export(models: dict, cfg: dict, unet_config: dict, step: int, log: list, out: Path) -> Path:
+    """The bias-corrected EMA weights at `step`, with their configuration, to `out` (atomically)."""
+    meta = {"config": {"unet": unet_config, "text": mini.TEXT, "train": cfg, "zero_padding": True}, "steps": step,
+            "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
+    init_unet, init_text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
+    ema_unet, ema_text = copy.deepcopy(models["ema_unet"]), copy.deepcopy(models["ema_text"])
+    return mini.save_weights(debiased_ema(ema_unet, init_unet, cfg["ema"], step),
+                             debiased_ema(ema_text, init_text, cfg["ema"], step), out, meta)
+
+
+def export_checkpoint(work: Path, out: Path, world: int) -> int:
+    """Export the EMA of a checkpoint as it stands (also while its run goes on: saves are atomic)."""
+    _, unet_config, defaults, _ = WORLDS[world]
+    ckpt = work / "mini.checkpoint.safetensors"
+    models, _, opt = _models(defaults, unet_config)
+    step, cfg, log = load_checkpoint(ckpt, models, opt)
+    export(models, cfg, unet_config, step, log, out)
+    return step
+
+
+def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **overrides) -> int:
+    """Train (or continue) until `steps` or the time budget; returns the step reached."""
+    scenes, unet_config, defaults, _ = WORLDS[world]
+    cfg = {**defaults, **overrides, "steps": steps}
+    models, params, opt = _models(cfg, unet_config)
+    unet, text = models["unet"], models["text"]
     ckpt = work / "mini.checkpoint.safetensors"
     step, log = 0, []
     if ckpt.exists():
@@ -140,11 +166,7 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
             save_checkpoint(ckpt, models, opt, step, cfg, log)
     save_checkpoint(ckpt, models, opt, step, cfg, log)
     if step >= steps:
-        meta = {"config": {"unet": unet_config, "text": mini.TEXT, "train": cfg, "zero_padding": True}, "steps": step,
-                "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
-        init_unet, init_text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
-        mini.save_weights(debiased_ema(models["ema_unet"], init_unet, cfg["ema"], step),
-                          debiased_ema(models["ema_text"], init_text, cfg["ema"], step), out, meta)
+        export(models, cfg, unet_config, step, log, out)
         print(f"wrote {out}", flush=True)
     return step
 
@@ -159,9 +181,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="weights file (default perfusion/world/weights/mini[2].safetensors)")
     p.add_argument("--token-scale", type=float, default=DEFAULTS["token_scale"],
                    help="scale of the frozen encoder's random token table (see model.build)")
+    p.add_argument("--export", action="store_true", help="only write the checkpoint's EMA weights as they stand")
     a = p.parse_args()
     _, _, defaults, work = WORLDS[a.world]
     out = a.out or (mini.WEIGHTS if a.world == 1 else mini.WEIGHTS.with_name("mini2.safetensors"))
+    if a.export:
+        print(f"wrote {out} at step {export_checkpoint(a.work or work, out, a.world)}")
+        return
     train(a.steps or defaults["steps"], a.minutes, a.work or work, out, a.world, token_scale=a.token_scale)
 
 
