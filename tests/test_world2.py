@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from perfusion.world.w2.analyze import is_instance, read, read_pair
+from perfusion.world.w2.analyze import is_instance, read, read_pair, read_places
 from perfusion.world.w2.controls import CONTROLS, INSTANCES, confusion, control_image, placements
 from perfusion.world.w2.scenes import COLOURS, PATTERNS, Scene, Thing, batch, owner_map, random_scene, render
 
@@ -24,6 +24,7 @@ def test_batches_are_deterministic_and_captions_never_name_the_accent():
     b, caps_b, _ = batch(3, 64)
     assert a.shape == (64, 48, 48, 3) and np.array_equal(a, b) and caps == caps_b
     assert {t.pattern for s in scenes for t in s.things} == set(PATTERNS)
+    assert {len(s.things) for s in scenes} == {1, 2, 3}
     for text, scene in zip(caps, scenes):
         assert f"on a {scene.background} background" in text
         named = {w for w in text.split() if w in COLOURS} | ({"cyan"} if "cyan" in text else set())
@@ -46,7 +47,7 @@ def test_reader_reads_rendered_ground_truth():
     rng = random.Random(11)
     wrong, n = Counter(), 200
     for _ in range(n):
-        scene = random_scene(rng, two_objects=0.0)
+        scene = random_scene(rng, two_objects=0.0, three_objects=0.0)
         thing, r = scene.things[0], read(render(scene))
         for attr in ("shape", "size", "position", "pattern"):
             wrong[attr] += getattr(r, attr) != getattr(thing, attr)
@@ -58,14 +59,19 @@ def test_reader_reads_rendered_ground_truth():
     assert wrong["pattern"] <= 0.04 * n and wrong["instance"] <= 0.05 * n, wrong
 
 
-def test_reader_reads_pairs():
+def test_reader_reads_pairs_and_triples():
     rng = random.Random(12)
-    wrong = 0
-    for _ in range(40):
-        scene = random_scene(rng, two_objects=1.0)
-        layout = "left-right" if scene.things[0].position == "left" else "top-bottom"
-        wrong += sum(not is_instance(r, t) for t, r in zip(scene.things, read_pair(render(scene), layout)))
-    assert wrong <= 0.06 * 80
+    for n, layout in ((2, dict(two_objects=1.0, three_objects=0.0)), (3, dict(two_objects=0.0, three_objects=1.0))):
+        wrong = 0
+        for _ in range(30):
+            scene = random_scene(rng, **layout)
+            places = tuple(t.position for t in scene.things)
+            assert len(places) == n
+            wrong += sum(not is_instance(r, t) for t, r in zip(scene.things, read_places(render(scene), places)))
+        assert wrong <= 0.06 * 30 * n, (n, wrong)
+    scene = random_scene(random.Random(3), two_objects=1.0, three_objects=0.0)
+    layout = "left-right" if scene.things[0].position == "left" else "top-bottom"
+    assert read_pair(render(scene), layout) == read_places(render(scene), tuple(t.position for t in scene.things))
 
 
 def test_identity_needs_the_pattern_not_the_tint():

@@ -29,6 +29,7 @@ TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, projection_
 # World 2 (48x48, perfusion/world/w2): four levels (48, 24, 12, 6 px), attention at 12 and 6 px only (self-
 # attention at 24x24 would cost 4x the step), wider at the low levels where the caption's words are bound.
 UNET_W2 = dict(UNET, image_size=48, channel_mult=(1, 2, 3, 4), attention_resolutions=(4, 8))
+TEXT_W2 = dict(TEXT, max_position_embeddings=48)  # three-object captions run to ~42 tokens
 TIMESTEPS = 1000
 LATENT_SHAPE = (3, 32, 32)
 

@@ -32,9 +32,11 @@ from .w2 import scenes as world2
 # this 64-wide encoder collapsed every word but the last one (the background) to nearly the same encoding.
 DEFAULTS = dict(steps=3600, batch=32, lr=2e-3, warmup=100, ema=0.999, drop_caption=0.1, two_objects=0.25, seed=0,
                 train_text=False, token_scale=10.0)
-# World 2's model is 3x larger and sees 40 % two-object scenes (their words have to be bound to the right object).
-WORLDS = {1: (world1, mini.UNET, DEFAULTS, Path("cache/world")),
-          2: (world2, mini.UNET_W2, dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.4, world=2),
+# World 2's model is 3x larger and sees 30 % two- and 20 % three-object scenes (their words have to be bound to
+# the right object). world -> (scenes module, U-Net config, text config, defaults, checkpoint folder)
+WORLDS = {1: (world1, mini.UNET, mini.TEXT, DEFAULTS, Path("cache/world")),
+          2: (world2, mini.UNET_W2, mini.TEXT_W2,
+              dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.3, three_objects=0.2, world=2),
               Path("cache/world2"))}
 
 
@@ -85,10 +87,10 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
     return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"])
 
 
-def _models(cfg: dict, unet_config: dict) -> tuple[dict, list, torch.optim.Optimizer]:
+def _models(cfg: dict, unet_config: dict, text_config: dict) -> tuple[dict, list, torch.optim.Optimizer]:
     """(models {unet, text, ema_unet, ema_text}, trained parameters, optimizer) at their seeded init."""
     torch.manual_seed(cfg["seed"])
-    unet, text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
+    unet, text = mini.build(cfg["seed"], unet_config, text_config, token_scale=cfg["token_scale"])
     models = {"unet": unet, "text": text, "ema_unet": copy.deepcopy(unet), "ema_text": copy.deepcopy(text)}
     for name in ("ema_unet", "ema_text"):
         models[name].requires_grad_(False)
@@ -97,11 +99,12 @@ def _models(cfg: dict, unet_config: dict) -> tuple[dict, list, torch.optim.Optim
     return models, params, torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
 
 
-def export(models: dict, cfg: dict, unet_config: dict, step: int, log: list, out: Path) -> Path:
+def export(models: dict, cfg: dict, configs: tuple[dict, dict], step: int, log: list, out: Path) -> Path:
     """The bias-corrected EMA weights at `step`, with their configuration, to `out` (atomically)."""
-    meta = {"config": {"unet": unet_config, "text": mini.TEXT, "train": cfg, "zero_padding": True}, "steps": step,
+    unet_config, text_config = configs
+    meta = {"config": {"unet": unet_config, "text": text_config, "train": cfg, "zero_padding": True}, "steps": step,
             "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
-    init_unet, init_text = mini.build(cfg["seed"], unet_config, token_scale=cfg["token_scale"])
+    init_unet, init_text = mini.build(cfg["seed"], unet_config, text_config, token_scale=cfg["token_scale"])
     ema_unet, ema_text = copy.deepcopy(models["ema_unet"]), copy.deepcopy(models["ema_text"])
     return mini.save_weights(debiased_ema(ema_unet, init_unet, cfg["ema"], step),
                              debiased_ema(ema_text, init_text, cfg["ema"], step), out, meta)
@@ -109,19 +112,19 @@ def export(models: dict, cfg: dict, unet_config: dict, step: int, log: list, out
 
 def export_checkpoint(work: Path, out: Path, world: int) -> int:
     """Export the EMA of a checkpoint as it stands (also while its run goes on: saves are atomic)."""
-    _, unet_config, defaults, _ = WORLDS[world]
+    _, unet_config, text_config, defaults, _ = WORLDS[world]
     ckpt = work / "mini.checkpoint.safetensors"
-    models, _, opt = _models(defaults, unet_config)
+    models, _, opt = _models(defaults, unet_config, text_config)
     step, cfg, log = load_checkpoint(ckpt, models, opt)
-    export(models, cfg, unet_config, step, log, out)
+    export(models, cfg, (unet_config, text_config), step, log, out)
     return step
 
 
 def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **overrides) -> int:
     """Train (or continue) until `steps` or the time budget; returns the step reached."""
-    scenes, unet_config, defaults, _ = WORLDS[world]
+    scenes, unet_config, text_config, defaults, _ = WORLDS[world]
     cfg = {**defaults, **overrides, "steps": steps}
-    models, params, opt = _models(cfg, unet_config)
+    models, params, opt = _models(cfg, unet_config, text_config)
     unet, text = models["unet"], models["text"]
     ckpt = work / "mini.checkpoint.safetensors"
     step, log = 0, []
@@ -136,9 +139,10 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
     text.train()
     deadline = time.monotonic() + minutes * 60
     started, window = time.monotonic(), []
+    layout = {k: cfg[k] for k in ("two_objects", "three_objects") if k in cfg}  # world 1 has no three-object scenes
     while step < steps and time.monotonic() < deadline:
         images, captions, _ = scenes.batch(cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS,
-                                           cfg["two_objects"], cfg["drop_caption"])
+                                           drop_caption=cfg["drop_caption"], **layout)
         gen = torch.Generator().manual_seed(cfg["seed"] * 7_919 + step)
         x0 = to_tensor(images)
         t = torch.randint(len(alphas), (len(x0),), generator=gen)
@@ -166,7 +170,7 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
             save_checkpoint(ckpt, models, opt, step, cfg, log)
     save_checkpoint(ckpt, models, opt, step, cfg, log)
     if step >= steps:
-        export(models, cfg, unet_config, step, log, out)
+        export(models, cfg, (unet_config, text_config), step, log, out)
         print(f"wrote {out}", flush=True)
     return step
 
@@ -183,7 +187,7 @@ def main() -> None:
                    help="scale of the frozen encoder's random token table (see model.build)")
     p.add_argument("--export", action="store_true", help="only write the checkpoint's EMA weights as they stand")
     a = p.parse_args()
-    _, _, defaults, work = WORLDS[a.world]
+    _, _, _, defaults, work = WORLDS[a.world]
     out = a.out or (mini.WEIGHTS if a.world == 1 else mini.WEIGHTS.with_name("mini2.safetensors"))
     if a.export:
         print(f"wrote {out} at step {export_checkpoint(a.work or work, out, a.world)}")

@@ -3,8 +3,8 @@
     ./dev.sh python -m perfusion.world.w2.accuracy [--weights FILE] [--scenes 160] [--steps 25]
 
 One-object scenes: shape, colour (the caption's), pattern, size, position, background, and every one at once.
-Two-object scenes: each object fully right (shape, colour, pattern), both at once. The accent colour is
-never asked for, so it is not scored.
+Two- and three-object scenes: each object fully right (shape, colour, pattern), all at once. The accent
+colour is never asked for, so it is not scored.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 from ...generate import generate
 from .. import model as mini
 from ..scenes import from_tensor
-from .analyze import Reading, read, read_pair
+from .analyze import Reading, read, read_places
 from .scenes import SIZE, Thing, caption, random_scene
 
 HELD_OUT_SEED = 10**12  # the model trainer draws batch seeds below 10**10
@@ -50,11 +50,11 @@ def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batc
             checks["background"] = r.background == scene.background
             checks["every attribute (one object)"] = all(checks.values())
         else:
-            layout = "left-right" if scene.things[0].position == "left" else "top-bottom"
-            readings = read_pair(img, layout)
+            readings = read_places(img, tuple(t.position for t in scene.things))
             per = [all(asked(r, t).values()) for r, t in zip(readings, scene.things)]
-            right["two objects: each fully right"] += per
-            checks = {"two objects: both fully right": all(per), "background": readings[0].background == scene.background}
+            n = "two" if len(per) == 2 else "three"
+            right[f"{n} objects: each fully right"] += per
+            checks = {f"{n} objects: all fully right": all(per), "background": readings[0].background == scene.background}
         for k, v in checks.items():
             right[k].append(v)
     return {"accuracy": {k: float(np.mean(v)) for k, v in right.items()},

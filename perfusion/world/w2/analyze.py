@@ -21,8 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from .scenes import (BACKGROUNDS, COLOURS, PERIOD, POSITIONS, SHAPES, SIZE, SIZES, SUPERSAMPLE, Thing,
-                     accent_field, shape_mask)
+from .scenes import (ANCHORS, BACKGROUNDS, COLOURS, PERIOD, SHAPES, SIZE, SIZES, SUPERSAMPLE, Thing, accent_field,
+                     shape_mask)
 
 _BG = {k: np.array(v, float) for k, v in BACKGROUNDS.items()}
 _NAMES = tuple(COLOURS)
@@ -212,17 +212,21 @@ def read(image: np.ndarray, region: Optional[np.ndarray] = None, min_area: int =
         return Reading(bg_name, area=int(fg.sum()))
     ys, xs = np.nonzero(fg)
     centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
-    position = min(POSITIONS, key=lambda k: float(np.linalg.norm(centre - np.array(POSITIONS[k]))))
+    position = min(ANCHORS, key=lambda k: float(np.linalg.norm(centre - np.array(ANCHORS[k]))))
     shape, size = _shape_and_size(fg)
     colour, accent, pattern, fit = _tones_and_pattern(img, fg)
     return Reading(bg_name, shape, colour, accent, pattern, size, position, int(fg.sum()), fit)
 
 
+def read_places(image: np.ndarray, places: tuple[str, ...]) -> tuple[Reading, ...]:
+    """Several objects at the given places (scenes.PAIRS / TRIPLES, e.g. ('left', 'right')): one Reading per
+    place, of the pixels nearer its anchor than any other place's (halves for pairs, quadrants for triples)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    dist = np.stack([(x - ANCHORS[p][0]) ** 2 + (y - ANCHORS[p][1]) ** 2 for p in places])
+    nearest = dist.argmin(0)
+    return tuple(read(image, nearest == k) for k in range(len(places)))
+
+
 def read_pair(image: np.ndarray, layout: str) -> tuple[Reading, Reading]:
     """Two objects side by side (layout 'left-right') or stacked ('top-bottom'): one Reading per half."""
-    half = np.zeros((SIZE, SIZE), bool)
-    if layout == "left-right":
-        half[:, : SIZE // 2] = True
-    else:
-        half[: SIZE // 2] = True
-    return read(image, half), read(image, ~half)
+    return read_places(image, ("left", "right") if layout == "left-right" else ("top", "bottom"))

@@ -1,4 +1,4 @@
-"""48x48 scenes of one or two shapes with two-colour patterns, and their captions.
+"""48x48 scenes of one, two or three shapes with two-colour patterns, and their captions.
 
 Every patterned object has a body colour (named in its caption) and an accent colour (never named):
 "a red checkered ball" may carry yellow, blue, ... checks. So words can ask for a pattern but not for
@@ -22,6 +22,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), 
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (15, 15, 15), "white": (240, 240, 240), "brown": (110, 70, 40)}
 POSITIONS = {"left": (14, 24), "right": (34, 24), "top": (24, 14), "bottom": (24, 34), "centre": (24, 24)}
 SIZES = {"small": 7.5, "big": 12.0}
+# Three objects take three of the four quadrants (three in a row would be too small to show a pattern).
+CORNERS = {"top left": (14, 14), "top right": (34, 14), "bottom left": (14, 34), "bottom right": (34, 34)}
+ANCHORS = {**POSITIONS, **CORNERS}
+PAIRS = (("left", "right"), ("top", "bottom"))
+TRIPLES = tuple(tuple(c for c in CORNERS if c != left_out) for left_out in CORNERS)
 PATTERNS = ("plain", "striped", "checkered", "two-tone")  # what the base model is trained on
 CONTROL_PATTERNS = ("dotted",)  # drawn only as negative controls for the reader
 JITTER = 1.5  # output pixels of random shift of each object
@@ -97,7 +102,7 @@ def _draw(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     img = np.zeros((n, n, 3)) + np.array(BACKGROUNDS[scene.background], float)
     owner = np.full((n, n), -1, np.int8)
     for k, thing in enumerate(scene.things):
-        cx, cy = (np.array(POSITIONS[thing.position], float) + rng.uniform(-JITTER, JITTER, 2)) * SUPERSAMPLE
+        cx, cy = (np.array(ANCHORS[thing.position], float) + rng.uniform(-JITTER, JITTER, 2)) * SUPERSAMPLE
         mask = shape_mask(thing.shape, cx, cy, SIZES[thing.size] * SUPERSAMPLE, n)
         phase = tuple(int(v) for v in rng.integers(0, PERIOD * SUPERSAMPLE, 2))
         accent = accent_field(thing.pattern, mask, phase) if thing.accent else np.zeros((n, n), bool)
@@ -147,7 +152,8 @@ def article(words: str) -> str:
 
 def caption(scene: Scene, rng: random.Random) -> str:
     """A natural caption; every attribute that defines the scene is named, except accent colours."""
-    body = " and ".join(article(describe(t, rng)) for t in scene.things)
+    parts = [article(describe(t, rng)) for t in scene.things]
+    body = " and ".join(parts) if len(parts) < 3 else f"{parts[0]}, {parts[1]} and {parts[2]}"
     opener = rng.choice(("", "", "a photo of ", "an image of "))
     return f"{opener}{body} on a {scene.background} background"
 
@@ -158,26 +164,28 @@ def random_thing(rng: random.Random, position: str, size: str, patterns=PATTERNS
     return Thing(rng.choice(SHAPES), colour, pattern, size, position, accent)
 
 
-def random_scene(rng: random.Random, patterns=PATTERNS, two_objects: float = 0.4) -> Scene:
-    """A random scene; two small objects (left and right, or top and bottom) with probability `two_objects`."""
-    if rng.random() < two_objects:
-        pair = rng.choice((("left", "right"), ("top", "bottom")))
-        things = tuple(random_thing(rng, p, "small", patterns) for p in pair)
+def random_scene(rng: random.Random, patterns=PATTERNS, two_objects: float = 0.3, three_objects: float = 0.2) -> Scene:
+    """A random scene: two small objects (left and right, or top and bottom) with probability `two_objects`,
+    three in three of the four corners with probability `three_objects`, else one."""
+    draw = rng.random()
+    if draw < two_objects + three_objects:
+        places = rng.choice(PAIRS if draw < two_objects else TRIPLES)
+        things = tuple(random_thing(rng, p, "small", patterns) for p in places)
     else:
         things = (random_thing(rng, rng.choice(list(POSITIONS)), rng.choice(list(SIZES)), patterns),)
     return Scene(things, rng.choice(list(BACKGROUNDS)), rng.randrange(2**31))
 
 
-def scenes_and_captions(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.4,
+def scenes_and_captions(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.3, three_objects: float = 0.2,
                         drop_caption: float = 0.0) -> tuple[list[Scene], list[str]]:
     """n random scenes for one seed and their captions ('' with probability drop_caption)."""
     rng = random.Random(seed)
-    scenes = [random_scene(rng, patterns, two_objects) for _ in range(n)]
+    scenes = [random_scene(rng, patterns, two_objects, three_objects) for _ in range(n)]
     return scenes, ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
 
 
-def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.4,
+def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.3, three_objects: float = 0.2,
           drop_caption: float = 0.0) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes for one seed: images uint8 [n, 48, 48, 3], captions, scenes."""
-    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, drop_caption)
+    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, three_objects, drop_caption)
     return np.stack([render(s) for s in scenes]), captions, scenes
