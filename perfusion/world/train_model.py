@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -38,6 +39,11 @@ WORLDS = {1: (world1, mini.UNET, mini.TEXT, DEFAULTS, Path("cache/world")),
           2: (world2, mini.UNET_W2, mini.TEXT_W2,
               dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.3, three_objects=0.2, world=2),
               Path("cache/world2"))}
+
+
+# A run longer than a session is carried to the next in git: its checkpoint is committed here at the end
+# of a session (copied from the work folder) and picked up when the work folder has none.
+CARRIED = {2: Path(__file__).with_name("weights") / "mini2.checkpoint.safetensors"}
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -128,6 +134,11 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
     unet, text = models["unet"], models["text"]
     ckpt = work / "mini.checkpoint.safetensors"
     step, log = 0, []
+    carried = CARRIED.get(world)
+    if not ckpt.exists() and carried is not None and carried.exists():  # a run that a session carried over in git
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(carried, ckpt)
+        print(f"continuing the run carried in {carried}", flush=True)
     if ckpt.exists():
         step, saved, log = load_checkpoint(ckpt, models, opt)
         if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in cfg.items() if k != "steps"}:
