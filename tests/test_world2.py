@@ -94,3 +94,30 @@ def test_controls_are_look_alikes():
     mean = control_image(scene, "mean colour").astype(float)
     assert np.abs(mean[inside].mean(0) - instance[inside].mean(0)).max() < 12
     assert read(mean).pattern == "plain" and not is_instance(read(mean), scene.things[0])
+
+
+def test_benchmark_judges_rendered_ground_truth():
+    from dataclasses import replace
+
+    from perfusion.world.w2.quality import group_prompts, judge, other_object, single_prompts
+    chekka, boxy, stripo = INSTANCES[:3]
+    other = other_object([chekka], random.Random(0))
+    assert other.shape != chekka.shape and other.colour not in (chekka.colour, chekka.accent)
+    prompts = single_prompts(other)
+    left = Scene((replace(chekka, position="left"),), "white", 1)
+    assert judge(render(left), prompts[0], [chekka]) == ([True], 1.0, [True])
+    plain = Scene((replace(chekka, position="right", pattern="plain", accent=None),), "white", 1)
+    identity, alignment, words = judge(render(plain), prompts[0], [chekka])
+    assert identity == [False] and alignment == 0.5 and words == [False]  # background right, position wrong
+    second = Scene((replace(other, position="top"), replace(chekka, size="small", position="bottom")), "gray", 2)
+    assert judge(render(second), prompts[6], [chekka]) == ([True], 1.0, [True])  # concept second, other first
+    [pair] = [p for p in group_prompts(2) if p.places == ("left", "right") and p.objects == (1, 0)]
+    scene = Scene((replace(boxy, size="small", position="left"), replace(chekka, size="small", position="right")), "gray", 3)
+    assert judge(render(scene), pair, [chekka, boxy]) == ([True, True], 1.0, [True, True])
+    swapped = judge(render(scene), [p for p in group_prompts(2) if p.places == ("left", "right") and p.objects == (0, 1)][0],
+                    [chekka, boxy])
+    assert swapped[0] == [False, False]  # each where the other should be
+    triple = group_prompts(3)[0]
+    things = tuple(replace(look, size="small", position=place)
+                   for look, place in zip([(chekka, boxy, stripo)[k] for k in triple.objects], triple.places))
+    assert judge(render(Scene(things, triple.asked["background"], 4)), triple, [chekka, boxy, stripo])[0] == [True] * 3

@@ -33,16 +33,17 @@ CELL = 96  # pixels per image on the sheet (32 px upscaled 3x)
 TEMPLATES = ("a [name] [filewords]", "a photo of a [name] [filewords]", "an image of a [name] [filewords]")
 
 
-def world_covariance(adapter, cache: Path, prompts: int = 4096) -> Covariance:
-    """C of the mini text encoder over world captions (cached by model hash)."""
-    captions = scenes_and_captions(12345, prompts)[1]
-    return cached_covariance(cache, adapter_encoder(adapter), captions, encoder_hash=adapter.model_hash, batch_size=256)
+def world_covariance(adapter, cache: Path, prompts: int = 4096, captions=scenes_and_captions) -> Covariance:
+    """C of the mini text encoder over a world's captions (`captions(seed, n)` -> (scenes, texts); cached by
+    model hash)."""
+    texts = captions(12345, prompts)[1]
+    return cached_covariance(cache, adapter_encoder(adapter), texts, encoder_hash=adapter.model_hash, batch_size=256)
 
 
 def train_folder(adapter, cov: Covariance, folder: Path, cfg: TrainConfig, concept_path: Path, work_dir: Path,
-                 shots: Optional[int] = None, progress=None) -> Concept:
-    """Train `cfg` on the first `shots` images of a world-sized folder (32 px, masks and captions beside them)."""
-    samples = load_dataset(folder, resolution=32, min_size=16, mask_source="auto").samples[:shots]
+                 shots: Optional[int] = None, progress=None, resolution: int = 32) -> Concept:
+    """Train `cfg` on the first `shots` images of a world-sized folder (masks and captions beside them)."""
+    samples = load_dataset(folder, resolution=resolution, min_size=16, mask_source="auto").samples[:shots]
     trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), [s.mask for s in samples],
                       work_dir, concept_path, captions=[s.caption for s in samples])
     return trainer.run(progress=progress).concept

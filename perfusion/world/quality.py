@@ -180,8 +180,9 @@ def evaluate_pair(adapter, a: Concept, b: Concept, ids: tuple, projection: str, 
             "pair_fidelity": float(np.mean(both)), "samples": samples}
 
 
-def pareto_plot(rows: list[dict], path: Path) -> Path:
-    """Fidelity (y) against alignment (x) per method and shots, lines through the beta sweep."""
+def pareto_plot(rows: list[dict], path: Path, order: Optional[list[str]] = None) -> Path:
+    """Fidelity (y) against alignment (x) per method and shots, lines through the beta sweep (methods in
+    `order`, default this benchmark's, then any others)."""
     w, h, m = 640, 480, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
@@ -195,7 +196,8 @@ def pareto_plot(rows: list[dict], path: Path) -> Path:
     d.text((5, 5), "identity fidelity", fill="black", font=font)
     colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#000000"]
     xy = lambda a, f: (m + a * (w - m - 20), h - m - f * (h - m - 20))  # noqa: E731
-    names = sorted({r["method"] for r in rows}, key=[BASE, *(mm.name for mm in METHODS)].index)
+    order = order or [BASE, *(mm.name for mm in METHODS)]
+    names = sorted({r["method"] for r in rows}, key=lambda n: (order.index(n) if n in order else len(order), n))
     for k, name in enumerate(names):
         for shots, width in ((5, 3), (1, 1), (0, 1)):
             pts = [xy(r["alignment"], r["fidelity"]) for r in rows if r["method"] == name and r["shots"] == shots]

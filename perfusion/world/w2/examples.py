@@ -1,0 +1,47 @@
+"""World-2 instance folders: photos of one instance as a user's folder would hold them.
+
+Each folder has 48x48 PNGs, their object masks (`<stem>.mask.png`) and captions of what is not the concept
+(`<stem>.txt`: where it is and on what background, for [filewords]).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .controls import INSTANCES
+from .scenes import BACKGROUNDS, POSITIONS, SIZES, Scene, Thing, owner_map, render
+
+# token -> look: five instances of different shapes, patterns and colours
+EXAMPLES = dict(zip(("chekka", "boxy", "stripo", "starla", "ringo"), INSTANCES))
+
+
+def instance_scenes(look: Thing, n: int = 5, seed: int = 0) -> list[Scene]:
+    """n photos of the instance in varied places, sizes and backgrounds."""
+    rng = random.Random(seed)
+    return [Scene((replace(look, size=rng.choice(list(SIZES)), position=rng.choice(list(POSITIONS))),),
+                  rng.choice(list(BACKGROUNDS)), rng.randrange(2**31)) for _ in range(n)]
+
+
+def write_folder(folder: Path, look: Thing, n: int = 5, seed: int = 0) -> list[Path]:
+    """Write n photos of `look` (with masks and captions) into `folder`; returns the image paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(instance_scenes(look, n, seed)):
+        path = folder / f"{folder.name}-{i}.png"
+        Image.fromarray(render(scene)).save(path)
+        Image.fromarray(np.where(owner_map(scene) >= 0, 255, 0).astype(np.uint8)).save(path.with_suffix(".mask.png"))
+        thing = scene.things[0]
+        where = "in the centre" if thing.position == "centre" else f"at the {thing.position}"
+        path.with_suffix(".txt").write_text(f"{where} on a {scene.background} background\n")
+        paths.append(path)
+    return paths
+
+
+def write_examples(root: Path, n: int = 5) -> dict[str, Path]:
+    """Every example instance's folder under root: {token: folder}."""
+    return {token: (write_folder(root / token, look, n, seed=k), root / token)[1]
+            for k, (token, look) in enumerate(EXAMPLES.items())}
