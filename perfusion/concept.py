@@ -17,10 +17,9 @@ from safetensors.torch import load as _load_safetensors_bytes
 from safetensors.torch import save as _save_safetensors_bytes
 
 from .files import atomic_write, read_regular
+from .options import ARCHS, BETA, METHODS, TAU, TRAIN_BETA, TRAIN_TAU, Arch, Method
 
 FORMAT_VERSION = "1"
-METHODS = ("perfusion", "infusion")
-ARCHS = ("sd1", "sd2", "sdxl", "other")
 SDXL_EMBEDDINGS = {"clip_l": 768, "clip_g": 1280}
 MAX_FILE_BYTES = 64 * 2**20
 MAX_HEADER_BYTES = 2**20
@@ -59,15 +58,15 @@ class Concept:
     i_super: torch.Tensor
     values: dict[str, torch.Tensor]
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
-    method: str = "perfusion"
-    arch: str = "other"
+    method: Method = "perfusion"
+    arch: Arch = "other"
     base_model_hash: str = ""
     covariance_hash: str = ""
     clip_skip: int = 1
-    train_beta: float = 0.75
-    train_tau: float = 0.10
-    beta: float = 0.7
-    tau: float = 0.15
+    train_beta: float = TRAIN_BETA
+    train_tau: float = TRAIN_TAU
+    beta: float = BETA
+    tau: float = TAU
     steps: int = 0
     created: str = ""
     name: str = ""

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .files import is_regular, read_regular
+from .options import MASK_SOURCES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIXES = (".mask.png", "_mask.png", "-mask.png")
-MASK_SOURCES = ("auto", "alpha", "files", "none")
 CAPTION_SUFFIX = ".txt"
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey ("I" is how Pillow < 10 opens it)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-PROJECTIONS = ("approximate", "exact")
+from .options import PROJECTIONS
 
 
 def gate_direction(i_star: torch.Tensor, c_inv_i_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

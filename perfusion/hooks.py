@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from .concept import Concept, ConceptError
-from .edit import PROJECTIONS, edited_output
-
-LOCKS = ("local", "global")
+from .edit import edited_output
+from .options import LOCKS, PROJECTIONS, Lock, Projection
 _HANDLE_ATTR = "_perfusion_hooks"
 
 
@@ -34,7 +33,7 @@ class Activation:
     concept: Concept
     beta: Optional[float] = None
     tau: Optional[float] = None
-    lock: str = "local"
+    lock: Lock = "local"
     ungated: bool = False
 
     @property
@@ -53,7 +52,7 @@ class Activations:
     """
 
     items: list[Activation] = field(default_factory=list)
-    projection: str = "approximate"
+    projection: Projection = "approximate"
     key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
 
 

@@ -33,6 +33,7 @@ from .diffusion import q_sample, training_target
 from .files import atomic_write, read_regular
 from .hooks import Activation, attach
 from .masks import attention_masks
+from .options import BETA, I_STAR_GRADIENTS, METHODS, TAU, TRAIN_BETA, TRAIN_TAU, IStarGradient, Keys, Method
 
 MAX_TEMPLATES_BYTES = 256 * 2**10
 TI_TEMPLATES = (
@@ -67,22 +68,22 @@ class TrainConfig:
     name: str
     token: str
     superclass: str
-    method: str = "perfusion"
+    method: Method = "perfusion"
     steps: int = 400
     batch_size: int = 4
     grad_accum: int = 4
     lr_values: float = 0.03
     lr_embedding: float = 0.006
     warmup_steps: int = 0
-    train_beta: float = 0.75
-    train_tau: float = 0.10
-    beta: float = 0.7
-    tau: float = 0.15
+    train_beta: float = TRAIN_BETA
+    train_tau: float = TRAIN_TAU
+    beta: float = BETA  # previews
+    tau: float = TAU
     ema: Optional[float] = 0.99
-    i_star_gradient: str = "detach"  # or "straight_through"
+    i_star_gradient: IStarGradient = "detach"
     # ablations (the paper's and the benchmark's baselines): trained instead of locked keys, an
     # ungated (ROME) edit, or no edit at all (textual inversion: only the embedding learns)
-    keys: str = "locked"  # or "trained"
+    keys: Keys = "locked"
     gated: bool = True
     edit: bool = True
     templates: tuple[str, ...] = TI_TEMPLATES
@@ -94,10 +95,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute U-Net blocks in backward: less memory, ~30 % slower
 
     def check(self) -> None:
-        if self.method not in ("perfusion", "infusion"):
-            raise TrainError(f"method must be 'perfusion' or 'infusion', got {self.method!r}")
-        if self.i_star_gradient not in ("detach", "straight_through"):
-            raise TrainError("i_star_gradient must be 'detach' or 'straight_through'")
+        if self.method not in METHODS:
+            raise TrainError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.i_star_gradient not in I_STAR_GRADIENTS:
+            raise TrainError(f"i_star_gradient must be one of {', '.join(I_STAR_GRADIENTS)}")
         if min(self.steps, self.batch_size, self.grad_accum) < 1:
             raise TrainError("steps, batch size and gradient accumulation must be at least 1")
         if not all("[name]" in t for t in self.templates):

@@ -14,6 +14,7 @@ from modules import extra_networks, prompt_parser, shared
 
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
+from ..options import BETA, TAU, Lock, Projection
 from . import host
 from .library import Entry, Library
 from .tags import Request, parse_request
@@ -27,10 +28,10 @@ class Defaults:
     """What applies when a tag gives no value (the gate sliders, or the settings)."""
 
     enabled: bool = True
-    beta: float = 0.7
-    tau: float = 0.15
-    lock: str = "local"
-    projection: str = "approximate"
+    beta: float = BETA
+    tau: float = TAU
+    lock: Lock = "local"
+    projection: Projection = "approximate"
 
     @classmethod
     def from_settings(cls) -> "Defaults":

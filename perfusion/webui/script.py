@@ -11,11 +11,9 @@ from typing import Any, Optional
 
 from modules import scripts
 
-from ..edit import PROJECTIONS
-from ..hooks import LOCKS
+from ..options import BETA, BETA_RANGE, LOCKS, PROJECTIONS, TAU, TAU_RANGE
 from . import network
 from .network import Defaults
-from .tags import BETA_RANGE, TAU_RANGE
 
 INFOTEXT_DEFAULTS = "Perfusion defaults"
 
@@ -47,9 +45,10 @@ class PerfusionScript(scripts.Script):
                 projection = gr.Radio(list(PROJECTIONS), value=d.projection, label="Several concepts",
                                       elem_id=f"perfusion_{tab}_projection")
             with gr.Row():
-                beta = gr.Slider(minimum=0.0, maximum=1.5, step=0.01, value=d.beta, label="Gate bias beta", elem_id=f"perfusion_{tab}_beta")
-                tau = gr.Slider(minimum=0.01, maximum=1.0, step=0.01, value=d.tau, label="Gate temperature tau",
-                                elem_id=f"perfusion_{tab}_tau")
+                beta = gr.Slider(minimum=BETA_RANGE[0], maximum=BETA_RANGE[1], step=0.01, value=d.beta,
+                                 label="Gate bias beta", elem_id=f"perfusion_{tab}_beta")
+                tau = gr.Slider(minimum=TAU_RANGE[0], maximum=TAU_RANGE[1], step=0.01, value=d.tau,
+                                label="Gate temperature tau", elem_id=f"perfusion_{tab}_tau")
         pasted = lambda key, cast: (lambda params: _pasted(params, key, cast))  # noqa: E731
         self.infotext_fields = [(enabled, lambda params: True if INFOTEXT_DEFAULTS in params else None),
                                 (beta, pasted("beta", float)), (tau, pasted("tau", float)),
@@ -57,7 +56,7 @@ class PerfusionScript(scripts.Script):
         self.paste_field_names = [INFOTEXT_DEFAULTS]
         return [enabled, beta, tau, lock, projection]
 
-    def process(self, p: Any, enabled: bool = True, beta: float = 0.7, tau: float = 0.15, lock: str = "local",
+    def process(self, p: Any, enabled: bool = True, beta: float = BETA, tau: float = TAU, lock: str = "local",
                 projection: str = "approximate", *rest: Any) -> None:
         settings = Defaults.from_settings()
         d = Defaults(bool(enabled), _gate_value(p, "beta", beta, BETA_RANGE, settings.beta),

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from modules import shared
 
-from ..edit import PROJECTIONS
-from ..hooks import LOCKS
+from ..options import BETA, BETA_RANGE, LOCKS, PROJECTIONS, TAU, TAU_RANGE
 from .host import OPTION_PREFIX
 
 WARNING_MODES = ("UI and console", "console only")
@@ -24,10 +23,10 @@ def register() -> None:
     radio, slider = _gradio("Radio"), _gradio("Slider")
     options = {
         "dir": shared.OptionInfo("", "Concepts folder (empty: --perfusion-dir, else models/perfusion)"),
-        "beta": shared.OptionInfo(0.7, "Default gate bias beta (higher: weaker concept, closer to the prompt)",
-                                  slider, {"minimum": 0.0, "maximum": 1.5, "step": 0.01}),
-        "tau": shared.OptionInfo(0.15, "Default gate temperature tau", slider,
-                                 {"minimum": 0.01, "maximum": 1.0, "step": 0.01}),
+        "beta": shared.OptionInfo(BETA, "Default gate bias beta (higher: weaker concept, closer to the prompt)",
+                                  slider, {"minimum": BETA_RANGE[0], "maximum": BETA_RANGE[1], "step": 0.01}),
+        "tau": shared.OptionInfo(TAU, "Default gate temperature tau", slider,
+                                 {"minimum": TAU_RANGE[0], "maximum": TAU_RANGE[1], "step": 0.01}),
         "lock": shared.OptionInfo("local", "Default key locking", radio, {"choices": list(LOCKS)}),
         "projection": shared.OptionInfo("approximate", "Several concepts in one prompt: projection", radio,
                                         {"choices": list(PROJECTIONS)}),

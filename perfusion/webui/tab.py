@@ -15,6 +15,7 @@ from modules import devices, shared
 
 from ..generate import generate
 from ..hooks import Activation
+from ..options import METHODS
 from . import host, training
 from .adapter import WebUIAdapter
 from .plot import loss_html
@@ -81,7 +82,7 @@ def create_tab():
                 folder = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder")
                 mask_source = gr.Dropdown(list(MASK_SOURCES), value=d.mask_source, label="Masks")
                 templates_file = gr.Textbox(label="Templates file (empty: built-in)", value="")
-                method = gr.Radio(["perfusion", "infusion"], value=d.method, label="Method")
+                method = gr.Radio(list(METHODS), value=d.method, label="Method")
                 with gr.Row():
                     steps = gr.Number(value=d.steps, precision=0, label="Steps")
                     batch_size = gr.Number(value=d.batch_size, precision=0, label="Batch size")

@@ -8,10 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..hooks import LOCKS
-
-TAU_RANGE = (0.01, 2.0)
-BETA_RANGE = (-1.0, 2.0)
+from ..options import BETA_RANGE, LOCKS, TAU_RANGE
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ..covariance import adapter_encoder, cached_covariance
 from ..corpus import prompt_corpus
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
+from ..options import BETA, BETA_RANGE, METHODS, TAU, TAU_RANGE
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, TrainError, Trainer, check_superclass, read_templates
 from . import host
@@ -73,8 +74,8 @@ class TrainForm:
     save_every: int = 100
     preview_every: int = 100
     preview_prompt: str = ""
-    preview_beta: float = 0.7
-    preview_tau: float = 0.15
+    preview_beta: float = BETA
+    preview_tau: float = TAU
     existing: str = "ask"
     report_samples: int = 8  # images per set for the overfitting report after training (0: no report)
     gradient_checkpointing: bool = False  # less GPU memory (SD1.5 at 512 px in 8 GB), about 30 % slower
@@ -116,8 +117,8 @@ _KIND_WORDS = {str: "text", int: "a whole number", float: "a number", bool: "tru
 # (smallest, largest) of each numeric field: a mistyped 1e300 steps must not run for ever
 RANGES = {"steps": (1, 100_000), "batch_size": (1, 64), "grad_accum": (1, 256), "resolution": (64, 4096),
           "save_every": (0, 100_000), "preview_every": (0, 100_000), "report_samples": (0, 256),
-          "lr_values": (1e-7, 10.0), "lr_embedding": (1e-7, 10.0), "train_beta": (-1.0, 2.0),
-          "train_tau": (0.01, 2.0), "preview_beta": (-1.0, 2.0), "preview_tau": (0.01, 2.0)}
+          "lr_values": (1e-7, 10.0), "lr_embedding": (1e-7, 10.0), "train_beta": BETA_RANGE,
+          "train_tau": TAU_RANGE, "preview_beta": BETA_RANGE, "preview_tau": TAU_RANGE}
 
 
 def _typed(value: Any, kind: type) -> Any:
@@ -160,8 +161,8 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append(bad_name)
     if not form.token.strip() or len(form.token.split()) != 1:
         problems.append("token word: one word that will stand for the concept in prompts (e.g. 'hugsy')")
-    if form.method not in ("perfusion", "infusion"):
-        problems.append(f"method {form.method!r}: perfusion or infusion")
+    if form.method not in METHODS:
+        problems.append(f"method {form.method!r}: one of {', '.join(METHODS)}")
     if form.mask_source not in MASK_SOURCES:
         problems.append(f"mask source {form.mask_source!r}: one of {', '.join(MASK_SOURCES)}")
     if form.existing not in EXISTING:

@@ -1,0 +1,28 @@
+"""Every choice an option offers and every default, in one place: engine, trainer, tags, settings and tab
+import them from here."""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Method = Literal["perfusion", "infusion"]  # key-locked rank-1 edit with a learned word; Infusion's value residual
+Arch = Literal["sd1", "sd2", "sdxl", "other"]
+Lock = Literal["local", "global"]  # key-locking at inference (PERFUSION.md)
+Projection = Literal["approximate", "exact"]  # how several concepts share one edit
+MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
+Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
+IStarGradient = Literal["detach", "straight_through"]  # how the EMA of i* meets the gradient
+
+METHODS: tuple[str, ...] = get_args(Method)
+ARCHS: tuple[str, ...] = get_args(Arch)
+LOCKS: tuple[str, ...] = get_args(Lock)
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
+MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
+KEYS: tuple[str, ...] = get_args(Keys)
+I_STAR_GRADIENTS: tuple[str, ...] = get_args(IStarGradient)
+
+# The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
+BETA, TAU = 0.7, 0.15
+TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
+# What tags, sliders, settings and the API accept (higher beta: weaker concept, closer to the prompt).
+BETA_RANGE = (-1.0, 2.0)
+TAU_RANGE = (0.01, 2.0)
