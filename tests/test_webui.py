@@ -105,8 +105,8 @@ def test_global_lock_feeds_superclass_twin_to_the_keys(folder):
 
 
 def host_runtime():
-    from perfusion.webui import network
-    return network.runtime
+    from perfusion.webui import state
+    return state.runtime
 
 
 def test_hires_pass_batches_and_no_leak_after_an_exception(folder):

@@ -14,7 +14,8 @@ from typing import Any
 
 from modules import shared
 
-from . import host, network, training
+from . import host, training
+from .state import library
 from .page import concept_metadata
 from .training import FormError, TrainForm
 
@@ -23,7 +24,7 @@ ROUTES = ("/perfusion/v1/concepts", "/perfusion/v1/refresh", "/perfusion/v1/trai
 
 def concepts() -> dict:
     """The payload of both routes."""
-    lib = network.library()
+    lib = library()
     items = []
     for name in sorted(lib.entries, key=str.lower):
         entry = lib.entries[name]
@@ -31,12 +32,12 @@ def concepts() -> dict:
         items.append({"name": name, "path": str(entry.path), "shorthash": entry.shorthash,
                       "tag": f"<perfusion:{name}>", "usable": "error" not in metadata,
                       "problem": metadata.get("error"), "metadata": metadata,
-                      "preferences": network.user_preferences(entry)})
+                      "preferences": host.card_preferences(entry.path)})
     return {"folder": str(host.concepts_folder()), "concepts": items, "problems": list(lib.clashes)}
 
 
 def refresh() -> dict:
-    network.library().refresh()
+    library().refresh()
     return concepts()
 
 

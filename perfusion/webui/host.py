@@ -69,6 +69,25 @@ def option(key: str) -> Any:
     return getattr(shared.opts, OPTION_PREFIX + key)
 
 
+def clip_skip() -> int:
+    """The CLIP skip generations and training use now (Settings > Stable Diffusion > Clip skip)."""
+    from modules import shared
+    return int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
+
+
+def card_preferences(path: Path) -> dict[str, float]:
+    """Preferred tau/beta from a card's user metadata (`NAME.json` beside the file), numbers only."""
+    from modules import extra_networks
+    meta = extra_networks.get_user_metadata(str(path))
+    out = {}
+    for key in ("tau", "beta"):
+        try:
+            out[key] = float(meta[f"preferred_{key}"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return out
+
+
 def text_engines(sd_model: Any) -> list[Any]:
     """Forge's text-processing engines (each with its own `.embeddings` database)."""
     return [getattr(sd_model, n) for n in ("text_processing_engine", "text_processing_engine_l",
@@ -130,10 +149,6 @@ def embedding_size(concept_embedding: dict[str, torch.Tensor]) -> tuple[int, int
     return int(first.shape[0]), sum(int(v.shape[-1]) for v in concept_embedding.values())
 
 
-# The WebUI splits a prompt into chunks of 75 tokens; a word's vectors must fit in one.
-MAX_EMBEDDING_ROWS = 75
-
-
 def embedding_width(sd_model: Any) -> Optional[int]:
     """The width a textual-inversion vector must have for this model's text encoder(s) (SDXL: clip_l +
     clip_g), found as the WebUI finds it (the encoding of one token); None where the host does not say."""
@@ -145,20 +160,6 @@ def embedding_width(sd_model: Any) -> Optional[int]:
             return int(encoder.encode_embedding_init_text(",", 1).shape[-1])
     except Exception:  # a host whose encoder answers differently (Forge's engines): no check rather than no image
         return None
-
-
-def check_embedding(sd_model: Any, concept: Any) -> None:
-    """Raise ConceptMismatch unless the concept's word vectors fit this model's text encoder."""
-    from ..hooks import ConceptMismatch
-    rows, width = embedding_size(concept.embedding)
-    src = concept.name or concept.token
-    if not 1 <= rows <= MAX_EMBEDDING_ROWS:
-        raise ConceptMismatch(f"{src}: its word has {rows} vectors; the text encoder takes 1 to "
-                              f"{MAX_EMBEDDING_ROWS} per word")
-    want = embedding_width(sd_model)
-    if want is not None and width != want:
-        raise ConceptMismatch(f"{src}: its word vectors are {width} wide, this model's text encoder takes {want} "
-                              f"(made for another architecture: {concept.arch})")
 
 
 def text_device(sd_model: Any) -> Any:

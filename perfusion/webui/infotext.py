@@ -1,19 +1,42 @@
-"""Pasting generation parameters back: concept hashes resolved to local files, per-concept gates kept.
+"""The image's generation parameters: what is written, and what pasting them back does.
 
-The infotext holds `Perfusion: hugsy tau=0.15 beta=0.6 lock=local; ...` (what was applied) and
-`Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...`. On paste, a tag whose concept is known here under
-another name (same hash) is renamed; a concept missing here is reported; a gate value that came from
-card preferences (not from the tag) is written into the tag so the image reproduces elsewhere.
+The infotext holds `Perfusion: hugsy tau=0.15 beta=0.6 lock=local; ...` (what was applied),
+`Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...` and `Perfusion defaults: beta=0.7 tau=0.15 ...` (the accordion).
+On paste, a tag whose concept is known here under another name (same hash) is renamed; a concept missing
+here is reported; a gate value that came from card preferences (not from the tag) is written into the tag
+so the image reproduces elsewhere.
 """
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
-from .network import INFOTEXT_CONCEPTS, INFOTEXT_HASHES, library
-from .script import INFOTEXT_DEFAULTS, parse_defaults
+from .resolve import Defaults
+from .state import Applied, library
+
+CONCEPTS = "Perfusion"
+HASHES = "Perfusion hashes"
+DEFAULTS = "Perfusion defaults"
 
 _TAG = re.compile(r"<perfusion:([^:>]+)((?::[^:>]*)*)>")
+
+
+def record(p: Any, applied: list[Applied], projection: str) -> None:
+    """What was applied, and the files' hashes, into the image's parameters."""
+    text = "; ".join(a.describe() for a in applied)
+    if len(applied) > 1:
+        text += f"; projection={projection}"
+    p.extra_generation_params[CONCEPTS] = text
+    p.extra_generation_params[HASHES] = ", ".join(f"{a.entry.name}: {a.entry.shorthash}" for a in applied)
+
+
+def defaults_text(d: Defaults) -> str:
+    return f"beta={d.beta:g} tau={d.tau:g} lock={d.lock} projection={d.projection}"
+
+
+def parse_defaults(text: Optional[str]) -> dict[str, str]:
+    """{'beta': '0.7', ...} from an infotext's "Perfusion defaults" value ({} when absent)."""
+    return dict(re.findall(r"(\w+)=([^\s]+)", text or ""))
 
 
 def parse_hashes(text: Optional[str]) -> dict[str, str]:
@@ -58,14 +81,14 @@ def _explicit(prompt: str, name: str, applied: dict[str, str], defaults: dict[st
 
 def on_infotext_pasted(infotext: str, params: dict) -> None:
     """script_callbacks.on_infotext_pasted: rewrite params["Prompt"] in place, warn on the console."""
-    hashes = parse_hashes(params.get(INFOTEXT_HASHES))
-    if not hashes and INFOTEXT_CONCEPTS not in params:
+    hashes = parse_hashes(params.get(HASHES))
+    if not hashes and CONCEPTS not in params:
         return
     prompt = params.get("Prompt", "")
     lib = library()
     lib.refresh()
-    defaults = parse_defaults(params.get(INFOTEXT_DEFAULTS))
-    for name, values in parse_applied(params.get(INFOTEXT_CONCEPTS)).items():
+    defaults = parse_defaults(params.get(DEFAULTS))
+    for name, values in parse_applied(params.get(CONCEPTS)).items():
         prompt = _explicit(prompt, name, values, defaults)
     for name, shorthash in hashes.items():
         entry = lib.find(name)

@@ -8,13 +8,14 @@ from modules import shared, ui_extra_networks, ui_extra_networks_user_metadata
 
 from ..concept import ConceptError
 from . import host, network
+from .state import library
 from .tags import format_tag
 
 
 def concept_metadata(entry) -> dict:
     """What the card's metadata view shows (read from the file; an unusable file says why under "error")."""
     try:
-        c = network.library().load(entry)
+        c = library().load(entry)
     except ConceptError as e:
         return {"error": str(e)}
     problem = network.problem_of(entry)
@@ -31,21 +32,21 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         super().__init__("Perfusion")
 
     def refresh(self) -> None:
-        network.library().refresh()
+        library().refresh()
 
     def allowed_directories_for_previews(self) -> list[str]:
         return [str(host.concepts_folder())]
 
     def create_item(self, name: str, index: Optional[int] = None, enable_filter: bool = True) -> Optional[dict]:
-        entry = network.library().find(name)
+        entry = library().find(name)
         if entry is None:
             return None
         path = os.path.splitext(str(entry.path))[0]
         meta = concept_metadata(entry)
-        prefs = network.user_preferences(entry)
+        prefs = host.card_preferences(entry.path)
         tau = prefs.get("tau")
         if tau is None:
-            tau = host.option("tau") if "error" in meta else network.library().load(entry).tau  # loaded: cached
+            tau = host.option("tau") if "error" in meta else library().load(entry).tau  # loaded: cached
         token = meta.get("token", "")
         prompt = ui_extra_networks.quote_js(format_tag(entry.name, tau) + (f" {token}" if token else ""))
         description = self.find_description(path)
@@ -67,7 +68,7 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         return item
 
     def list_items(self):
-        lib = network.library()
+        lib = library()
         lib.refresh()
         for problem in lib.clashes:
             print(f"Perfusion: {problem}")

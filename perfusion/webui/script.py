@@ -6,25 +6,14 @@ through the API's `alwayson_scripts` ({"perfusion": {"args": [enabled, beta, tau
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Optional
+from typing import Any
 
 from modules import scripts
 
 from ..options import BETA, BETA_RANGE, LOCKS, PROJECTIONS, TAU, TAU_RANGE
-from . import network
-from .network import Defaults
-
-INFOTEXT_DEFAULTS = "Perfusion defaults"
-
-
-def defaults_text(d: Defaults) -> str:
-    return f"beta={d.beta:g} tau={d.tau:g} lock={d.lock} projection={d.projection}"
-
-
-def parse_defaults(text: Optional[str]) -> dict[str, str]:
-    """{'beta': '0.7', ...} from an infotext's "Perfusion defaults" value ({} when absent)."""
-    return dict(re.findall(r"(\w+)=([^\s]+)", text or ""))
+from . import infotext, network
+from .network import defaults_from_settings
+from .resolve import Defaults
 
 
 class PerfusionScript(scripts.Script):
@@ -36,7 +25,7 @@ class PerfusionScript(scripts.Script):
 
     def ui(self, is_img2img: bool) -> list:
         import gradio as gr
-        d = Defaults.from_settings()
+        d = defaults_from_settings()
         tab = "img2img" if is_img2img else "txt2img"
         with gr.Accordion("Perfusion", open=False, elem_id=f"perfusion_{tab}_accordion"):
             with gr.Row():
@@ -50,22 +39,22 @@ class PerfusionScript(scripts.Script):
                 tau = gr.Slider(minimum=TAU_RANGE[0], maximum=TAU_RANGE[1], step=0.01, value=d.tau,
                                 label="Gate temperature tau", elem_id=f"perfusion_{tab}_tau")
         pasted = lambda key, cast: (lambda params: _pasted(params, key, cast))  # noqa: E731
-        self.infotext_fields = [(enabled, lambda params: True if INFOTEXT_DEFAULTS in params else None),
+        self.infotext_fields = [(enabled, lambda params: True if infotext.DEFAULTS in params else None),
                                 (beta, pasted("beta", float)), (tau, pasted("tau", float)),
                                 (lock, pasted("lock", str)), (projection, pasted("projection", str))]
-        self.paste_field_names = [INFOTEXT_DEFAULTS]
+        self.paste_field_names = [infotext.DEFAULTS]
         return [enabled, beta, tau, lock, projection]
 
     def process(self, p: Any, enabled: bool = True, beta: float = BETA, tau: float = TAU, lock: str = "local",
                 projection: str = "approximate", *rest: Any) -> None:
-        settings = Defaults.from_settings()
+        settings = defaults_from_settings()
         d = Defaults(bool(enabled), _gate_value(p, "beta", beta, BETA_RANGE, settings.beta),
                      _gate_value(p, "tau", tau, TAU_RANGE, settings.tau),
                      lock if lock in LOCKS else settings.lock,
                      projection if projection in PROJECTIONS else settings.projection)
         p.perfusion_defaults = d
         if any("<perfusion:" in (text or "") for text in (p.all_prompts or [p.prompt])):
-            p.extra_generation_params[INFOTEXT_DEFAULTS] = defaults_text(d)
+            p.extra_generation_params[infotext.DEFAULTS] = infotext.defaults_text(d)
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         network.feed_global_lock(p, kwargs.get("c"))
@@ -86,7 +75,7 @@ def _gate_value(p: Any, name: str, value: Any, allowed: tuple[float, float], fal
 
 
 def _pasted(params: dict, key: str, cast) -> Any:
-    value = parse_defaults(params.get(INFOTEXT_DEFAULTS)).get(key)
+    value = infotext.parse_defaults(params.get(infotext.DEFAULTS)).get(key)
     if value is None:
         return None
     try:

@@ -207,7 +207,7 @@ def config(form: TrainForm) -> TrainConfig:
                        train_tau=float(form.train_tau), beta=float(form.preview_beta), tau=float(form.preview_tau),
                        templates=templates, flip=bool(form.flip), save_every=int(form.save_every),
                        preview_every=int(form.preview_every), gradient_checkpointing=bool(form.gradient_checkpointing),
-                       clip_skip=int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1))
+                       clip_skip=host.clip_skip())
 
 
 class CovarianceInterrupted(Exception):
