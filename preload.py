@@ -2,5 +2,6 @@
 
 
 def preload(parser):
-    parser.add_argument("--perfusion-dir", type=str, default=None,
-                        help="folder of Perfusion concept files (default: models/perfusion)")
+    parser.add_argument(
+        "--perfusion-dir", type=str, default=None, help="folder of Perfusion concept files (default: models/perfusion)"
+    )

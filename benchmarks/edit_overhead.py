@@ -21,6 +21,7 @@ for the second thread, which swamps small ops (the edit's); 1 thread measures th
 Run: ./dev.sh bench edit_overhead [--rounds 2] [--samples 15] [--threads 1]. ~5 min on 2 cores;
 progress on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-
-import perfusion  # noqa: E402
 from concepts import encodings, layer_widths, make_concept, random_covariance  # noqa: E402
 from models import sd15_unet  # noqa: E402
+
+import perfusion  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -108,13 +109,15 @@ def unet_section(unet, concepts, rounds: int) -> list[str]:
     times["attached, no concept"].clear()
     timed = ["unhooked", "1 concept", "4 concepts"]
     for r in range(rounds):
-        for name in timed[r % 3:] + timed[:r % 3]:
+        for name in timed[r % 3 :] + timed[: r % 3]:
             forward(name)
             log(f"round {r + 1}/{rounds} {name}: {times[name][-1]:.2f} s")
 
     base = times["unhooked"]
-    lines = ["variant              | forward s: median (min-max) | end to end | inside our hooks ms | 1 + hooks / forward",
-             "---------------------|-----------------------------|------------|--------------------|--------------------"]
+    lines = [
+        "variant              | forward s: median (min-max) | end to end | inside our hooks ms | 1 + hooks / forward",
+        "---------------------|-----------------------------|------------|--------------------|--------------------",
+    ]
     for name in variants:
         forward_s = end_to_end = hooks_ms = implied = "-"
         if times[name]:
@@ -122,8 +125,11 @@ def unet_section(unet, concepts, rounds: int) -> list[str]:
             end_to_end = f"{median_ratio(times[name], base):.4f}"
         if inside[name]:
             hooks_ms = f"{1e3 * statistics.median(inside[name]):.2f}"
-            shares = [h / statistics.median(base) for h in inside[name]] if not times[name] else \
-                [h / b for h, b in zip(inside[name], base)]
+            shares = (
+                [h / statistics.median(base) for h in inside[name]]
+                if not times[name]
+                else [h / b for h, b in zip(inside[name], base)]
+            )
             implied = f"{1 + statistics.median(shares):.5f}"
         lines.append(f"{name:<20} | {forward_s:<27} | {end_to_end:>10} | {hooks_ms:>18} | {implied:>19}")
     return lines
@@ -148,10 +154,12 @@ def layer_section(unet, cov, concept, samples: int, thread_counts: list[int]) ->
     picks = {}
     for name, attn in perfusion.find_cross_attention(unet).items():
         picks.setdefault(attn.to_v.out_features, (name, attn.to_v))
-    lines = ["threads | to_v width | bare Linear us | ours / bare | theirs / bare | theirs / ours | ours - bare us "
-             "| theirs - bare us | max|ours - theirs| / max|out|",
-             "--------|------------|----------------|-------------|---------------|---------------|----------------"
-             "|------------------|------------------------------"]
+    lines = [
+        "threads | to_v width | bare Linear us | ours / bare | theirs / bare | theirs / ours | ours - bare us "
+        "| theirs - bare us | max|ours - theirs| / max|out|",
+        "--------|------------|----------------|-------------|---------------|---------------|----------------"
+        "|------------------|------------------------------",
+    ]
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for width in sorted(picks):
@@ -171,12 +179,14 @@ def layer_section(unet, cov, concept, samples: int, thread_counts: list[int]) ->
             calls = max(2, round(0.03 / per_call(theirs, e, 3)))  # ~30 ms per sample for the slowest
             t = {v: [] for v in variants}
             for s in range(samples):
-                for v in list(variants)[s % 3:] + list(variants)[:s % 3]:
+                for v in list(variants)[s % 3 :] + list(variants)[: s % 3]:
                     t[v].append(per_call(variants[v], e, calls))
             med = {v: 1e6 * statistics.median(t[v]) for v in variants}
-            lines.append(f"{threads:>7} | {width:>10} | {med['bare']:14.0f} | {median_ratio(t['ours'], t['bare']):11.3f} | "
-                         f"{median_ratio(t['theirs'], t['bare']):13.3f} | {median_ratio(t['theirs'], t['ours']):13.3f} | "
-                         f"{med['ours'] - med['bare']:14.0f} | {med['theirs'] - med['bare']:16.0f} | {agree:.1e}")
+            lines.append(
+                f"{threads:>7} | {width:>10} | {med['bare']:14.0f} | {median_ratio(t['ours'], t['bare']):11.3f} | "
+                f"{median_ratio(t['theirs'], t['bare']):13.3f} | {median_ratio(t['theirs'], t['ours']):13.3f} | "
+                f"{med['ours'] - med['bare']:14.0f} | {med['theirs'] - med['bare']:16.0f} | {agree:.1e}"
+            )
             log(f"to_v {width} at {threads} thread(s): {calls} calls/sample x {samples} samples")
     hooks.detach()
     return lines
@@ -186,7 +196,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="U-Net rounds (3 forwards of ~35 s each per round)")
     ap.add_argument("--samples", type=int, default=15, help="interleaved samples per projection variant")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for the U-Net and the main projection rows")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads for the U-Net and the main projection rows"
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
@@ -197,10 +209,16 @@ def main() -> None:
     cov = random_covariance(768)
     concepts = [make_concept(layer_widths(unet), 768, cov, seed=k, token=f"tok{k}") for k in range(4)]
     unet_lines = unet_section(unet, concepts, args.rounds)
-    layer_lines = layer_section(unet, cov, concepts[0], args.samples, list(dict.fromkeys([args.threads, default_threads])))
-    print(f"Edit overhead: torch {torch.__version__}, CPU fp32, {os.cpu_count()} cores; ratios are medians of "
-          f"side-by-side ratios ({args.rounds} U-Net rounds, {args.samples} samples per projection)")
-    print(f"\n1. SD1.5-shaped ldm U-Net forward at {args.threads} thread(s), latent [2, 4, 64, 64], context [2, 77, 768]")
+    layer_lines = layer_section(
+        unet, cov, concepts[0], args.samples, list(dict.fromkeys([args.threads, default_threads]))
+    )
+    print(
+        f"Edit overhead: torch {torch.__version__}, CPU fp32, {os.cpu_count()} cores; ratios are medians of "
+        f"side-by-side ratios ({args.rounds} U-Net rounds, {args.samples} samples per projection)"
+    )
+    print(
+        f"\n1. SD1.5-shaped ldm U-Net forward at {args.threads} thread(s), latent [2, 4, 64, 64], context [2, 77, 768]"
+    )
     print("\n".join(unet_lines))
     print("\n2. One cross-attention value projection to_v(e), e [2, 77, 768], 1 concept (us: microseconds per call)")
     print("\n".join(layer_lines))

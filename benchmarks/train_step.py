@@ -10,6 +10,7 @@ checkpointing of the U-Net's blocks (the training tab's option): its memory and 
 
 Run: ./dev.sh bench train_step [--repeats N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
+from concepts import layer_widths, make_concept, random_covariance  # noqa: E402
+from models import sd15_unet  # noqa: E402
 
 import perfusion  # noqa: E402
 from perfusion.checkpointing import checkpointed_blocks  # noqa: E402
-from concepts import layer_widths, make_concept, random_covariance  # noqa: E402
-from models import sd15_unet  # noqa: E402
 
 
 def setup():
@@ -101,18 +102,32 @@ def main() -> None:
             start = time.perf_counter()
             fn(*args)
             times[name].append(time.perf_counter() - start)
-        print(f"  round {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr)
+        print(
+            f"  round {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr
+        )
     ratios = [e / b for e, b in zip(times["edited"], times["bare"])]
-    mem = {k: int(subprocess.run([sys.executable, __file__, "--memory-child", k], check=True, capture_output=True,
-                                 text=True).stdout.split()[-1]) for k in STEPS}
+    mem = {
+        k: int(
+            subprocess.run(
+                [sys.executable, __file__, "--memory-child", k], check=True, capture_output=True, text=True
+            ).stdout.split()[-1]
+        )
+        for k in STEPS
+    }
     saving = [c / e for c, e in zip(times["checkpointed"], times["edited"])]
     print("| measure | bare | edited | checkpointed | edited / bare | checkpointed / edited |")
     print("|---|---|---|---|---|---|")
-    print(f"| step time, median of {a.repeats} (s) | " + " | ".join(f"{statistics.median(times[k]):.2f}" for k in STEPS)
-          + f" | {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
-          f"{statistics.median(saving):.3f} ({min(saving):.3f}-{max(saving):.3f}) |")
-    print("| peak memory of one step above the model (MiB) | " + " | ".join(f"{mem[k] / 1024:.0f}" for k in STEPS)
-          + f" | {mem['edited'] / mem['bare']:.3f} | {mem['checkpointed'] / mem['edited']:.3f} |")
+    print(
+        f"| step time, median of {a.repeats} (s) | "
+        + " | ".join(f"{statistics.median(times[k]):.2f}" for k in STEPS)
+        + f" | {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
+        f"{statistics.median(saving):.3f} ({min(saving):.3f}-{max(saving):.3f}) |"
+    )
+    print(
+        "| peak memory of one step above the model (MiB) | "
+        + " | ".join(f"{mem[k] / 1024:.0f}" for k in STEPS)
+        + f" | {mem['edited'] / mem['bare']:.3f} | {mem['checkpointed'] / mem['edited']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 The WebUI, the miniature model and the tests each provide one; the engine never looks further.
 `LdmClipAdapter` serves any ldm UNetModel paired with a transformers CLIPTextModel.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Optional, Protocol
+from collections.abc import Callable, Mapping
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -42,8 +44,9 @@ class Adapter(Protocol):
     def word_embedding(self, word: str) -> Embedding:
         """The raw input-embedding rows of `word`."""
 
-    def encode(self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
-               ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
+    def encode(
+        self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
+    ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
         """Context [B, N, d] for `prompts`, and for every word of `words` its context rows in each prompt
         (the last row of each occurrence). A word mapped to an embedding has its tokens replaced by the
         embedding's n vectors (gradients reach them); a word mapped to None keeps its own tokens."""
@@ -82,9 +85,17 @@ class LdmClipAdapter:
 
     arch = "other"
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumprod: torch.Tensor,
-                 prediction: str = "eps", first_stage: Optional[tuple[Callable, Callable]] = None,
-                 model_hash: str = "", zero_padding: bool = False):
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer,
+        alphas_cumprod: torch.Tensor,
+        prediction: str = "eps",
+        first_stage: Optional[tuple[Callable, Callable]] = None,
+        model_hash: str = "",
+        zero_padding: bool = False,
+    ):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         self.diffusion_model, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer

@@ -8,10 +8,11 @@ Activations inside a block are recomputed in the backward pass: memory for speed
 forward). Hooks must not change between a forward and its backward (the trainer activates them once
 per micro-step).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -21,8 +22,10 @@ from torch.utils.checkpoint import checkpoint
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
     """The blocks to checkpoint; a clear error for a U-Net of another layout."""
     if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        raise TypeError(f"gradient checkpointing needs an ldm-style U-Net (input_blocks, middle_block, "
-                        f"output_blocks); {type(unet).__name__} has another layout")
+        raise TypeError(
+            f"gradient checkpointing needs an ldm-style U-Net (input_blocks, middle_block, "
+            f"output_blocks); {type(unet).__name__} has another layout"
+        )
     return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
 
 
@@ -39,6 +42,7 @@ def checkpointed_blocks(unet: nn.Module) -> Iterator[None]:
             if torch.is_grad_enabled():
                 return checkpoint(plain, *args, use_reentrant=False, **kwargs)
             return plain(*args, **kwargs)
+
         return forward
 
     for block in blocks:

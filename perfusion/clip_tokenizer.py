@@ -71,8 +71,7 @@ def bpe_vocabulary_file() -> Path:
             return candidate
     where = f" (looked in: {', '.join(locations)})" if locations else " (package open_clip not found)"
     raise FileNotFoundError(
-        f"CLIP BPE vocabulary {BPE_FILE_NAME} is not available{where}. "
-        f"Install it with: {_INSTALL_HINT}"
+        f"CLIP BPE vocabulary {BPE_FILE_NAME} is not available{where}. Install it with: {_INSTALL_HINT}"
     )
 
 
@@ -166,7 +165,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sd-webui-perfusion" / "clip-tokenizer"
 
 
-def load_tokenizer(cache_dir: Path | None = None) -> "transformers.CLIPTokenizer":
+def load_tokenizer(cache_dir: Path | None = None) -> transformers.CLIPTokenizer:
     """The real CLIP tokenizer (49408 ids, BOS 49406, EOS 49407, model_max_length 77).
 
     The files are generated once under cache_dir (default

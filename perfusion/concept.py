@@ -2,6 +2,7 @@
 
 A concept file never holds code: it is parsed from its JSON header and raw tensor bytes only.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,15 @@ MAX_FILE_BYTES = 64 * 2**20
 MAX_HEADER_BYTES = 2**20
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # metadata numbers: (smallest, largest) accepted; the integer ones must be whole
-_NUMERIC_FIELDS = {"context_dim": (1, 65536), "clip_skip": (1, 64), "steps": (0, 10**9),
-                   "train_beta": (-100.0, 100.0), "train_tau": (0.0, 100.0), "beta": (-100.0, 100.0),
-                   "tau": (0.0, 100.0)}  # tau > 0: validate says so
+_NUMERIC_FIELDS = {
+    "context_dim": (1, 65536),
+    "clip_skip": (1, 64),
+    "steps": (0, 10**9),
+    "train_beta": (-100.0, 100.0),
+    "train_tau": (0.0, 100.0),
+    "beta": (-100.0, 100.0),
+    "tau": (0.0, 100.0),
+}  # tau > 0: validate says so
 _INTEGER_FIELDS = ("context_dim", "clip_skip", "steps")
 
 
@@ -91,12 +98,21 @@ def _tensors(concept: Concept) -> dict[str, torch.Tensor]:
 def _metadata(concept: Concept) -> dict[str, str]:
     created = concept.created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
-        "perfusion_format": FORMAT_VERSION, "method": concept.method, "token": concept.token,
-        "superclass": concept.superclass, "arch": concept.arch, "context_dim": str(concept.context_dim),
-        "base_model_hash": concept.base_model_hash, "covariance_hash": concept.covariance_hash,
-        "clip_skip": str(concept.clip_skip), "train_beta": repr(float(concept.train_beta)),
-        "train_tau": repr(float(concept.train_tau)), "beta": repr(float(concept.beta)),
-        "tau": repr(float(concept.tau)), "steps": str(int(concept.steps)), "created": created,
+        "perfusion_format": FORMAT_VERSION,
+        "method": concept.method,
+        "token": concept.token,
+        "superclass": concept.superclass,
+        "arch": concept.arch,
+        "context_dim": str(concept.context_dim),
+        "base_model_hash": concept.base_model_hash,
+        "covariance_hash": concept.covariance_hash,
+        "clip_skip": str(concept.clip_skip),
+        "train_beta": repr(float(concept.train_beta)),
+        "train_tau": repr(float(concept.train_tau)),
+        "beta": repr(float(concept.beta)),
+        "tau": repr(float(concept.tau)),
+        "steps": str(int(concept.steps)),
+        "created": created,
     }
 
 
@@ -118,6 +134,7 @@ def save_concept(concept: Concept, path: str | os.PathLike, dtype: torch.dtype =
 
 def _read_header(data: bytes, source: str) -> dict:
     """Parse and bounds-check a safetensors header before any tensor is built."""
+
     def fail(problem: str) -> ConceptError:
         return ConceptError(f"{source}: {problem}")
 
@@ -129,7 +146,7 @@ def _read_header(data: bytes, source: str) -> dict:
     if 8 + n > len(data):
         raise fail("file is truncated (header runs past the end of the file)")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise fail("not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
@@ -142,7 +159,9 @@ def _read_header(data: bytes, source: str) -> dict:
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise fail(f"tensor '{name}' has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+            raise fail(
+                f"tensor '{name}' has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}"
+            )
         offsets, shape = info.get("data_offsets"), info.get("shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
             raise fail(f"tensor '{name}': 'data_offsets' must be two whole numbers, found {offsets!r}")
@@ -166,11 +185,15 @@ def load_concept(path: str | os.PathLike) -> Concept:
     meta = header.get("__metadata__") or {}
     version = meta.get("perfusion_format")
     if version is None:
-        raise ConceptError(f"{source}: not a Perfusion concept (no 'perfusion_format' metadata); "
-                           "textual-inversion or Lora files belong in their own folders")
+        raise ConceptError(
+            f"{source}: not a Perfusion concept (no 'perfusion_format' metadata); "
+            "textual-inversion or Lora files belong in their own folders"
+        )
     if version != FORMAT_VERSION:
-        raise ConceptError(f"{source}: concept format {version!r} is not supported (this version reads "
-                           f"format {FORMAT_VERSION}); update the extension")
+        raise ConceptError(
+            f"{source}: concept format {version!r} is not supported (this version reads "
+            f"format {FORMAT_VERSION}); update the extension"
+        )
     try:
         tensors = _load_safetensors_bytes(data)
     except Exception as e:  # safetensors raises its own error types for malformed bodies
@@ -200,8 +223,9 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
                 raise ConceptError(f"{source}: metadata field '{key}' is not a number: {meta[key]!r}") from None
             if not low <= value <= high or (key in _INTEGER_FIELDS and value != int(value)):
                 kind = "a whole number" if key in _INTEGER_FIELDS else "a number"
-                raise ConceptError(f"{source}: metadata field '{key}' must be {kind} from {low} to {high}, "
-                                   f"found {meta[key]!r}")
+                raise ConceptError(
+                    f"{source}: metadata field '{key}' must be {kind} from {low} to {high}, found {meta[key]!r}"
+                )
             numbers[key] = value
     required = ("i_star", "a", "energy", "i_super")
     absent = [k for k in required if k not in tensors]
@@ -214,7 +238,7 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
         if name == "embedding":
             embedding[""] = t
         elif name.startswith("embedding."):
-            embedding[name[len("embedding."):]] = t
+            embedding[name[len("embedding.") :]] = t
         elif name.startswith("v."):
             values[name[2:]] = t
         elif name.startswith("k."):
@@ -225,20 +249,33 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
         raise ConceptError(f"{source}: unexpected tensor(s): {', '.join(sorted(extra))}")
     kwargs = {k: (int(v) if k in ("clip_skip", "steps") else v) for k, v in numbers.items() if k != "context_dim"}
     concept = Concept(
-        token=meta["token"], superclass=meta["superclass"], embedding=embedding,
-        i_star=tensors["i_star"], a=tensors["a"], energy=tensors["energy"], i_super=tensors["i_super"],
-        values=values, keys=keys, method=meta["method"], arch=meta["arch"],
-        base_model_hash=meta.get("base_model_hash", ""), covariance_hash=meta.get("covariance_hash", ""),
-        created=meta.get("created", ""), **kwargs,
+        token=meta["token"],
+        superclass=meta["superclass"],
+        embedding=embedding,
+        i_star=tensors["i_star"],
+        a=tensors["a"],
+        energy=tensors["energy"],
+        i_super=tensors["i_super"],
+        values=values,
+        keys=keys,
+        method=meta["method"],
+        arch=meta["arch"],
+        base_model_hash=meta.get("base_model_hash", ""),
+        covariance_hash=meta.get("covariance_hash", ""),
+        created=meta.get("created", ""),
+        **kwargs,
     )
     if concept.context_dim != int(numbers["context_dim"]):
-        raise ConceptError(f"{source}: i_star has {concept.context_dim} entries but metadata says "
-                           f"context_dim {int(numbers['context_dim'])}")
+        raise ConceptError(
+            f"{source}: i_star has {concept.context_dim} entries but metadata says "
+            f"context_dim {int(numbers['context_dim'])}"
+        )
     return concept
 
 
 def validate(concept: Concept, source: str = "concept") -> None:
     """Check fields, shapes and finiteness; raise ConceptError naming `source` and the problem."""
+
     def fail(problem: str) -> ConceptError:
         return ConceptError(f"{source}: {problem}")
 
@@ -258,8 +295,10 @@ def validate(concept: Concept, source: str = "concept") -> None:
     if not concept.embedding:
         raise fail("no 'embedding' tensor")
     if concept.arch == "sdxl" and set(concept.embedding) != set(SDXL_EMBEDDINGS):
-        raise fail(f"SDXL concepts need tensors embedding.clip_l and embedding.clip_g, found "
-                   f"{', '.join(sorted('embedding' + ('.' + k if k else '') for k in concept.embedding))}")
+        raise fail(
+            f"SDXL concepts need tensors embedding.clip_l and embedding.clip_g, found "
+            f"{', '.join(sorted('embedding' + ('.' + k if k else '') for k in concept.embedding))}"
+        )
     if concept.arch != "sdxl" and set(concept.embedding) != {""}:
         raise fail("this architecture takes one tensor named 'embedding'")
     rows = {t.shape[0] if t.dim() == 2 else -1 for t in concept.embedding.values()}

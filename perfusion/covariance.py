@@ -3,13 +3,15 @@
 Estimated once per text encoder (and clip skip) from the prompt corpus, accumulated in float64,
 regularised with a ridge of `ridge * trace(C) / d`, and cached as safetensors with its provenance.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -58,9 +60,17 @@ class Covariance:
         return self._chol
 
 
-def build_covariance(encode: Encoder, prompts: Sequence[str], *, positions: str = "all", ridge: float = 1e-5,
-                     batch_size: int = 64, encoder_hash: str = "", clip_skip: int = 1,
-                     progress: Optional[Progress] = None) -> Covariance:
+def build_covariance(
+    encode: Encoder,
+    prompts: Sequence[str],
+    *,
+    positions: str = "all",
+    ridge: float = 1e-5,
+    batch_size: int = 64,
+    encoder_hash: str = "",
+    clip_skip: int = 1,
+    progress: Optional[Progress] = None,
+) -> Covariance:
     """Accumulate sum(e e^T) over the counted rows of every prompt's encoding, in float64.
 
     positions "all" counts every context row the U-Net sees (padding included); "tokens" counts
@@ -73,7 +83,7 @@ def build_covariance(encode: Encoder, prompts: Sequence[str], *, positions: str 
     total, rows, outer = len(prompts), 0, None
     for start in range(0, total, batch_size):
         with torch.no_grad():
-            context, lengths = encode(list(prompts[start:start + batch_size]))
+            context, lengths = encode(list(prompts[start : start + batch_size]))
         e = context.detach().double().cpu()
         if positions == "tokens":
             keep = torch.arange(e.shape[1])[None, :] < lengths.cpu()[:, None]
@@ -89,9 +99,16 @@ def build_covariance(encode: Encoder, prompts: Sequence[str], *, positions: str 
 
 
 def save_covariance(cov: Covariance, path: str | os.PathLike) -> Path:
-    meta = {"perfusion_covariance": "1", "rows": str(cov.rows), "prompts": str(cov.prompts),
-            "encoder_hash": cov.encoder_hash, "clip_skip": str(cov.clip_skip), "positions": cov.positions,
-            "ridge": repr(cov.ridge), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "perfusion_covariance": "1",
+        "rows": str(cov.rows),
+        "prompts": str(cov.prompts),
+        "encoder_hash": cov.encoder_hash,
+        "clip_skip": str(cov.clip_skip),
+        "positions": cov.positions,
+        "ridge": repr(cov.ridge),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return atomic_write(path, _save_bytes({"covariance": cov.matrix.double().contiguous()}, metadata=meta))
 
 
@@ -109,21 +126,39 @@ def load_covariance(path: str | os.PathLike) -> Covariance:
         raise CovarianceError(f"{path}: not a Perfusion covariance file (expected a square 'covariance' tensor)")
     if not torch.isfinite(c).all():
         raise CovarianceError(f"{path}: covariance holds NaN or Inf values; delete it to rebuild")
-    return Covariance(c, int(meta["rows"]), int(meta["prompts"]), meta.get("encoder_hash", ""),
-                      int(meta.get("clip_skip", 1)), meta.get("positions", "all"), float(meta.get("ridge", 0)))
+    return Covariance(
+        c,
+        int(meta["rows"]),
+        int(meta["prompts"]),
+        meta.get("encoder_hash", ""),
+        int(meta.get("clip_skip", 1)),
+        meta.get("positions", "all"),
+        float(meta.get("ridge", 0)),
+    )
 
 
 def adapter_encoder(adapter) -> Encoder:
     """An Encoder over an engine Adapter: its contexts, every row counted (for positions "all")."""
+
     def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         context, _ = adapter.encode(texts)
         return context, torch.full((len(texts),), context.shape[1])
+
     return encode
 
 
-def cached_covariance(cache_dir: str | os.PathLike, encode: Encoder, prompts: Sequence[str], *, encoder_hash: str,
-                      clip_skip: int = 1, positions: str = "all", ridge: float = 1e-5, batch_size: int = 64,
-                      progress: Optional[Progress] = None) -> Covariance:
+def cached_covariance(
+    cache_dir: str | os.PathLike,
+    encode: Encoder,
+    prompts: Sequence[str],
+    *,
+    encoder_hash: str,
+    clip_skip: int = 1,
+    positions: str = "all",
+    ridge: float = 1e-5,
+    batch_size: int = 64,
+    progress: Optional[Progress] = None,
+) -> Covariance:
     """The covariance for this encoder/clip skip/positions/corpus size, built and saved on first use.
 
     An unreadable cache file is rebuilt (and replaced atomically), never trusted.
@@ -133,12 +168,25 @@ def cached_covariance(cache_dir: str | os.PathLike, encode: Encoder, prompts: Se
     if path.exists():
         try:
             cov = load_covariance(path)
-            if (cov.encoder_hash, cov.clip_skip, cov.positions, cov.prompts) == (encoder_hash, clip_skip, positions, len(prompts)):
+            if (cov.encoder_hash, cov.clip_skip, cov.positions, cov.prompts) == (
+                encoder_hash,
+                clip_skip,
+                positions,
+                len(prompts),
+            ):
                 return cov
         except CovarianceError:
             pass
-    cov = build_covariance(encode, prompts, positions=positions, ridge=ridge, batch_size=batch_size,
-                           encoder_hash=encoder_hash, clip_skip=clip_skip, progress=progress)
+    cov = build_covariance(
+        encode,
+        prompts,
+        positions=positions,
+        ridge=ridge,
+        batch_size=batch_size,
+        encoder_hash=encoder_hash,
+        clip_skip=clip_skip,
+        progress=progress,
+    )
     save_covariance(cov, path)
     return cov
 

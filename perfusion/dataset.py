@@ -5,6 +5,7 @@ Next to an image `dog.png` the loader also reads `dog.txt` (its caption, for [fi
 with a reason instead of failing the whole run. The folder is only read, never written, and every
 list comes out sorted by file name so runs are reproducible. Names starting with "." are ignored.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,7 @@ def scan_folder(folder: str | Path) -> tuple[list[Path], list[Skipped]]:
     return images, skipped
 
 
-def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64,
-                 mask_source: str = "auto") -> Dataset:
+def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64, mask_source: str = "auto") -> Dataset:
     """Read every image of `folder` into a Sample of `resolution` px; skip what cannot be used.
 
     min_size: images whose short side (px) is smaller are skipped.
@@ -102,8 +102,10 @@ def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64,
     if not images and not skipped:
         raise DatasetError(f"dataset folder {folder} is empty: add 1-10 photos of the concept ({_FORMATS})")
     if len(images) > MAX_IMAGES:
-        raise DatasetError(f"dataset folder {folder} holds {len(images)} images: Perfusion learns from 1-10 "
-                           f"photos of one concept; choose a folder with at most {MAX_IMAGES}")
+        raise DatasetError(
+            f"dataset folder {folder} holds {len(images)} images: Perfusion learns from 1-10 "
+            f"photos of one concept; choose a folder with at most {MAX_IMAGES}"
+        )
     samples, seen = [], {}
     for path in images:
         try:
@@ -112,8 +114,10 @@ def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64,
             skipped.append(Skipped(path, str(skip)))
     skipped.sort(key=lambda s: s.path.name)
     if not samples:
-        raise DatasetError(f"no usable images in {folder}:\n{_reasons(skipped)}\n"
-                           f"Add 1-10 photos ({_FORMATS}), at least {min_size} px on the short side.")
+        raise DatasetError(
+            f"no usable images in {folder}:\n{_reasons(skipped)}\n"
+            f"Add 1-10 photos ({_FORMATS}), at least {min_size} px on the short side."
+        )
     return Dataset(samples, skipped)
 
 
@@ -177,9 +181,9 @@ def _listing(folder: Path) -> list[Path]:
 
 def _is_companion(name: str, stems: set[str]) -> bool:
     """Whether `name` is the caption or mask file of an image whose stem is in `stems`."""
-    if name.endswith(CAPTION_SUFFIX) and name[:-len(CAPTION_SUFFIX)] in stems:
+    if name.endswith(CAPTION_SUFFIX) and name[: -len(CAPTION_SUFFIX)] in stems:
         return True
-    return any(name.endswith(s) and name[:-len(s)] in stems for s in MASK_SUFFIXES)
+    return any(name.endswith(s) and name[: -len(s)] in stems for s in MASK_SUFFIXES)
 
 
 def _not_image(path: Path) -> str:
@@ -196,8 +200,9 @@ def _reasons(skipped: list[Skipped]) -> str:
     return "\n".join(lines)
 
 
-def _load_sample(path: Path, names: set[str], seen: dict[bytes, str], resolution: int, min_size: int,
-                 mask_source: str) -> Sample:
+def _load_sample(
+    path: Path, names: set[str], seen: dict[bytes, str], resolution: int, min_size: int, mask_source: str
+) -> Sample:
     """Decode, check and tensorise one image; `seen` maps pixel digests to the names already kept."""
     colour, alpha = _decode(path, "image")
     h, w = colour.shape[:2]
@@ -257,8 +262,9 @@ def _over_white(colour: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
     return np.rint(colour * a + 255 * (1 - a)).astype(np.uint8)
 
 
-def _choose_mask(path: Path, alpha: np.ndarray | None, names: set[str], mask_source: str,
-                 shape: tuple[int, int]) -> np.ndarray | None:
+def _choose_mask(
+    path: Path, alpha: np.ndarray | None, names: set[str], mask_source: str, shape: tuple[int, int]
+) -> np.ndarray | None:
     """Mask [H, W] uint8 (255 = object) for the image at `path` of `shape` (H, W), per mask_source."""
     if mask_source in ("alpha", "auto") and alpha is not None:
         return alpha

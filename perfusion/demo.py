@@ -1,4 +1,5 @@
 """`./dev.sh demo`: the main job on the embedded default (see perfusion/world/demo.py)."""
+
 import sys
 
 from .world.demo import main

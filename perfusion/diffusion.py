@@ -1,7 +1,9 @@
 """Noise schedule arithmetic and a DDIM sampler (eps or v prediction), host-independent."""
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -17,7 +19,9 @@ def join_contexts(*contexts: torch.Tensor) -> torch.Tensor:
     return joined
 
 
-def _coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _coefficients(
+    alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) shaped [B, 1, 1, 1] like `like`."""
     ac = alphas_cumprod.to(like.device)[t.long()].to(torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
     return ac.sqrt(), (1 - ac).sqrt()
@@ -29,8 +33,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cump
     return a * x0 + s * noise
 
 
-def training_target(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-                    prediction: str) -> torch.Tensor:
+def training_target(
+    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str
+) -> torch.Tensor:
     """What the denoiser should predict: noise (eps) or v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
     if prediction == "eps":
         return noise
@@ -38,8 +43,9 @@ def training_target(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alph
     return a * noise - s * x0
 
 
-def split_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-                     prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_prediction(
+    pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by a prediction at x_t."""
     a, s = _coefficients(alphas_cumprod, t, x_t)
     if prediction == "eps":
@@ -48,10 +54,20 @@ def split_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alp
 
 
 @torch.no_grad()
-def ddim_sample(model: Denoiser, alphas_cumprod: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                shape: tuple[int, ...], prediction: str, steps: int = 25, eta: float = 1.0, guidance: float = 2.0,
-                generator: Optional[torch.Generator] = None, x_start: Optional[torch.Tensor] = None,
-                strength: float = 1.0) -> torch.Tensor:
+def ddim_sample(
+    model: Denoiser,
+    alphas_cumprod: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: Optional[torch.Tensor],
+    shape: tuple[int, ...],
+    prediction: str,
+    steps: int = 25,
+    eta: float = 1.0,
+    guidance: float = 2.0,
+    generator: Optional[torch.Generator] = None,
+    x_start: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+) -> torch.Tensor:
     """DDIM (eta 0 deterministic, eta 1 ancestral-like) with classifier-free guidance.
 
     cond/uncond: contexts [B, N, d] (uncond None: no guidance). Returns the final x0 estimate
@@ -60,10 +76,14 @@ def ddim_sample(model: Denoiser, alphas_cumprod: torch.Tensor, cond: torch.Tenso
     """
     T = alphas_cumprod.shape[0]
     first = max(1, int(round(steps * strength)))
-    ts = torch.linspace(T - 1, 0, steps).round().long()[steps - first:]
+    ts = torch.linspace(T - 1, 0, steps).round().long()[steps - first :]
     device = cond.device
     noise = lambda: torch.randn(shape, generator=generator).to(device)
-    x = noise() if x_start is None or strength >= 1 else q_sample(x_start, ts[:1].repeat(shape[0]), noise(), alphas_cumprod)
+    x = (
+        noise()
+        if x_start is None or strength >= 1
+        else q_sample(x_start, ts[:1].repeat(shape[0]), noise(), alphas_cumprod)
+    )
     ac = alphas_cumprod.double()
     for k, t in enumerate(ts):
         tb = t.repeat(shape[0]).to(device)
@@ -78,6 +98,6 @@ def ddim_sample(model: Denoiser, alphas_cumprod: torch.Tensor, cond: torch.Tenso
             return x0
         a_t, a_prev = ac[t], ac[ts[k + 1]]
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        dir_xt = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
+        dir_xt = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
         x = a_prev.sqrt().float() * x0 + dir_xt.float() * eps + sigma.float() * noise()
     return x

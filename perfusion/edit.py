@@ -10,9 +10,11 @@ For one projection W (d_out x d_in) and concepts c with target inputs i*_c, gate
 x = s (approximate projection), or x = G^-1 b with G_cd = energy_c a_c . i*_d and b_c = energy_c s_c
 (exact C^-1-orthogonal projection of e off span{i*_c}). Infusion concepts add g_c(e) r_c only.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -35,8 +37,9 @@ def gate(s: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor
     return torch.sigmoid((s - beta) / tau)
 
 
-def projection_coefficients(s: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor,
-                            projection: str = "approximate") -> torch.Tensor:
+def projection_coefficients(
+    s: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor, projection: str = "approximate"
+) -> torch.Tensor:
     """x [..., n]: how much of each W i*_c to remove from W e.
 
     s [..., n] similarities; a, i_star [n, d]; energy [n]. The exact form solves the n x n Gram
@@ -54,10 +57,20 @@ def projection_coefficients(s: torch.Tensor, a: torch.Tensor, i_star: torch.Tens
     return s @ mix.to(s.dtype)
 
 
-def edited_output(y: torch.Tensor, e: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor,
-                  w_i_star: torch.Tensor, targets: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor,
-                  projected: Optional[Sequence[int]] = None, projection: str = "approximate",
-                  ungated: Optional[torch.Tensor] = None) -> torch.Tensor:
+def edited_output(
+    y: torch.Tensor,
+    e: torch.Tensor,
+    a: torch.Tensor,
+    i_star: torch.Tensor,
+    energy: torch.Tensor,
+    w_i_star: torch.Tensor,
+    targets: torch.Tensor,
+    beta: torch.Tensor,
+    tau: torch.Tensor,
+    projected: Optional[Sequence[int]] = None,
+    projection: str = "approximate",
+    ungated: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The edited projection output.
 
     y [..., d_out] = W e (any dtype); e [..., d_in]; a, i_star [n, d_in]; energy, beta, tau [n];
@@ -75,9 +88,13 @@ def edited_output(y: torch.Tensor, e: torch.Tensor, a: torch.Tensor, i_star: tor
         coef = torch.where(ungated, s, coef)
     if len(projected):
         full = len(projected) == n
-        x = projection_coefficients(s if full else s[..., projected], a if full else a[projected],
-                                    i_star if full else i_star[projected], energy if full else energy[projected],
-                                    projection)
+        x = projection_coefficients(
+            s if full else s[..., projected],
+            a if full else a[projected],
+            i_star if full else i_star[projected],
+            energy if full else energy[projected],
+            projection,
+        )
         coef = torch.cat([coef, -x], -1)
         rows = torch.cat([rows, (w_i_star if full else w_i_star[projected]).float()])
     flat = y.reshape(-1, y.shape[-1]).float()

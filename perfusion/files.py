@@ -1,4 +1,5 @@
 """Small file helpers shared by the engine."""
+
 from __future__ import annotations
 
 import hashlib

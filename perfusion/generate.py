@@ -1,7 +1,9 @@
 """Text-to-image through any Adapter with concepts switched on (several at once, local or global locking)."""
+
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import torch
 
@@ -17,14 +19,27 @@ def key_words(adapter: Adapter, items: Sequence[Activation]) -> dict:
     for item in items:
         if item.lock == "global":
             n = item.concept.embedding[""].shape[0]
-            words[item.concept.token] = {k: v.repeat(n, 1) for k, v in adapter.word_embedding(item.concept.superclass).items()}
+            words[item.concept.token] = {
+                k: v.repeat(n, 1) for k, v in adapter.word_embedding(item.concept.superclass).items()
+            }
     return words
 
 
 @torch.no_grad()
-def generate(adapter: Adapter, prompts: list[str], items: Sequence[Activation] = (), *,
-             latent_shape: tuple[int, ...], seed: int = 0, steps: int = 25, guidance: float = 2.0, eta: float = 1.0,
-             projection: str = "approximate", negative: str = "", words: Optional[Mapping] = None) -> torch.Tensor:
+def generate(
+    adapter: Adapter,
+    prompts: list[str],
+    items: Sequence[Activation] = (),
+    *,
+    latent_shape: tuple[int, ...],
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 2.0,
+    eta: float = 1.0,
+    projection: str = "approximate",
+    negative: str = "",
+    words: Optional[Mapping] = None,
+) -> torch.Tensor:
     """Images [n, 3, R, R] in [-1, 1] for `prompts` (DDIM, classifier-free guidance, noise from `seed`).
 
     words: more {word: embedding} for the text encoder beyond the active concepts' (e.g. a concept's
@@ -38,9 +53,18 @@ def generate(adapter: Adapter, prompts: list[str], items: Sequence[Activation] =
         key_context.add(cond, adapter.encode(prompts, key_words(adapter, items))[0])
     hooks.activate(list(items), projection, key_context)
     try:
-        latents = ddim_sample(adapter.apply_model, adapter.alphas_cumprod, cond, uncond, (len(prompts), *latent_shape),
-                              adapter.prediction, steps=steps, eta=eta, guidance=guidance,
-                              generator=torch.Generator().manual_seed(seed))
+        latents = ddim_sample(
+            adapter.apply_model,
+            adapter.alphas_cumprod,
+            cond,
+            uncond,
+            (len(prompts), *latent_shape),
+            adapter.prediction,
+            steps=steps,
+            eta=eta,
+            guidance=guidance,
+            generator=torch.Generator().manual_seed(seed),
+        )
     finally:
         hooks.clear()
     return adapter.decode_latents(latents).clamp(-1, 1)

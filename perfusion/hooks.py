@@ -4,11 +4,13 @@ Works with any module tree whose cross-attention blocks are named `...attn2` and
 `self.to_k(context)` / `self.to_v(context)` as modules (ldm, sgm, Forge). With no active concept
 the hooks return nothing and outputs are bit-identical to the bare model.
 """
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from .concept import Concept, ConceptError
 from .edit import edited_output
 from .options import LOCKS, PROJECTIONS, Lock, Projection
+
 _HANDLE_ATTR = "_perfusion_hooks"
 
 
@@ -39,8 +42,10 @@ class Activation:
     @property
     def gate(self) -> tuple[float, float]:
         """(beta, tau) in use."""
-        return (self.concept.beta if self.beta is None else self.beta,
-                self.concept.tau if self.tau is None else self.tau)
+        return (
+            self.concept.beta if self.beta is None else self.beta,
+            self.concept.tau if self.tau is None else self.tau,
+        )
 
 
 @dataclass
@@ -63,7 +68,8 @@ def find_cross_attention(diffusion_model: nn.Module, context_dim: Optional[int] 
     left out. With context_dim None the width must be unique in the model.
     """
     found = {
-        name: m for name, m in diffusion_model.named_modules()
+        name: m
+        for name, m in diffusion_model.named_modules()
         if name.rsplit(".", 1)[-1] == "attn2" and hasattr(m, "to_k") and hasattr(m, "to_v")
     }
     widths = {m.to_k.in_features for m in found.values()}
@@ -80,19 +86,24 @@ def check_fit(concept: Concept, layers: dict[str, nn.Module]) -> None:
     src = concept.name or concept.token
     context_dim = next(iter(layers.values())).to_k.in_features if layers else None
     if concept.context_dim != context_dim:
-        raise ConceptMismatch(f"{src}: made for {concept.context_dim}-wide text encodings "
-                              f"({concept.arch}), this model reads {context_dim}")
+        raise ConceptMismatch(
+            f"{src}: made for {concept.context_dim}-wide text encodings "
+            f"({concept.arch}), this model reads {context_dim}"
+        )
     if set(concept.values) != set(layers):
         missing = sorted(set(layers) - set(concept.values))
         foreign = sorted(set(concept.values) - set(layers))
-        raise ConceptMismatch(f"{src}: its layers do not match this model's cross-attention "
-                              f"({len(missing)} missing, e.g. {missing[:1]}; {len(foreign)} unknown, "
-                              f"e.g. {foreign[:1]}); it was trained for another architecture")
+        raise ConceptMismatch(
+            f"{src}: its layers do not match this model's cross-attention "
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(foreign)} unknown, "
+            f"e.g. {foreign[:1]}); it was trained for another architecture"
+        )
     for name, attn in layers.items():
         d_out = getattr(attn.to_v, "out_features", None)
         if d_out is not None and concept.values[name].shape[0] != d_out:
-            raise ConceptMismatch(f"{src}: layer {name} has {concept.values[name].shape[0]} outputs, "
-                                  f"this model's has {d_out}")
+            raise ConceptMismatch(
+                f"{src}: layer {name} has {concept.values[name].shape[0]} outputs, this model's has {d_out}"
+            )
 
 
 class Hooks:
@@ -116,8 +127,12 @@ class Hooks:
         """Raise ConceptMismatch unless `concept` was made for this model's context width and layers."""
         check_fit(concept, self.layers)
 
-    def activate(self, items: list[Activation], projection: str = "approximate",
-                 key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None) -> None:
+    def activate(
+        self,
+        items: list[Activation],
+        projection: str = "approximate",
+        key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
+    ) -> None:
         """Replace what is active (validated first: on error nothing changes).
 
         Stacked concept tensors are cached until the next call; when they require gradients (training),
@@ -153,12 +168,17 @@ class Hooks:
             v_edit = list(range(len(items)))
             k_edit = [n for n, i in enumerate(items) if i.concept.method == "perfusion" and i.lock == "local"]
             self._stacks[device] = {
-                "a": on([c.a for c in cs]), "i_star": on([c.i_star for c in cs]), "i_super": on([c.i_super for c in cs]),
+                "a": on([c.a for c in cs]),
+                "i_star": on([c.i_star for c in cs]),
+                "i_super": on([c.i_super for c in cs]),
                 "energy": on([c.energy.reshape(()) for c in cs]),
                 "beta": torch.tensor([i.gate[0] for i in items], device=device),
                 "tau": torch.tensor([i.gate[1] for i in items], device=device),
-                "ungated": torch.tensor([i.ungated for i in items], device=device) if any(i.ungated for i in items) else None,
-                "v": v_edit, "k": k_edit,
+                "ungated": torch.tensor([i.ungated for i in items], device=device)
+                if any(i.ungated for i in items)
+                else None,
+                "v": v_edit,
+                "k": k_edit,
                 # within each path's concepts: the positions of the Perfusion ones (projected out)
                 "v_projected": [p for p, n in enumerate(v_edit) if cs[n].method == "perfusion"],
                 "k_projected": list(range(len(k_edit))),
@@ -205,14 +225,26 @@ class Hooks:
             else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
                 missing = [p for p, c in enumerate(chosen) if layer not in c.keys]
                 both = self._project(module, torch.cat([sub("i_star"), sub("i_super")[missing]]), e.dtype)
-                w_i_star, w_i_super = both[: len(idx)], both[len(idx):]
+                w_i_star, w_i_super = both[: len(idx)], both[len(idx) :]
                 targets = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in chosen]
                 for p, row in zip(missing, w_i_super):
                     targets[p] = row
                 targets = torch.stack(targets)
-            return edited_output(y, e, sub("a"), sub("i_star"), sub("energy"), w_i_star, targets, sub("beta"),
-                                 sub("tau"), projected=st[f"{kind}_projected"], projection=self.activations.projection,
-                                 ungated=None if st["ungated"] is None else sub("ungated"))
+            return edited_output(
+                y,
+                e,
+                sub("a"),
+                sub("i_star"),
+                sub("energy"),
+                w_i_star,
+                targets,
+                sub("beta"),
+                sub("tau"),
+                projected=st[f"{kind}_projected"],
+                projection=self.activations.projection,
+                ungated=None if st["ungated"] is None else sub("ungated"),
+            )
+
         return hook
 
     # -- lifetime -------------------------------------------------------------------------
@@ -228,15 +260,16 @@ class Hooks:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc) -> None:
         self.detach()
 
 
-def attach(diffusion_model: nn.Module, activations: Optional[Activations] = None,
-           context_dim: Optional[int] = None) -> Hooks:
+def attach(
+    diffusion_model: nn.Module, activations: Optional[Activations] = None, context_dim: Optional[int] = None
+) -> Hooks:
     """Hook every cross-attention to_k/to_v of `diffusion_model` (idempotent: one set of hooks per model).
 
     Attaching again returns the same Hooks with `activations` applied (if given).
@@ -248,8 +281,10 @@ def attach(diffusion_model: nn.Module, activations: Optional[Activations] = None
         return existing
     layers = find_cross_attention(diffusion_model, context_dim)
     if not layers:
-        raise ValueError("no cross-attention layers (modules named '...attn2' with to_k/to_v) "
-                         f"{'reading ' + str(context_dim) + '-wide context ' if context_dim else ''}found in this model")
+        raise ValueError(
+            "no cross-attention layers (modules named '...attn2' with to_k/to_v) "
+            f"{'reading ' + str(context_dim) + '-wide context ' if context_dim else ''}found in this model"
+        )
     hooks = Hooks(diffusion_model, layers, activations or Activations())
     object.__setattr__(diffusion_model, _HANDLE_ATTR, hooks)
     return hooks
@@ -287,7 +322,9 @@ class KeyContexts:
         out, hit = e, False
         for b in range(e.shape[0]):
             for c, k in self.pairs:
-                if c.shape == e.shape[1:] and torch.allclose(e[b].float(), c.to(e.device).float(), atol=self.atol, rtol=1e-3):
+                if c.shape == e.shape[1:] and torch.allclose(
+                    e[b].float(), c.to(e.device).float(), atol=self.atol, rtol=1e-3
+                ):
                     if not hit:
                         out, hit = e.clone(), True
                     out[b] = k.to(e.device, e.dtype)

@@ -5,6 +5,7 @@ For each image: noise its latent to a mid timestep, run the base denoiser on "a 
 pays to the superclass word's context row. Queries and keys are read with forward hooks on
 `to_q` / `to_k`, so this works with any attention implementation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from .hooks import attach
 
 
 @torch.no_grad()
-def attention_masks(adapter: Adapter, latents: torch.Tensor, superclass: str, timestep_fraction: float = 0.5,
-                    seed: int = 0) -> torch.Tensor:
+def attention_masks(
+    adapter: Adapter, latents: torch.Tensor, superclass: str, timestep_fraction: float = 0.5, seed: int = 0
+) -> torch.Tensor:
     """Soft masks [N, h, w] in [0, 1] (min-max per image) for latents [N, C, h, w]."""
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
     saved = hooks.activations

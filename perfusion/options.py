@@ -1,5 +1,6 @@
 """Every choice an option offers and every default, in one place: engine, trainer, tags, settings and tab
 import them from here."""
+
 from __future__ import annotations
 
 from typing import Literal, get_args

@@ -7,10 +7,12 @@
   the concept's generations and of the base model's generations of its superclass.
 See docs/overfitting-report.md for exactly what is computed.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,16 @@ from .diffusion import q_sample
 from .generate import generate, key_words
 from .hooks import Activation, KeyContexts, attach
 
-NEUTRAL_PROMPTS = ("a photo of a dog", "a red car on a street", "a bowl of fruit on a table", "a mountain landscape",
-                   "a portrait of a woman", "a cat sleeping on a sofa", "a city at night", "a wooden chair")
+NEUTRAL_PROMPTS = (
+    "a photo of a dog",
+    "a red car on a street",
+    "a bowl of fruit on a table",
+    "a mountain landscape",
+    "a portrait of a woman",
+    "a cat sleeping on a sofa",
+    "a city at night",
+    "a wooden chair",
+)
 
 
 @dataclass
@@ -64,9 +74,17 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def drift(adapter: Adapter, concept: Concept, beta: float, tau: float, prompts=NEUTRAL_PROMPTS,
-          latent_shape: tuple[int, int, int] = (4, 64, 64), draws: int = 2, seed: int = 0,
-          lock: str = "local") -> tuple[float, float]:
+def drift(
+    adapter: Adapter,
+    concept: Concept,
+    beta: float,
+    tau: float,
+    prompts=NEUTRAL_PROMPTS,
+    latent_shape: tuple[int, int, int] = (4, 64, 64),
+    draws: int = 2,
+    seed: int = 0,
+    lock: str = "local",
+) -> tuple[float, float]:
     """(mean squared prediction difference, same divided by the base prediction's mean square)."""
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
     gen = torch.Generator().manual_seed(seed)
@@ -92,9 +110,18 @@ def drift(adapter: Adapter, concept: Concept, beta: float, tau: float, prompts=N
     return diff / draws, diff / max(base_sq, 1e-12)
 
 
-def overfitting_report(adapter: Adapter, concept: Concept, latent_shape: tuple[int, int, int], samples: int = 16,
-                       beta: Optional[float] = None, tau: Optional[float] = None, seed: int = 0, steps: int = 20,
-                       features: Callable[[torch.Tensor], torch.Tensor] = pixel_features, lock: str = "local") -> Report:
+def overfitting_report(
+    adapter: Adapter,
+    concept: Concept,
+    latent_shape: tuple[int, int, int],
+    samples: int = 16,
+    beta: Optional[float] = None,
+    tau: Optional[float] = None,
+    seed: int = 0,
+    steps: int = 20,
+    features: Callable[[torch.Tensor], torch.Tensor] = pixel_features,
+    lock: str = "local",
+) -> Report:
     """Both measures at the concept's suggested gate (or beta/tau), with local or global key-locking.
 
     baseline_w2 is the same distance between two independent sets of base-model class samples: the
@@ -105,7 +132,9 @@ def overfitting_report(adapter: Adapter, concept: Concept, latent_shape: tuple[i
     mse, rel = drift(adapter, concept, beta, tau, latent_shape=latent_shape, seed=seed, lock=lock)
     word = concept.token
     item = [Activation(concept, beta, tau, lock=lock)]
-    mine = generate(adapter, [f"a photo of a {word}"] * samples, item, latent_shape=latent_shape, seed=seed, steps=steps)
+    mine = generate(
+        adapter, [f"a photo of a {word}"] * samples, item, latent_shape=latent_shape, seed=seed, steps=steps
+    )
     cls = [f"a photo of a {concept.superclass}"] * samples
     base = generate(adapter, cls, latent_shape=latent_shape, seed=seed + 1, steps=steps)
     again = generate(adapter, cls, latent_shape=latent_shape, seed=seed + 2, steps=steps)

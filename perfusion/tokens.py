@@ -4,9 +4,10 @@ A prompt is encoded in chunks of `chunk_length` rows (77 for CLIP: BOS, up to 75
 padding); the context tensor is the chunks' encodings concatenated, so a token at position p of
 chunk k is row k * chunk_length + p.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 
@@ -18,8 +19,13 @@ def content_positions(chunk: Sequence[int], bos: int = CLIP_BOS, eos: int = CLIP
     return range(start, stop)
 
 
-def word_rows(chunks: Sequence[Sequence[int]], word: Sequence[int], chunk_length: int = 77,
-              bos: int = CLIP_BOS, eos: int = CLIP_EOS) -> list[list[int]]:
+def word_rows(
+    chunks: Sequence[Sequence[int]],
+    word: Sequence[int],
+    chunk_length: int = 77,
+    bos: int = CLIP_BOS,
+    eos: int = CLIP_EOS,
+) -> list[list[int]]:
     """Context rows of every occurrence of `word` (its token ids, one or several) in `chunks`.
 
     chunks: the id sequences the encoder sees, one per chunk (each `chunk_length` long, BOS first).
@@ -28,14 +34,20 @@ def word_rows(chunks: Sequence[Sequence[int]], word: Sequence[int], chunk_length
     """
     if not word:
         raise ValueError("word has no tokens")
-    stream = [(k * chunk_length + p, chunk[p]) for k, chunk in enumerate(chunks)
-              for p in content_positions(chunk, bos, eos)]
+    stream = [
+        (k * chunk_length + p, chunk[p]) for k, chunk in enumerate(chunks) for p in content_positions(chunk, bos, eos)
+    ]
     ids = [t for _, t in stream]
     n = len(word)
-    return [[row for row, _ in stream[i:i + n]] for i in range(len(ids) - n + 1) if ids[i:i + n] == list(word)]
+    return [[row for row, _ in stream[i : i + n]] for i in range(len(ids) - n + 1) if ids[i : i + n] == list(word)]
 
 
-def concept_rows(chunks: Sequence[Sequence[int]], word: Sequence[int], chunk_length: int = 77,
-                 bos: int = CLIP_BOS, eos: int = CLIP_EOS) -> list[int]:
+def concept_rows(
+    chunks: Sequence[Sequence[int]],
+    word: Sequence[int],
+    chunk_length: int = 77,
+    bos: int = CLIP_BOS,
+    eos: int = CLIP_EOS,
+) -> list[int]:
     """One row per occurrence of `word`: its last token's row (in a causal encoder it has read the whole word)."""
     return [rows[-1] for rows in word_rows(chunks, word, chunk_length, bos, eos)]

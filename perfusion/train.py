@@ -8,16 +8,18 @@ Infusion: the class word itself, keys untouched, a gated value residual per attn
 Every random draw of micro-batch (step, k) comes from a generator seeded by (seed, step, k), so an
 interrupted run resumed from its checkpoint continues exactly as if it had never stopped.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -25,10 +27,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
 from .adapter import Adapter
+from .checkpointing import checkpointed_blocks
 from .concept import Concept, save_concept
 from .covariance import Covariance, concept_gate
 from .dataset import soft_mask
-from .checkpointing import checkpointed_blocks
 from .diffusion import q_sample, training_target
 from .files import atomic_write, read_regular
 from .hooks import Activation, attach
@@ -37,14 +39,33 @@ from .options import BETA, I_STAR_GRADIENTS, METHODS, TAU, TRAIN_BETA, TRAIN_TAU
 
 MAX_TEMPLATES_BYTES = 256 * 2**10
 TI_TEMPLATES = (
-    "a photo of a [name]", "a rendering of a [name]", "a cropped photo of the [name]", "the photo of a [name]",
-    "a photo of a clean [name]", "a photo of a dirty [name]", "a dark photo of the [name]", "a photo of my [name]",
-    "a photo of the cool [name]", "a close-up photo of a [name]", "a bright photo of the [name]",
-    "a cropped photo of a [name]", "a photo of the [name]", "a good photo of the [name]", "a photo of one [name]",
-    "a close-up photo of the [name]", "a rendition of the [name]", "a photo of the clean [name]",
-    "a rendition of a [name]", "a photo of a nice [name]", "a good photo of a [name]", "a photo of the nice [name]",
-    "a photo of the small [name]", "a photo of the weird [name]", "a photo of the large [name]",
-    "a photo of a cool [name]", "a photo of a small [name]",
+    "a photo of a [name]",
+    "a rendering of a [name]",
+    "a cropped photo of the [name]",
+    "the photo of a [name]",
+    "a photo of a clean [name]",
+    "a photo of a dirty [name]",
+    "a dark photo of the [name]",
+    "a photo of my [name]",
+    "a photo of the cool [name]",
+    "a close-up photo of a [name]",
+    "a bright photo of the [name]",
+    "a cropped photo of a [name]",
+    "a photo of the [name]",
+    "a good photo of the [name]",
+    "a photo of one [name]",
+    "a close-up photo of the [name]",
+    "a rendition of the [name]",
+    "a photo of the clean [name]",
+    "a rendition of a [name]",
+    "a photo of a nice [name]",
+    "a good photo of a [name]",
+    "a photo of the nice [name]",
+    "a photo of the small [name]",
+    "a photo of the weird [name]",
+    "a photo of the large [name]",
+    "a photo of a cool [name]",
+    "a photo of a small [name]",
 )
 
 
@@ -138,11 +159,16 @@ def read_templates(path: str | Path) -> tuple[str, ...]:
     try:
         text = read_regular(path, MAX_TEMPLATES_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError):  # one message for every cause: it does not tell which paths exist
-        raise TrainError(f"{path}: cannot read it as a UTF-8 text file of at most {MAX_TEMPLATES_BYTES // 1024} KB") from None
+        raise TrainError(
+            f"{path}: cannot read it as a UTF-8 text file of at most {MAX_TEMPLATES_BYTES // 1024} KB"
+        ) from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     bad = [n for n, line in enumerate(lines, 1) if "[name]" not in line]
     if not lines or bad:
-        raise TrainError(f"{path}: every line needs a [name] placeholder" + (f" (line {bad[0]} has none)" if bad else " (file is empty)"))
+        raise TrainError(
+            f"{path}: every line needs a [name] placeholder"
+            + (f" (line {bad[0]} has none)" if bad else " (file is empty)")
+        )
     return tuple(lines)
 
 
@@ -152,7 +178,11 @@ def check_superclass(adapter: Adapter, superclass: str) -> None:
     if n == 1:
         return
     words = [w for w in superclass.replace("-", " ").split() if adapter.token_count(w) == 1]
-    hint = f"try one of: {', '.join(words)}" if words else "try a common one-word class such as 'toy', 'dog', 'cat', 'person'"
+    hint = (
+        f"try one of: {', '.join(words)}"
+        if words
+        else "try a common one-word class such as 'toy', 'dog', 'cat', 'person'"
+    )
     raise TrainError(f"superclass {superclass!r} is {n} tokens, it must be exactly one; {hint}")
 
 
@@ -167,9 +197,17 @@ class Trainer:
     """One run. `images` [N, 3, R, R] in [-1, 1]; `masks`: per image an [R, R] weight in [0, 1] or None,
     or "attention" (the model's own cross-attention on the superclass word), or None for no mask."""
 
-    def __init__(self, adapter: Adapter, covariance: Covariance, config: TrainConfig, images: torch.Tensor,
-                 masks: Union[None, str, list[Optional[torch.Tensor]]], work_dir: str | Path,
-                 concept_path: str | Path, captions: Optional[list[str]] = None):
+    def __init__(
+        self,
+        adapter: Adapter,
+        covariance: Covariance,
+        config: TrainConfig,
+        images: torch.Tensor,
+        masks: Union[None, str, list[Optional[torch.Tensor]]],
+        work_dir: str | Path,
+        concept_path: str | Path,
+        captions: Optional[list[str]] = None,
+    ):
         if isinstance(masks, str) and masks != "attention":
             raise TrainError(f"masks must be a list of masks, 'attention' or None, got {masks!r}")
         config.check()
@@ -194,8 +232,12 @@ class Trainer:
         h, w = latents.shape[-2:]
         if masks == "attention":
             masks = list(attention_masks(self.adapter, latents[0], self.cfg.superclass, seed=self.cfg.seed))
-        grid = torch.stack([soft_mask(m.cpu(), (h, w)) if m is not None else torch.ones(h, w)
-                            for m in (masks if masks is not None else [None] * images.shape[0])]).to(dev)
+        grid = torch.stack(
+            [
+                soft_mask(m.cpu(), (h, w)) if m is not None else torch.ones(h, w)
+                for m in (masks if masks is not None else [None] * images.shape[0])
+            ]
+        ).to(dev)
         return latents, torch.stack([grid, grid.flip(-1)])[: latents.shape[0]]
 
     def _prompts(self, gen: torch.Generator, idx: list[int], word: str) -> list[str]:
@@ -236,26 +278,53 @@ class Trainer:
                 values[name] = torch.zeros_like(start) if cfg.method == "infusion" else start
                 if cfg.keys == "trained":
                     keys[name] = attn.to_k(i_super[None].to(context.dtype)).float()[0]
-        embedding = ad.word_embedding(cfg.superclass) if cfg.method == "perfusion" else {
-            k: v[:0] for k, v in ad.word_embedding(cfg.superclass).items()}
-        return {"i_super": i_super, "i_star": i_super.clone(), "values": values, "keys": keys,
-                "embedding": {k: v.float() for k, v in embedding.items()}, "step": 0}
+        embedding = (
+            ad.word_embedding(cfg.superclass)
+            if cfg.method == "perfusion"
+            else {k: v[:0] for k, v in ad.word_embedding(cfg.superclass).items()}
+        )
+        return {
+            "i_super": i_super,
+            "i_star": i_super.clone(),
+            "values": values,
+            "keys": keys,
+            "embedding": {k: v.float() for k, v in embedding.items()},
+            "step": 0,
+        }
 
     def _concept(self, state: dict, i_star: torch.Tensor, step: int) -> Concept:
         a, energy = concept_gate(self.cov, i_star.detach().float())
         cfg = self.cfg
         return Concept(
-            token=self.word, superclass=cfg.superclass, embedding=state["embedding"], i_star=i_star,
-            a=a, energy=energy, i_super=state["i_super"], values=state["values"], method=cfg.method,
-            arch=getattr(self.adapter, "arch", "other"), base_model_hash=getattr(self.adapter, "model_hash", ""),
-            keys=state["keys"], covariance_hash=self.cov.hash, clip_skip=cfg.clip_skip, train_beta=cfg.train_beta,
-            train_tau=cfg.train_tau, beta=cfg.beta, tau=cfg.tau, steps=step, name=cfg.name)
+            token=self.word,
+            superclass=cfg.superclass,
+            embedding=state["embedding"],
+            i_star=i_star,
+            a=a,
+            energy=energy,
+            i_super=state["i_super"],
+            values=state["values"],
+            method=cfg.method,
+            arch=getattr(self.adapter, "arch", "other"),
+            base_model_hash=getattr(self.adapter, "model_hash", ""),
+            keys=state["keys"],
+            covariance_hash=self.cov.hash,
+            clip_skip=cfg.clip_skip,
+            train_beta=cfg.train_beta,
+            train_tau=cfg.train_tau,
+            beta=cfg.beta,
+            tau=cfg.tau,
+            steps=step,
+            name=cfg.name,
+        )
 
     def _optimizer(self, state: dict) -> torch.optim.Optimizer:
         targets = list(state["values"].values()) + list(state["keys"].values())
         groups = [{"params": targets, "lr": self.cfg.lr_values, "name": "values"}]
         if self.cfg.method == "perfusion":
-            groups.append({"params": list(state["embedding"].values()), "lr": self.cfg.lr_embedding, "name": "embedding"})
+            groups.append(
+                {"params": list(state["embedding"].values()), "lr": self.cfg.lr_embedding, "name": "embedding"}
+            )
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _lr_scale(self, step: int) -> float:
@@ -289,17 +358,35 @@ class Trainer:
         except Exception as e:
             raise TrainError(f"{self.checkpoint_path}: unreadable checkpoint ({e}); delete it to start over") from None
         ours = asdict(self.cfg)
-        fixed = ("token", "superclass", "method", "batch_size", "grad_accum", "seed", "ema", "i_star_gradient", "flip",
-                 "keys", "gated", "edit")
+        fixed = (
+            "token",
+            "superclass",
+            "method",
+            "batch_size",
+            "grad_accum",
+            "seed",
+            "ema",
+            "i_star_gradient",
+            "flip",
+            "keys",
+            "gated",
+            "edit",
+        )
         changed = [k for k in fixed if json.dumps(saved.get(k)) != json.dumps(ours[k])]
         if changed:
-            raise TrainError(f"{self.checkpoint_path}: made with different {', '.join(changed)}; "
-                             "start a new run under another name or delete the checkpoint")
+            raise TrainError(
+                f"{self.checkpoint_path}: made with different {', '.join(changed)}; "
+                "start a new run under another name or delete the checkpoint"
+            )
         dev = self.adapter.device
-        state = {"i_star": tensors["i_star"].to(dev), "i_super": tensors["i_super"].to(dev), "step": int(meta["step"]),
-                 "values": {k[7:]: v.to(dev) for k, v in tensors.items() if k.startswith("values.")},
-                 "keys": {k[5:]: v.to(dev) for k, v in tensors.items() if k.startswith("keys.")},
-                 "embedding": {k[10:]: v.to(dev) for k, v in tensors.items() if k.startswith("embedding.")}}
+        state = {
+            "i_star": tensors["i_star"].to(dev),
+            "i_super": tensors["i_super"].to(dev),
+            "step": int(meta["step"]),
+            "values": {k[7:]: v.to(dev) for k, v in tensors.items() if k.startswith("values.")},
+            "keys": {k[5:]: v.to(dev) for k, v in tensors.items() if k.startswith("keys.")},
+            "embedding": {k[10:]: v.to(dev) for k, v in tensors.items() if k.startswith("embedding.")},
+        }
         return state, {k: v.to(dev) for k, v in tensors.items() if k.startswith("adam.")}
 
     @staticmethod
@@ -308,14 +395,20 @@ class Trainer:
             for p in group["params"]:
                 name = names[id(p)]
                 if f"adam.exp_avg.{name}" in saved:
-                    opt.state[p] = {"step": torch.tensor(float(saved[f"adam.step.{name}"][0])),
-                                    "exp_avg": saved[f"adam.exp_avg.{name}"].clone(),
-                                    "exp_avg_sq": saved[f"adam.exp_avg_sq.{name}"].clone()}
+                    opt.state[p] = {
+                        "step": torch.tensor(float(saved[f"adam.step.{name}"][0])),
+                        "exp_avg": saved[f"adam.exp_avg.{name}"].clone(),
+                        "exp_avg_sq": saved[f"adam.exp_avg_sq.{name}"].clone(),
+                    }
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self, resume: bool = False, progress: Optional[Callable[[Progress], None]] = None,
-            should_stop: Callable[[], bool] = lambda: False,
-            preview: Optional[Callable[[Concept, int], None]] = None) -> TrainResult:
+    def run(
+        self,
+        resume: bool = False,
+        progress: Optional[Callable[[Progress], None]] = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        preview: Optional[Callable[[Concept, int], None]] = None,
+    ) -> TrainResult:
         """Train to `steps` (from the checkpoint if `resume`), saving atomically; returns the final concept."""
         cfg, ad = self.cfg, self.adapter
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +435,9 @@ class Trainer:
             with checkpointing:
                 while step < cfg.steps:
                     for group in opt.param_groups:
-                        group["lr"] = (cfg.lr_values if group["name"] == "values" else cfg.lr_embedding) * self._lr_scale(step)
+                        group["lr"] = (
+                            cfg.lr_values if group["name"] == "values" else cfg.lr_embedding
+                        ) * self._lr_scale(step)
                     total, i_star_before = 0.0, state["i_star"]
                     for k in range(cfg.grad_accum):
                         if should_stop():
@@ -366,7 +461,10 @@ class Trainer:
                         progress(Progress(step, cfg.steps, total, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
                     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                         self.save_checkpoint(state, opt, step)
-                        save_concept(self._concept(state, state["i_star"], step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
+                        save_concept(
+                            self._concept(state, state["i_star"], step),
+                            self.work_dir / f"{cfg.name}-{step:05d}.safetensors",
+                        )
                     if preview and cfg.preview_every and step % cfg.preview_every == 0:
                         with torch.no_grad():
                             concept = self._concept(state, state["i_star"], step)
@@ -385,8 +483,11 @@ class Trainer:
         embedding = state["embedding"] if cfg.method == "perfusion" else None
         context, rows = ad.encode(prompts, {self.word: embedding})
         if not torch.isfinite(context).all():
-            raise NonFiniteError(f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
-                                 "stopped before applying the step", "text encoder")
+            raise NonFiniteError(
+                f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
+                "stopped before applying the step",
+                "text encoder",
+            )
         rows = rows[self.word]
         i_star = state["i_star"]
         if cfg.method == "perfusion" and cfg.ema is not None:
@@ -403,8 +504,11 @@ class Trainer:
         per_pixel = (pred - target).square().mean(1)  # [B, h, w]
         loss = (per_pixel * mask).mean()
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"step {step + 1}: the loss is {float(loss.detach())} (NaN or Inf in the U-Net's prediction); "
-                                 "stopped before applying the step", "loss")
+            raise NonFiniteError(
+                f"step {step + 1}: the loss is {float(loss.detach())} (NaN or Inf in the U-Net's prediction); "
+                "stopped before applying the step",
+                "loss",
+            )
         scaler.scale(loss / cfg.grad_accum).backward()
         return float(loss.detach())
 

@@ -1,5 +1,6 @@
 """sd-webui-perfusion: the WebUI entry script. Glue only; the library is perfusion/ (engine) and
 perfusion/webui/ (extra network, cards, accordion, infotext, API, settings)."""
+
 from modules import extra_networks, script_callbacks, ui_extra_networks
 
 from perfusion.webui import api, infotext, network, page, settings, tab

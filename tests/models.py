@@ -15,12 +15,11 @@ One ldm quirk is handled here: ldm zero-initialises several output projections (
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
-
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 __all__ = ["small_unet", "sd15_unet", "small_text_encoder", "encode", "attn2_layers", "MAX_LENGTH"]
@@ -130,9 +129,7 @@ def attn2_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in unet.named_modules() if name.endswith("attn2")]
 
 
-def small_text_encoder(
-    hidden: int = 64, layers: int = 2, seed: int = 0, *, heads: int | None = None
-) -> CLIPTextModel:
+def small_text_encoder(hidden: int = 64, layers: int = 2, seed: int = 0, *, heads: int | None = None) -> CLIPTextModel:
     """A small CLIPTextModel for the real CLIP ids (vocab 49408, 77 positions, causal).
 
     bos 49406, eos 49407, pad 49407 (as the CLIP tokenizer pads with <|endoftext|>).

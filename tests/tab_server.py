@@ -3,6 +3,7 @@ webui.py starts the UI (scripts injected into gradio's page, create_ui, queue, l
 
     PYTHONPATH=. .venv/bin/python tests/tab_server.py [PORT]   # then open http://127.0.0.1:PORT
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ def launch(port: int = 0):
     ui_gradio_extensions.reload_javascript()
     demo = ui.create_ui()
     demo.queue(64)
-    app, url, _ = demo.launch(server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True,
-                              quiet=True)
+    app, url, _ = demo.launch(
+        server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True, quiet=True
+    )
     progress.setup_progress_api(app)
     return demo, url
 

@@ -1,4 +1,5 @@
 """Concept file format v1: round trip, size, and every kind of bad file."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,11 @@ import struct
 
 import pytest
 import torch
+from concepts import SD1_LAYERS, make_concept, random_covariance
 from safetensors.torch import save_file
 
 import perfusion
 from perfusion import ConceptError, load_concept, save_concept
-from concepts import SD1_LAYERS, make_concept, random_covariance
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,12 @@ def sd1():
 def test_round_trip_keeps_everything(tmp_path, sd1):
     path = save_concept(sd1, tmp_path / "hugsy.safetensors")
     back = load_concept(path)
-    assert back.name == "hugsy" and (back.token, back.superclass, back.arch, back.method) == ("hugsy", "teddy", "sd1", "perfusion")
+    assert back.name == "hugsy" and (back.token, back.superclass, back.arch, back.method) == (
+        "hugsy",
+        "teddy",
+        "sd1",
+        "perfusion",
+    )
     assert (back.beta, back.tau, back.train_beta, back.train_tau, back.steps) == (0.7, 0.15, 0.75, 0.10, 400)
     assert back.base_model_hash == "6ce0161689" and back.covariance_hash == "a1b2c3d4e5f6" and back.created
     assert back.layers == sorted(SD1_LAYERS)
@@ -62,6 +68,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, sd1, monkeyp
     path = save_concept(sd1, tmp_path / "hugsy.safetensors")
     before = path.read_bytes()
     import perfusion.files as files
+
     monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(OSError):
         save_concept(sd1, path)
@@ -73,6 +80,7 @@ def _rewrite(tmp_path, sd1, edit_tensors=None, edit_meta=None):
     good = save_concept(sd1, tmp_path / "good.safetensors")
     tensors = {k: v.clone() for k, v in perfusion.concept._load_safetensors_bytes(good.read_bytes()).items()}
     from safetensors import safe_open
+
     with safe_open(str(good), "pt") as f:
         meta = dict(f.metadata())
     if edit_tensors:
@@ -84,23 +92,30 @@ def _rewrite(tmp_path, sd1, edit_tensors=None, edit_meta=None):
     return bad
 
 
-@pytest.mark.parametrize("edit_tensors,edit_meta,message", [
-    (lambda t: t.pop("a"), None, "missing: a"),
-    (lambda t: t.update(extra=torch.ones(3)), None, "unexpected tensor.*extra"),
-    (lambda t: t.update(i_star=torch.ones(767)), None, "i_star.*768"),
-    (lambda t: t.update(i_super=torch.ones(768, 1)), None, "i_super.*shape"),
-    (lambda t: t.update({"v.middle_block.1.transformer_blocks.0.attn2": torch.ones(2, 640)}), None, "v.middle_block"),
-    (lambda t: t.__setitem__("i_super", torch.full((768,), float("nan"))), None, "i_super.*NaN"),
-    (lambda t: t.__setitem__("energy", torch.tensor([float("inf")])), None, "energy.*NaN or Inf"),
-    (lambda t: t.__setitem__("embedding", torch.ones(1, 1024)), None, "1024 wide, sd1 needs 768"),
-    (None, lambda m: m.update(perfusion_format="2"), "format '2' is not supported"),
-    (None, lambda m: m.pop("perfusion_format"), "not a Perfusion concept"),
-    (None, lambda m: m.pop("superclass"), "superclass"),
-    (None, lambda m: m.update(tau="fast"), "'tau' is not a number"),
-    (None, lambda m: m.update(tau="0"), "tau must be positive"),
-    (None, lambda m: m.update(method="dreambooth"), "method 'dreambooth'"),
-    (None, lambda m: m.update(context_dim="1024"), "context_dim"),
-])
+@pytest.mark.parametrize(
+    "edit_tensors,edit_meta,message",
+    [
+        (lambda t: t.pop("a"), None, "missing: a"),
+        (lambda t: t.update(extra=torch.ones(3)), None, "unexpected tensor.*extra"),
+        (lambda t: t.update(i_star=torch.ones(767)), None, "i_star.*768"),
+        (lambda t: t.update(i_super=torch.ones(768, 1)), None, "i_super.*shape"),
+        (
+            lambda t: t.update({"v.middle_block.1.transformer_blocks.0.attn2": torch.ones(2, 640)}),
+            None,
+            "v.middle_block",
+        ),
+        (lambda t: t.__setitem__("i_super", torch.full((768,), float("nan"))), None, "i_super.*NaN"),
+        (lambda t: t.__setitem__("energy", torch.tensor([float("inf")])), None, "energy.*NaN or Inf"),
+        (lambda t: t.__setitem__("embedding", torch.ones(1, 1024)), None, "1024 wide, sd1 needs 768"),
+        (None, lambda m: m.update(perfusion_format="2"), "format '2' is not supported"),
+        (None, lambda m: m.pop("perfusion_format"), "not a Perfusion concept"),
+        (None, lambda m: m.pop("superclass"), "superclass"),
+        (None, lambda m: m.update(tau="fast"), "'tau' is not a number"),
+        (None, lambda m: m.update(tau="0"), "tau must be positive"),
+        (None, lambda m: m.update(method="dreambooth"), "method 'dreambooth'"),
+        (None, lambda m: m.update(context_dim="1024"), "context_dim"),
+    ],
+)
 def test_bad_tensors_and_metadata(tmp_path, sd1, edit_tensors, edit_meta, message):
     bad = _rewrite(tmp_path, sd1, edit_tensors, edit_meta)
     with pytest.raises(ConceptError, match=message) as err:
@@ -145,20 +160,21 @@ def test_pickles_are_never_unpickled(tmp_path, sd1):
 def test_wrong_dtype_in_header_is_refused(tmp_path, sd1):
     good = save_concept(sd1, tmp_path / "good.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", good[:8])
-    header = json.loads(good[8:8 + n])
+    header = json.loads(good[8 : 8 + n])
     header["a"]["dtype"] = "I64"
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (n - len(raw)) if len(raw) <= n else b""
     assert len(raw) == n
     path = tmp_path / "dtype.safetensors"
-    path.write_bytes(good[:8] + raw + good[8 + n:])
+    path.write_bytes(good[:8] + raw + good[8 + n :])
     with pytest.raises(ConceptError, match="'a' has an unsupported dtype"):
         load_concept(path)
 
 
 def test_infusion_file_has_no_embedding_rows_and_its_size(tmp_path):
-    c = make_concept(SD1_LAYERS, 768, random_covariance(768), method="infusion", arch="sd1", token="teddy",
-                     superclass="teddy")
+    c = make_concept(
+        SD1_LAYERS, 768, random_covariance(768), method="infusion", arch="sd1", token="teddy", superclass="teddy"
+    )
     c.embedding = {"": torch.zeros(0, 768)}
     path = save_concept(c, tmp_path / "teddy.safetensors")
     back = load_concept(path)

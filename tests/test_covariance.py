@@ -1,13 +1,14 @@
 """Covariance from the shipped prompt corpus through a real-architecture CLIP text encoder."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from models import small_text_encoder
 
 import perfusion
 from perfusion.clip_tokenizer import load_tokenizer
 from perfusion.corpus import prompt_corpus
-from models import small_text_encoder
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,10 @@ def test_matches_float64_reference_for_both_position_sets(encoder):
     prompts = prompt_corpus(300, seed=1)
     context, lengths = encoder(prompts)
     e = context.detach().double()
-    for positions, rows in (("all", e.reshape(-1, 64)),
-                            ("tokens", torch.cat([e[b, :n] for b, n in enumerate(lengths.tolist())]))):
+    for positions, rows in (
+        ("all", e.reshape(-1, 64)),
+        ("tokens", torch.cat([e[b, :n] for b, n in enumerate(lengths.tolist())])),
+    ):
         cov = perfusion.build_covariance(encoder, prompts, positions=positions, ridge=1e-5, batch_size=64)
         ref = rows.T @ rows / rows.shape[0]
         ref += torch.eye(64, dtype=torch.float64) * 1e-5 * ref.trace() / 64
@@ -53,8 +56,15 @@ def test_cache_builds_once_saves_provenance_and_rebuilds_a_corrupt_file(tmp_path
     prompts = prompt_corpus(130, seed=3)
     progress = []
     start = len(encoder.calls)
-    cov = perfusion.cached_covariance(tmp_path, encoder, prompts, encoder_hash="abc123", clip_skip=2,
-                                      batch_size=64, progress=lambda done, total: progress.append((done, total)))
+    cov = perfusion.cached_covariance(
+        tmp_path,
+        encoder,
+        prompts,
+        encoder_hash="abc123",
+        clip_skip=2,
+        batch_size=64,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     assert progress == [(64, 130), (128, 130), (130, 130)] and len(encoder.calls) - start == 3
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and "abc123" in files[0].name and "skip2" in files[0].name

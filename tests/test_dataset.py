@@ -1,4 +1,5 @@
 """Dataset folder loading: every image mode, companions, bad files, errors, read-only access, soft masks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from perfusion.dataset import (IMAGE_SUFFIXES, Dataset, DatasetError, Sample, Skipped, _pixels, load_dataset,
-                               scan_folder, soft_mask)
+from perfusion.dataset import (
+    IMAGE_SUFFIXES,
+    Dataset,
+    DatasetError,
+    Sample,
+    Skipped,
+    _pixels,
+    load_dataset,
+    scan_folder,
+    soft_mask,
+)
 
 RED, BLUE = (220, 20, 30), (20, 40, 200)
 
@@ -18,7 +28,7 @@ RED, BLUE = (220, 20, 30), (20, 40, 200)
 def noise(w: int, h: int, seed: int = 0) -> np.ndarray:
     """[h, w, 3] uint8 random colours with a bright rectangle, never a blank image."""
     rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    rgb[h // 4: h // 2, w // 4: w // 2] = (250, 240, 10)
+    rgb[h // 4 : h // 2, w // 4 : w // 2] = (250, 240, 10)
     return rgb
 
 
@@ -42,8 +52,10 @@ def one(folder, **kw) -> Sample:
 
 def snapshot(folder):
     """name -> (mtime ns, size, content hash) for every entry, folders included."""
-    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size, p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.iterdir())}
+    return {
+        p.name: (p.stat().st_mtime_ns, p.stat().st_size, p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.iterdir())
+    }
 
 
 # ---- modes -------------------------------------------------------------------------------------------
@@ -121,7 +133,11 @@ def test_16_bit_grey_is_scaled_not_clipped_to_white(tmp_path):
 @pytest.mark.parametrize("mode", ["I", "I;16B"])
 def test_other_16_bit_grey_modes_scale_the_same(mode):
     grey = np.array([[0, 257, 30000, 65535]], dtype=np.uint16)
-    im = Image.fromarray(grey.astype(np.int32)) if mode == "I" else Image.frombytes(mode, (4, 1), grey.astype(">u2").tobytes())
+    im = (
+        Image.fromarray(grey.astype(np.int32))
+        if mode == "I"
+        else Image.frombytes(mode, (4, 1), grey.astype(">u2").tobytes())
+    )
     assert im.mode == mode
     colour, alpha = _pixels(im)
     assert alpha is None and colour[0, :, 0].tolist() == [0, 1, 117, 255] and np.all(colour[..., 0] == colour[..., 2])
@@ -205,8 +221,9 @@ def test_mask_file_with_another_aspect_skips_the_image(tmp_path):
     Image.fromarray(np.full((80, 80), 255, np.uint8)).save(tmp_path / "dog_mask.png")
     data = load_dataset(tmp_path, resolution=32)
     assert [s.path.name for s in data.samples] == ["a.png"]
-    assert data.skipped == [Skipped(tmp_path / "dog.png",
-                                    "mask dog_mask.png is 80x80 px but the image is 160x80 px (aspect ratios differ)")]
+    assert data.skipped == [
+        Skipped(tmp_path / "dog.png", "mask dog_mask.png is 80x80 px but the image is 160x80 px (aspect ratios differ)")
+    ]
 
 
 @pytest.mark.parametrize("source, expected", [("auto", "alpha"), ("alpha", "alpha"), ("files", "file"), ("none", None)])
@@ -285,9 +302,11 @@ def test_summary_lists_each_skipped_file(mixed):
         (mixed / name).unlink()
     (mixed / "sub").rmdir()
     data = load_dataset(mixed, resolution=32)
-    assert data.summary() == ("2 usable images, 2 skipped:\n"
-                              "  g.png: too small (40x30 px, need at least 64 px on the short side)\n"
-                              "  h.gif: not an image (.gif not supported: use png, jpg or webp)")
+    assert data.summary() == (
+        "2 usable images, 2 skipped:\n"
+        "  g.png: too small (40x30 px, need at least 64 px on the short side)\n"
+        "  h.gif: not an image (.gif not supported: use png, jpg or webp)"
+    )
     assert Dataset(data.samples[:1], []).summary() == "1 usable image"
 
 
@@ -300,7 +319,9 @@ def test_loading_is_deterministic(mixed):
 def test_fully_transparent_image_is_skipped(tmp_path):
     save_rgb(tmp_path / "a.png")
     Image.fromarray(np.dstack([noise(80, 80), np.zeros((80, 80), np.uint8)])).save(tmp_path / "b.png")
-    assert load_dataset(tmp_path, resolution=32).skipped == [Skipped(tmp_path / "b.png", "fully transparent (no visible pixels)")]
+    assert load_dataset(tmp_path, resolution=32).skipped == [
+        Skipped(tmp_path / "b.png", "fully transparent (no visible pixels)")
+    ]
 
 
 # ---- nothing usable -----------------------------------------------------------------------------------
@@ -337,8 +358,11 @@ def test_only_bad_files_raise_with_every_reason(tmp_path):
     message = str(err.value)
     assert message.startswith(f"no usable images in {tmp_path}:\n")
     assert message.endswith("Add 1-10 photos (png, jpg or webp), at least 64 px on the short side.")
-    for line in ("e.png: unreadable image (cannot identify image file)", "g.png: too small (40x30 px",
-                 "h.gif: not an image (.gif not supported"):
+    for line in (
+        "e.png: unreadable image (cannot identify image file)",
+        "g.png: too small (40x30 px",
+        "h.gif: not an image (.gif not supported",
+    ):
         assert line in message
     assert snapshot(tmp_path) == before
 

@@ -1,4 +1,5 @@
 """CI smoke run of the main job on the committed mini model (3 training steps, 3 sampling steps)."""
+
 from __future__ import annotations
 
 import hashlib

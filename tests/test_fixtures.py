@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from models import attn2_layers, encode, small_text_encoder, small_unet
 
 from perfusion import clip_tokenizer
 from perfusion.clip_tokenizer import bpe_vocabulary_file, load_tokenizer, write_tokenizer_files
-from models import attn2_layers, encode, small_text_encoder, small_unet
 
 TEDDY_IDS = [49406, 320, 1125, 539, 320, 11798, 4298, 49407]
 
@@ -168,11 +168,14 @@ def test_small_text_encoder_feeds_small_unet(tokenizer):
 
 
 def test_zero_padding_keeps_bos_words_and_eos_even_with_embedding_placeholders():
-    from perfusion.adapter import LdmClipAdapter
     from tiny import tiny_adapter
+
+    from perfusion.adapter import LdmClipAdapter
+
     base = tiny_adapter("v")
-    zeroed = LdmClipAdapter(base.diffusion_model, base.text_encoder, base.tokenizer, base.alphas_cumprod, "v",
-                            zero_padding=True)
+    zeroed = LdmClipAdapter(
+        base.diffusion_model, base.text_encoder, base.tokenizer, base.alphas_cumprod, "v", zero_padding=True
+    )
     emb = {"": torch.randn(2, 64)}
     prompts = ["a photo of hugsy on a beach", "hugsy"]
     full, rows = base.encode(prompts, {"hugsy": emb})

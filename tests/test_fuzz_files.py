@@ -1,5 +1,6 @@
 """Fuzzing concept files: every malformed file, special file and corruption raises ConceptError naming the
 file, promptly, and never anything else (generated cases; seeded, so a failure reproduces)."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,19 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from concepts import make_concept, random_covariance
 
 from perfusion import ConceptError, load_concept, save_concept
 from perfusion.files import FileRefused, read_regular
-from concepts import make_concept, random_covariance
 
 
 @contextmanager
 def deadline(seconds: int):
     """Fail (instead of hanging the suite) if the block takes longer than `seconds`."""
+
     def expire(*_):
         raise TimeoutError(f"took longer than {seconds} s")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -39,7 +42,7 @@ def good_bytes(tmp_path_factory):
 
 def split(data: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def join(header, body: bytes) -> bytes:
@@ -68,9 +71,15 @@ def header_cases(good: bytes):
         h["__metadata__"] = meta
         yield f"__metadata__={meta!r}", join(h, body)
     unusable = ("nan", "inf", "-inf", "1e400", "", "12abc", "1" * 400, "0x10", "1e", " ")
-    for field, also in (("context_dim", ("-1", "0", "0.5", "95")), ("clip_skip", ("-1", "0", "0.5")),
-                        ("steps", ("-1", "0.5")), ("tau", ("-1", "0")), ("train_tau", ("-1", "0")),
-                        ("beta", ("1e9",)), ("train_beta", ("-1e9",))):
+    for field, also in (
+        ("context_dim", ("-1", "0", "0.5", "95")),
+        ("clip_skip", ("-1", "0", "0.5")),
+        ("steps", ("-1", "0.5")),
+        ("tau", ("-1", "0")),
+        ("train_tau", ("-1", "0")),
+        ("beta", ("1e9",)),
+        ("train_beta", ("-1e9",)),
+    ):
         for value in unusable + also:
             h = json.loads(json.dumps(header))
             h["__metadata__"][field] = value
@@ -86,11 +95,24 @@ def header_cases(good: bytes):
 def tensor_cases(tmp_path):
     """(label, bytes) for well-formed files holding wrong tensors."""
     from safetensors.torch import save
+
     c = make_concept({"attn2": 64}, 96, random_covariance(96))
-    base = {"embedding": c.embedding[""], "i_star": c.i_star, "a": c.a, "energy": c.energy.reshape(1),
-            "i_super": c.i_super, "v.attn2": c.values["attn2"]}
-    meta = {"perfusion_format": "1", "method": "perfusion", "token": "hugsy", "superclass": "teddy", "arch": "other",
-            "context_dim": "96"}
+    base = {
+        "embedding": c.embedding[""],
+        "i_star": c.i_star,
+        "a": c.a,
+        "energy": c.energy.reshape(1),
+        "i_super": c.i_super,
+        "v.attn2": c.values["attn2"],
+    }
+    meta = {
+        "perfusion_format": "1",
+        "method": "perfusion",
+        "token": "hugsy",
+        "superclass": "teddy",
+        "arch": "other",
+        "context_dim": "96",
+    }
     for name in base:
         for bad in (torch.tensor(1.0), torch.ones(0), torch.ones(2, 3, 4), torch.full_like(base[name], float("nan"))):
             if name == "energy" and bad.numel() == 1 and not bad.isnan().any():

@@ -1,5 +1,6 @@
 """SIGKILL at random points: a save leaves the old file or the new one, never a torn one; a training run
 killed mid-way resumes from its checkpoint."""
+
 from __future__ import annotations
 
 import os
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from concepts import SD1_LAYERS, make_concept, random_covariance
 from safetensors.torch import save as save_bytes
 
 from perfusion import load_concept
 from perfusion.concept import _metadata, _tensors
 from perfusion.files import atomic_write
-from concepts import SD1_LAYERS, make_concept, random_covariance
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork and signals")
 
@@ -66,9 +67,12 @@ def test_sigkill_during_a_checkpoint_sized_write_never_tears_the_file(tmp_path):
 
 def test_sigkill_during_a_preset_save_never_tears_the_file(tmp_path):
     import json
+
     form = dict(name="hugsy", token="hugsy", superclass="teddy", folder="/photos", preview_prompt="x" * 50_000)
-    versions = [json.dumps({**form, "steps": k}, indent=2).encode()  # as save_preset writes (a long prompt)
-                for k in (100, 200)]
+    versions = [
+        json.dumps({**form, "steps": k}, indent=2).encode()  # as save_preset writes (a long prompt)
+        for k in (100, 200)
+    ]
     path = tmp_path / "teddy.json"
     atomic_write(path, versions[0])
     seen = _kill_while_writing(path, versions, rounds=30, seed=6)
@@ -91,13 +95,16 @@ Trainer(adapter, tiny_covariance(adapter), cfg, pattern_images(3), None, {work!r
 
 def _checkpoint_step(path: Path) -> int:
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         return int(f.metadata()["step"])
 
 
 def test_sigkill_during_training_then_resume(tmp_path):
     from tiny import pattern_images, tiny_adapter, tiny_covariance
+
     from perfusion.train import TrainConfig, Trainer
+
     work, out = tmp_path / "work", tmp_path / "hugsy.safetensors"
     script = TRAIN.format(tests=str(Path(__file__).parent), work=str(work), out=str(out))
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -114,8 +121,9 @@ def test_sigkill_during_training_then_resume(tmp_path):
     killed_at = _checkpoint_step(checkpoint)  # the checkpoint is whole, whenever the kill came
     assert 3 <= killed_at < 40 and not out.exists()
     adapter = tiny_adapter("v")
-    cfg = TrainConfig(name="hugsy", token="hugsy", superclass="toy", steps=40, batch_size=2, grad_accum=1, seed=7,
-                      save_every=1)
+    cfg = TrainConfig(
+        name="hugsy", token="hugsy", superclass="toy", steps=40, batch_size=2, grad_accum=1, seed=7, save_every=1
+    )
     result = Trainer(adapter, tiny_covariance(adapter), cfg, pattern_images(3), None, work, out).run(resume=True)
     assert result.step == 40 and not result.interrupted and all(torch.isfinite(torch.tensor(result.losses)))
     assert load_concept(out).steps == 40

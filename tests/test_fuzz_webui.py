@@ -1,5 +1,6 @@
 """Fuzzing the WebUI side as a user's files and requests would (stand-in of v1.10.1, tiny model): problems
 give a warning and lose nothing; the image, the cards page and the API keep working."""
+
 from __future__ import annotations
 
 import math
@@ -10,15 +11,14 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 import webui_host as host
 from modules import errors, script_callbacks, shared, ui_extra_networks
+from PIL import Image
+from test_fuzz_files import header_cases
 
 from perfusion import save_concept
 from perfusion.webui import training
 from perfusion.webui.training import TrainForm
-from test_fuzz_files import header_cases
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def images(processed) -> torch.Tensor:
 def client():
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
+
     app = fastapi.FastAPI()
     script_callbacks.app_started_callback(None, app)
     return TestClient(app)
@@ -87,14 +88,26 @@ def test_word_vectors_that_do_not_fit_the_text_encoder_are_skipped(folder, rows,
 
 def test_wrong_architecture_is_marked_on_the_card_before_generating(folder):
     from concepts import make_concept, random_covariance
+
     save_concept(make_concept({"attn2": 320}, 768, random_covariance(768), arch="sd1"), folder / "sd1.safetensors")
     page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")
     [item] = list(page.list_items())
     assert item["description"].startswith("Unusable: ") and "768-wide" in item["metadata"]["error"]
 
 
-@pytest.mark.parametrize("beta,tau", [(0.7, 0), (0.7, -1), (0.7, float("nan")), (float("inf"), 0.15),
-                                      ("abc", 0.15), (None, None), (0.7, 5.0), (-3, 0.15)])
+@pytest.mark.parametrize(
+    "beta,tau",
+    [
+        (0.7, 0),
+        (0.7, -1),
+        (0.7, float("nan")),
+        (float("inf"), 0.15),
+        ("abc", 0.15),
+        (None, None),
+        (0.7, 5.0),
+        (-3, 0.15),
+    ],
+)
 def test_bad_slider_values_warn_and_use_the_settings(folder, beta, tau):
     host.make_concept(folder)
     expected = images(host.txt2img("a photo of <perfusion:hugsy> hugsy"))
@@ -151,17 +164,50 @@ def _photos(folder, n=3):
 
 
 def _form(photos, **kw) -> dict:
-    base = dict(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=2, batch_size=1,
-                grad_accum=1, resolution=64, save_every=1, preview_every=0, mask_source="none", report_samples=0)
+    base = dict(
+        name="hugsy",
+        token="hugsy",
+        superclass="teddy",
+        folder=str(photos),
+        steps=2,
+        batch_size=1,
+        grad_accum=1,
+        resolution=64,
+        save_every=1,
+        preview_every=0,
+        mask_source="none",
+        report_samples=0,
+    )
     return asdict(TrainForm(**{**base, **kw}))
 
 
-WRONG_TYPES = [("name", 3), ("name", ["x"]), ("token", 1.5), ("superclass", None), ("folder", 7),
-               ("mask_source", ["none"]), ("steps", "abc"), ("steps", None), ("steps", []), ("steps", 1e300),
-               ("steps", 2.5), ("steps", True), ("save_every", "x"), ("preview_every", "x"), ("report_samples", "x"),
-               ("lr_values", "fast"), ("lr_values", float("inf")), ("flip", "yes"), ("resolution", {}),
-               ("batch_size", -1), ("grad_accum", 0), ("train_tau", 0), ("preview_beta", 9), ("steps", 10**9),
-               ("existing", 1)]
+WRONG_TYPES = [
+    ("name", 3),
+    ("name", ["x"]),
+    ("token", 1.5),
+    ("superclass", None),
+    ("folder", 7),
+    ("mask_source", ["none"]),
+    ("steps", "abc"),
+    ("steps", None),
+    ("steps", []),
+    ("steps", 1e300),
+    ("steps", 2.5),
+    ("steps", True),
+    ("save_every", "x"),
+    ("preview_every", "x"),
+    ("report_samples", "x"),
+    ("lr_values", "fast"),
+    ("lr_values", float("inf")),
+    ("flip", "yes"),
+    ("resolution", {}),
+    ("batch_size", -1),
+    ("grad_accum", 0),
+    ("train_tau", 0),
+    ("preview_beta", 9),
+    ("steps", 10**9),
+    ("existing", 1),
+]
 
 
 def test_every_wrong_field_type_or_range_is_one_422_before_anything_starts(folder, tmp_path):
@@ -171,8 +217,12 @@ def test_every_wrong_field_type_or_range_is_one_422_before_anything_starts(folde
         body = {**_form(photos), field: value}
         if isinstance(value, float) and not math.isfinite(value):
             import json as _json
-            r = api.post("/perfusion/v1/train", content=_json.dumps(body, allow_nan=True),
-                         headers={"content-type": "application/json"})
+
+            r = api.post(
+                "/perfusion/v1/train",
+                content=_json.dumps(body, allow_nan=True),
+                headers={"content-type": "application/json"},
+            )
         else:
             r = api.post("/perfusion/v1/train", json=body)
         assert r.status_code == 422, (field, value, r.status_code, r.text)
@@ -184,6 +234,7 @@ def test_every_wrong_field_type_or_range_is_one_422_before_anything_starts(folde
 
 def test_a_second_request_while_one_is_queued_gets_409(folder, tmp_path):
     from modules.call_queue import queue_lock
+
     photos = _photos(tmp_path / "photos")
     api = client()
     with queue_lock:  # as during a generation: the first run waits in the queue
@@ -199,8 +250,24 @@ def test_a_second_request_while_one_is_queued_gets_409(folder, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["hugsy.safetensors"]
 
 
-@pytest.mark.parametrize("name", ["hugsy.resume", "x.covariance", "hugsy\n", "CON", "nul.txt", "Com1", "a.", "a ",
-                                  " a", "../a", "a/b", "", "x" * 65])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hugsy.resume",
+        "x.covariance",
+        "hugsy\n",
+        "CON",
+        "nul.txt",
+        "Com1",
+        "a.",
+        "a ",
+        " a",
+        "../a",
+        "a/b",
+        "",
+        "x" * 65,
+    ],
+)
 def test_names_the_library_would_hide_or_mangle_are_refused(folder, tmp_path, name):
     problems, _ = training.check(TrainForm(**_form(_photos(tmp_path / "photos"), name=name)))
     assert any("name" in p for p in problems), problems
@@ -243,6 +310,7 @@ def test_training_folder_attacks(folder, tmp_path):
 
 def test_a_preset_that_is_not_a_file_is_refused_without_hanging(folder):
     from perfusion.webui.host import work_folder
+
     presets = work_folder() / "presets"
     presets.mkdir(parents=True)
     os.mkfifo(presets / "p.json")
@@ -260,6 +328,7 @@ def test_refresh_racing_generations(folder):
             r = api.post("/perfusion/v1/refresh")
             if r.status_code != 200 or [c["name"] for c in r.json()["concepts"]] != ["hugsy"]:
                 failures.append(r.text)
+
     racer = threading.Thread(target=hammer)
     racer.start()
     try:

@@ -1,13 +1,14 @@
 """Sampling with concepts through the Adapter: several concepts, global locking, clean hooks afterwards."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 from perfusion.generate import generate, key_words
 from perfusion.hooks import Activation, attach
 from perfusion.train import TrainConfig, Trainer
-from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,11 @@ def trained(tmp_path_factory):
     concepts = []
     for name, sup, seed in (("hugsy", "toy", 0), ("mochi", "cat", 1)):
         cfg = TrainConfig(name=name, token=name, superclass=sup, steps=2, batch_size=2, grad_accum=1, lr_values=0.3)
-        concepts.append(Trainer(adapter, cov, cfg, pattern_images(2, seed=seed), None, out, out / f"{name}.safetensors").run().concept)
+        concepts.append(
+            Trainer(adapter, cov, cfg, pattern_images(2, seed=seed), None, out, out / f"{name}.safetensors")
+            .run()
+            .concept
+        )
     return adapter, concepts
 
 
@@ -50,7 +55,12 @@ def test_concepts_change_images_and_base_is_reproducible(trained):
     base = generate(adapter, ["a photo of a toy"], **kw)
     assert torch.equal(base, generate(adapter, ["a photo of a toy"], **kw))
     one = generate(adapter, ["a photo of a hugsy"], [Activation(hugsy, 0.6, 0.15)], **kw)
-    both = generate(adapter, ["a hugsy and a mochi"], [Activation(hugsy, 0.6, 0.15), Activation(mochi, 0.6, 0.15)],
-                    projection="exact", **kw)
+    both = generate(
+        adapter,
+        ["a hugsy and a mochi"],
+        [Activation(hugsy, 0.6, 0.15), Activation(mochi, 0.6, 0.15)],
+        projection="exact",
+        **kw,
+    )
     assert one.shape == both.shape == (1, 3, 16, 16) and torch.isfinite(both).all()
     assert not torch.allclose(one, base, atol=1e-3)

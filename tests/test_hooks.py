@@ -1,14 +1,15 @@
 """Hooked ldm U-Nets against a float64 reference of the Perfusion formulas."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from concepts import encodings, layer_widths, make_concept, random_covariance
 from ldm.modules.attention import CrossAttention
+from models import small_unet
 
 import perfusion
 from perfusion import Activation, Activations, ConceptMismatch, KeyContexts, attach, projection_coefficients
-from concepts import encodings, layer_widths, make_concept, random_covariance
-from models import small_unet
 
 
 def reference(W, e, concepts, gates, cov, projection="approximate", key_targets=None, additive=()):
@@ -51,8 +52,10 @@ def capture(unet):
     seen, handles = {}, []
     for name, attn in perfusion.find_cross_attention(unet).items():
         for kind in ("to_k", "to_v"):
+
             def hook(m, args, y, key=(name, kind)):
                 seen[key] = (args[0].detach(), y.detach())
+
             handles.append(getattr(attn, kind).register_forward_hook(hook))
     return seen, handles
 
@@ -160,7 +163,9 @@ def test_global_locking_feeds_superclass_context_to_keys_only():
             ref = reference(W, expected_k_input, [(local.i_star, W.double() @ local.i_super.double())], gates[:1], cov)
         else:
             assert torch.equal(e, batch)
-            ref = reference(W, batch, [(local.i_star, local.values[layer]), (glob.i_star, glob.values[layer])], gates, cov)
+            ref = reference(
+                W, batch, [(local.i_star, local.values[layer]), (glob.i_star, glob.values[layer])], gates, cov
+            )
         assert close(y, ref, 1e-4), (layer, kind)
 
 
@@ -199,11 +204,18 @@ def test_fp16_module_keeps_gate_in_fp32():
     with attach(parent, Activations([Activation(concept, beta=0.7, tau=0.02)])):
         y = attn.to_v(e)
     assert y.dtype == torch.float16
-    ref = reference(attn.to_v.weight.float(), e.float(), [(concept.i_star.half().float(), concept.values["attn2"].half().float())],
-                    [(0.7, 0.02)], cov)
+    ref = reference(
+        attn.to_v.weight.float(),
+        e.float(),
+        [(concept.i_star.half().float(), concept.values["attn2"].half().float())],
+        [(0.7, 0.02)],
+        cov,
+    )
     # fp16 output, reference from the same fp16 inputs in float64
     assert close(y, ref, 2e-3)
-    gates = perfusion.gate(perfusion.similarity(e[1, 10:13], concept.a[None]), torch.tensor([0.7]), torch.tensor([0.02]))
+    gates = perfusion.gate(
+        perfusion.similarity(e[1, 10:13], concept.a[None]), torch.tensor([0.7]), torch.tensor([0.02])
+    )
     assert gates.dtype == torch.float32 and gates[0] < 0.4 and 0.4 < gates[1] < 0.6 and gates[2] > 0.6
 
 
@@ -227,8 +239,10 @@ def test_detach_and_no_concept_are_bit_identical():
         hooks.detach()
         hooks.detach()  # twice is harmless
         assert torch.equal(unet(x, t, context=ctx), bare)
-        assert all(not m.to_k._forward_hooks and not m.to_v._forward_hooks and not m.to_k._forward_pre_hooks
-                   for m in perfusion.find_cross_attention(unet).values())
+        assert all(
+            not m.to_k._forward_hooks and not m.to_v._forward_hooks and not m.to_k._forward_pre_hooks
+            for m in perfusion.find_cross_attention(unet).values()
+        )
 
 
 def test_attach_is_idempotent_and_activations_change_without_reattaching():
@@ -323,7 +337,11 @@ def test_ungated_activation_is_romes_closed_form():
     with torch.no_grad(), attach(parent, Activations([Activation(concept, 0.7, 0.15, ungated=True)])):
         v = attn.to_v(e)
     W = attn.to_v.weight.double()
-    s = e.double() @ torch.linalg.solve(cov, concept.i_star.double()) / (concept.i_star.double() @ torch.linalg.solve(cov, concept.i_star.double()))
+    s = (
+        e.double()
+        @ torch.linalg.solve(cov, concept.i_star.double())
+        / (concept.i_star.double() @ torch.linalg.solve(cov, concept.i_star.double()))
+    )
     ref = e.double() @ W.T + s[..., None] * (concept.values["attn2"].double() - W @ concept.i_star.double())
     assert close(v, ref, 1e-4)
 
@@ -336,8 +354,13 @@ def test_exact_projection_survives_concepts_with_the_same_direction():
     one = make_concept({"l.attn2": 8}, d, cov, seed=1)
     twin = make_concept({"l.attn2": 8}, d, cov, seed=1)
     s = torch.tensor([[0.9, 0.9], [0.2, 0.2]])
-    x = projection_coefficients(s, torch.stack([one.a, twin.a]), torch.stack([one.i_star, twin.i_star]),
-                                torch.cat([one.energy, twin.energy]), "exact")
+    x = projection_coefficients(
+        s,
+        torch.stack([one.a, twin.a]),
+        torch.stack([one.i_star, twin.i_star]),
+        torch.cat([one.energy, twin.energy]),
+        "exact",
+    )
     assert torch.isfinite(x).all()
     assert torch.allclose(x.sum(-1), s[:, 0], atol=1e-5)
 

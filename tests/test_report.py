@@ -1,14 +1,15 @@
 """Overfitting report: the W2 formula against closed forms, drift, and an end-to-end run."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 from perfusion.report import drift, gaussian_w2, overfitting_report, pixel_features
 from perfusion.train import TrainConfig, Trainer
-from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 
 def test_w2_matches_closed_forms():

@@ -1,15 +1,16 @@
 """Tag resolution as a pure function: requests + library + defaults + model facts -> applied, warnings
 (no WebUI stand-in)."""
+
 from __future__ import annotations
 
 import torch
+from concepts import make_concept, random_covariance
 from torch import nn
 
 from perfusion import save_concept
 from perfusion.webui.library import Library
 from perfusion.webui.resolve import Defaults, ModelFacts, resolve
 from perfusion.webui.tags import Request
-from concepts import make_concept, random_covariance
 
 LAYERS = {"down.attn2": 32, "up.attn2": 16}
 D = 48
@@ -35,27 +36,50 @@ def library(tmp_path, **concepts) -> Library:
 def test_tag_values_then_card_preferences_then_defaults(tmp_path):
     lib = library(tmp_path, hugsy={}, boxy={})
     prefs = {"boxy": {"beta": 0.55}}
-    applied, warnings = resolve([Request("hugsy", tau=0.3), Request("boxy")], lib, Defaults(beta=0.9, tau=0.2), FACTS,
-                                ["a hugsy and a boxy"], lambda e: prefs.get(e.name, {}))
+    applied, warnings = resolve(
+        [Request("hugsy", tau=0.3), Request("boxy")],
+        lib,
+        Defaults(beta=0.9, tau=0.2),
+        FACTS,
+        ["a hugsy and a boxy"],
+        lambda e: prefs.get(e.name, {}),
+    )
     assert warnings == []
     assert [(a.entry.name, a.activation.gate, a.activation.lock) for a in applied] == [
-        ("hugsy", (0.9, 0.3), "local"), ("boxy", (0.55, 0.2), "local")]
+        ("hugsy", (0.9, 0.3), "local"),
+        ("boxy", (0.55, 0.2), "local"),
+    ]
 
 
 def test_every_skip_has_its_warning_and_the_rest_still_apply(tmp_path):
-    lib = library(tmp_path, hugsy={}, twin={"token": "hugsy"}, wide={}, infu={"method": "infusion"})
+    library(tmp_path, hugsy={}, twin={"token": "hugsy"}, wide={}, infu={"method": "infusion"})
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
     wide = make_concept({"down.attn2": 64, "up.attn2": 16}, D, random_covariance(D), token="wide")
     wide.embedding = {"": torch.randn(1, D)}
     save_concept(wide, tmp_path / "wide.safetensors")
-    requests = [Request("hugsy"), Request("HUGSY"), Request("nobody"), Request("broken"), Request("twin"),
-                Request("wide"), Request("infu", lock="global"), Request("absent")]
+    requests = [
+        Request("hugsy"),
+        Request("HUGSY"),
+        Request("nobody"),
+        Request("broken"),
+        Request("twin"),
+        Request("wide"),
+        Request("infu", lock="global"),
+        Request("absent"),
+    ]
     lib_absent = library(tmp_path, absent={"token": "zzz"})
     applied, warnings = resolve(requests, lib_absent, Defaults(), FACTS, ["a hugsy, a wide and an infu"], lambda e: {})
     assert [a.entry.name for a in applied] == ["hugsy", "infu"] and applied[1].activation.lock == "local"
     text = "\n".join(warnings)
-    for expected in ("HUGSY is tagged twice", "no concept named 'nobody'", "broken.safetensors", "share the word 'hugsy'",
-                     "layer down.attn2 has 64 outputs", "Infusion concept", "its word 'zzz' is not in the prompt"):
+    for expected in (
+        "HUGSY is tagged twice",
+        "no concept named 'nobody'",
+        "broken.safetensors",
+        "share the word 'hugsy'",
+        "layer down.attn2 has 64 outputs",
+        "Infusion concept",
+        "its word 'zzz' is not in the prompt",
+    ):
         assert expected in text, expected
     assert len(warnings) == 7
 
@@ -65,6 +89,7 @@ def test_word_vectors_and_clip_skip_are_checked_against_the_model(tmp_path):
     narrow = ModelFacts(FACTS.layers, embedding_width=D + 1, clip_skip=2)
     applied, warnings = resolve([Request("hugsy")], lib, Defaults(), narrow, ["hugsy"], lambda e: {})
     assert applied == [] and "text encoder takes 49" in warnings[0]
-    applied, warnings = resolve([Request("hugsy")], lib, Defaults(), ModelFacts(FACTS.layers, None, 2), ["hugsy"],
-                                lambda e: {})
+    applied, warnings = resolve(
+        [Request("hugsy")], lib, Defaults(), ModelFacts(FACTS.layers, None, 2), ["hugsy"], lambda e: {}
+    )
     assert len(applied) == 1 and "CLIP skip 1" in warnings[0]  # applied, with the advice

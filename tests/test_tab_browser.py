@@ -1,6 +1,7 @@
 """The training tab in a real browser: served standalone by the WebUI stand-in (gradio 3.41.2, the WebUI's
 version) and driven in headless Chromium (Debian's /usr/bin/chromium, or PERFUSION_CHROMIUM).
 PERFUSION_SCREENSHOT=path saves the finished tab there (docs/images/training-tab-standin.png)."""
+
 import os
 import shutil
 import time
@@ -72,13 +73,30 @@ def test_check_reports_problems_then_a_ready_dataset(served):
 
 def test_train_shows_progress_previews_and_the_finished_concept(served):
     page, root, photos = served
-    fill(page, {"name": "hugsy", "token": "hugsy", "superclass": "teddy", "folder": str(photos),
-                "numbers": {"Steps": 6, "Batch size": 1, "Gradient accumulation": 1, "Resolution": 64,
-                            "Save every N steps": 3, "Preview every N steps": 2,
-                            "Overfitting report: images per set": 2}})
+    fill(
+        page,
+        {
+            "name": "hugsy",
+            "token": "hugsy",
+            "superclass": "teddy",
+            "folder": str(photos),
+            "numbers": {
+                "Steps": 6,
+                "Batch size": 1,
+                "Gradient accumulation": 1,
+                "Resolution": 64,
+                "Save every N steps": 3,
+                "Preview every N steps": 2,
+                "Overfitting report: images per set": 2,
+            },
+        },
+    )
     page.click("#perfusion_train_start")
-    output, bars, progress_text = (page.locator("#perfusion_train_output").first, page.locator(".progressDiv .progress"),
-                                   page.locator("#perfusion_train_progress").first)
+    output, bars, progress_text = (
+        page.locator("#perfusion_train_output").first,
+        page.locator(".progressDiv .progress"),
+        page.locator("#perfusion_train_progress").first,
+    )
     seen, previews, deadline = set(), 0, time.monotonic() + 240
     while "Finished" not in output.inner_text() and time.monotonic() < deadline:
         for locator in (bars, progress_text):

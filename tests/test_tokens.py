@@ -1,4 +1,5 @@
 """Concept rows found by tokenizing with the real CLIP vocabulary (BOS, multi-token words, long prompts)."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,7 @@ def chunked(tok, text, per_chunk=75):
     tokens = ids(tok, text)
     chunks = []
     for start in range(0, max(len(tokens), 1), per_chunk):
-        body = tokens[start:start + per_chunk]
+        body = tokens[start : start + per_chunk]
         chunks.append([CLIP_BOS] + body + [CLIP_EOS] * (76 - len(body)))
     return chunks
 

@@ -1,16 +1,17 @@
 """The trainer end to end on a tiny real-architecture model (ldm UNetModel + CLIPTextModel, real tokenizer)."""
+
 from __future__ import annotations
 
 import csv
 
 import pytest
 import torch
+from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 import perfusion
 from perfusion.diffusion import q_sample, training_target
 from perfusion.hooks import Activation, attach
 from perfusion.train import NonFiniteError, TrainConfig, Trainer, TrainError
-from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,17 @@ def world():
 
 
 def config(**kw):
-    base = dict(name="hugsy", token="hugsy", superclass="toy", steps=8, batch_size=2, grad_accum=2, seed=7,
-                lr_values=0.03, lr_embedding=0.006)
+    base = dict(
+        name="hugsy",
+        token="hugsy",
+        superclass="toy",
+        steps=8,
+        batch_size=2,
+        grad_accum=2,
+        seed=7,
+        lr_values=0.03,
+        lr_embedding=0.006,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -81,12 +91,14 @@ def test_keys_stay_locked_to_the_superclass(world, tmp_path):
     with torch.no_grad():
         ctx, rows = adapter.encode(["a photo of a hugsy"], {"hugsy": concept.embedding})
         rows = rows["hugsy"]
-        for name, attn in hooks.layers.items():
+        for attn in hooks.layers.values():
             k_concept = attn.to_k(ctx)[0, rows[0][0]]
             k_super = attn.to_k.weight @ concept.i_super.float()
             g = torch.sigmoid((concept.a.float() @ ctx[0, rows[0][0]].float() - 0.75) / 0.10)
             s = concept.a.float() @ ctx[0, rows[0][0]].float()
-            expected = attn.to_k.weight @ ctx[0, rows[0][0]] - s * (attn.to_k.weight @ concept.i_star.float()) + g * k_super
+            expected = (
+                attn.to_k.weight @ ctx[0, rows[0][0]] - s * (attn.to_k.weight @ concept.i_star.float()) + g * k_super
+            )
             assert torch.allclose(k_concept, expected, atol=1e-4)
             # at i* itself the key is the gated superclass key
             k_at_star = attn.to_k(concept.i_star.float()[None, None])[0, 0]
@@ -137,6 +149,7 @@ def test_nan_stops_before_the_step_and_keeps_the_last_finite_files(world, tmp_pa
     def nan_apply(x, t, context):
         out = apply_model(x, t, context)
         return out * float("inf") if poisoned["on"] and where == "loss" else out
+
     monkeypatch.setattr(adapter, "encode", nan_encode)
     monkeypatch.setattr(adapter, "apply_model", nan_apply)
     trainer = Trainer(adapter, cov, config(save_every=1), images, None, tmp_path, tmp_path / "n.safetensors")
@@ -146,7 +159,9 @@ def test_nan_stops_before_the_step_and_keeps_the_last_finite_files(world, tmp_pa
     on_disk = perfusion.load_concept(tmp_path / "hugsy-00002.safetensors")  # validation refuses NaN: finite
     assert on_disk.steps == 2 and not (tmp_path / "n.safetensors").exists()
     poisoned["on"] = False
-    resumed = Trainer(adapter, cov, config(save_every=1), images, None, tmp_path, tmp_path / "n.safetensors").run(resume=True)
+    resumed = Trainer(adapter, cov, config(save_every=1), images, None, tmp_path, tmp_path / "n.safetensors").run(
+        resume=True
+    )
     assert resumed.step == 8 and torch.isfinite(resumed.concept.embedding[""]).all()
 
 
@@ -154,7 +169,9 @@ def test_resume_refuses_a_different_run_and_a_missing_checkpoint(world, tmp_path
     adapter, cov, images = world
     Trainer(adapter, cov, config(steps=2), images, None, tmp_path, tmp_path / "c.safetensors").run()
     with pytest.raises(TrainError, match="superclass"):
-        Trainer(adapter, cov, config(superclass="dog"), images, None, tmp_path, tmp_path / "c.safetensors").run(resume=True)
+        Trainer(adapter, cov, config(superclass="dog"), images, None, tmp_path, tmp_path / "c.safetensors").run(
+            resume=True
+        )
     with pytest.raises(TrainError, match="nothing to resume"):
         Trainer(adapter, cov, config(name="other"), images, None, tmp_path, tmp_path / "d.safetensors").run(resume=True)
 
@@ -191,12 +208,16 @@ def test_infusion_run_writes_a_valid_small_file(world, tmp_path):
 def test_attention_masks_from_the_models_own_cross_attention(world, tmp_path):
     adapter, cov, images = world
     from perfusion.masks import attention_masks
+
     latents = adapter.encode_images(images)
     masks = attention_masks(adapter, latents, "toy", seed=7)  # the seed config() trains with
     assert masks.shape == (3, 16, 16) and masks.min() == 0 and masks.max() == 1
     assert masks.std() > 0.05  # not a constant map
-    trainer = Trainer(adapter, cov, config(steps=1, flip=False), images, "attention", tmp_path, tmp_path / "a.safetensors")
+    trainer = Trainer(
+        adapter, cov, config(steps=1, flip=False), images, "attention", tmp_path, tmp_path / "a.safetensors"
+    )
     from perfusion.dataset import soft_mask
+
     assert torch.allclose(trainer.masks[0, 1], soft_mask(masks[1], (16, 16)))
     with pytest.raises(TrainError, match="'attention' or None"):
         Trainer(adapter, cov, config(), images, "alpha", tmp_path, tmp_path / "a.safetensors")
@@ -204,6 +225,7 @@ def test_attention_masks_from_the_models_own_cross_attention(world, tmp_path):
 
 def test_templates_file(tmp_path):
     from perfusion.train import read_templates
+
     good = tmp_path / "t.txt"
     good.write_text("a photo of [name]\n\n[filewords], a [name]\n")
     assert read_templates(good) == ("a photo of [name]", "[filewords], a [name]")
@@ -237,8 +259,9 @@ def test_autocast_keeps_fp32_parameters(tmp_path):
     for attn in attach(adapter.diffusion_model).layers.values():
         attn.to_v.register_forward_hook(lambda m, a, y: seen.add(y.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the WebUI trains under autocast; CPU has bf16
-        result = Trainer(adapter, cov, config(steps=2, grad_accum=1), pattern_images(2), None, tmp_path,
-                         tmp_path / "bf.safetensors").run()
+        result = Trainer(
+            adapter, cov, config(steps=2, grad_accum=1), pattern_images(2), None, tmp_path, tmp_path / "bf.safetensors"
+        ).run()
     assert torch.bfloat16 in seen  # the edit really ran in low precision
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert all(v.dtype == torch.float32 for v in result.concept.values.values())
@@ -249,7 +272,9 @@ def test_autocast_keeps_fp32_parameters(tmp_path):
 def test_ablations_trained_keys_ungated_and_embedding_only(world, tmp_path):
     adapter, cov, images = world
     base = dict(steps=2, grad_accum=1, lr_values=0.3)
-    trained = Trainer(adapter, cov, config(keys="trained", **base), images, None, tmp_path / "k", tmp_path / "k.safetensors")
+    trained = Trainer(
+        adapter, cov, config(keys="trained", **base), images, None, tmp_path / "k", tmp_path / "k.safetensors"
+    )
     state = trained._init_state()
     c = trained.run().concept
     assert set(c.keys) == set(c.values)
@@ -259,7 +284,9 @@ def test_ablations_trained_keys_ungated_and_embedding_only(world, tmp_path):
     c_ti = ti.run().concept
     assert all(torch.equal(c_ti.values[k], init["values"][k]) for k in c_ti.values)  # no edit: values untouched
     assert not torch.allclose(c_ti.embedding[""], init["embedding"][""])
-    c_rome = Trainer(adapter, cov, config(gated=False, **base), images, None, tmp_path / "r", tmp_path / "r.safetensors").run()
+    c_rome = Trainer(
+        adapter, cov, config(gated=False, **base), images, None, tmp_path / "r", tmp_path / "r.safetensors"
+    ).run()
     assert c_rome.step == 2
     with pytest.raises(TrainError, match="keys"):
         config(keys="frozen").check()
@@ -273,8 +300,15 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same(world, tmp
     try:
         plain = Trainer(adapter, cov, config(steps=3), images, None, tmp_path / "a", tmp_path / "a.safetensors").run()
         plain_calls, calls[:] = len(calls), []
-        saved = Trainer(adapter, cov, config(steps=3, gradient_checkpointing=True), images, None, tmp_path / "b",
-                        tmp_path / "b.safetensors").run()
+        saved = Trainer(
+            adapter,
+            cov,
+            config(steps=3, gradient_checkpointing=True),
+            images,
+            None,
+            tmp_path / "b",
+            tmp_path / "b.safetensors",
+        ).run()
     finally:
         handle.remove()
     assert len(calls) == 2 * plain_calls  # every micro-step's block ran again in backward
@@ -282,12 +316,17 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same(world, tmp
     for k, v in plain.concept.values.items():  # gradients reached the concept's values and embedding alike
         torch.testing.assert_close(saved.concept.values[k], v, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(saved.concept.embedding[""], plain.concept.embedding[""], rtol=1e-4, atol=1e-6)
-    assert not torch.equal(plain.concept.embedding[""], Trainer(adapter, cov, config(steps=3), images, None,
-                           tmp_path / "c", tmp_path / "c.safetensors")._init_state()["embedding"][""])
+    assert not torch.equal(
+        plain.concept.embedding[""],
+        Trainer(adapter, cov, config(steps=3), images, None, tmp_path / "c", tmp_path / "c.safetensors")._init_state()[
+            "embedding"
+        ][""],
+    )
 
 
 def test_gradient_checkpointing_refuses_an_unknown_unet_layout():
     from perfusion.checkpointing import checkpointed_blocks
+
     with pytest.raises(TypeError, match="ldm-style U-Net"):
         with checkpointed_blocks(torch.nn.Linear(2, 2)):
             pass

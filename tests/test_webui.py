@@ -1,13 +1,21 @@
 """The extension's generation side inside the WebUI stand-in (v1.10.1 call order), on the tiny model."""
+
 import os
 import shutil
 
 import pytest
 import torch
-
 import webui_host as host
-from modules import (errors, extra_networks, infotext_utils, script_callbacks, sd_hijack, sd_samplers, shared,
-                     ui_extra_networks)
+from modules import (
+    errors,
+    extra_networks,
+    infotext_utils,
+    script_callbacks,
+    sd_hijack,
+    sd_samplers,
+    shared,
+    ui_extra_networks,
+)
 from modules.textual_inversion.textual_inversion import Embedding
 
 
@@ -62,6 +70,7 @@ def test_the_concept_word_reaches_the_text_encoder_as_its_learned_embedding(fold
     def spy(params):
         seen.append((params.text_cond[0] @ concept.a).max().item())
         return host.unet_sampler(params)
+
     sd_samplers.sample_hook = spy
     host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     host.txt2img("a photo of hugsy")
@@ -95,6 +104,7 @@ def test_global_lock_feeds_superclass_twin_to_the_keys(folder):
     def spy(params):
         seen.append(len(host_runtime().key_contexts.pairs) if host_runtime().key_contexts else 0)
         return host.unet_sampler(params)
+
     sd_samplers.sample_hook = spy
     local = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy", batch_size=2)
     glob = host.txt2img("a photo of <perfusion:hugsy:0.15:lock=global> hugsy", batch_size=2)
@@ -106,6 +116,7 @@ def test_global_lock_feeds_superclass_twin_to_the_keys(folder):
 
 def host_runtime():
     from perfusion.webui import state
+
     return state.runtime
 
 
@@ -118,6 +129,7 @@ def test_hires_pass_batches_and_no_leak_after_an_exception(folder):
     def record(items, *args, **kw):
         activations.append(len(items))
         return real(items, *args, **kw)
+
     host_runtime().hooks.activate = record
     try:
         host.txt2img(prompt, enable_hr=True, hr_scale=1.5, n_iter=2, batch_size=2)
@@ -128,6 +140,7 @@ def test_hires_pass_batches_and_no_leak_after_an_exception(folder):
 
     def boom(params):
         raise RuntimeError("out of memory")
+
     sd_samplers.sample_hook = boom
     with pytest.raises(RuntimeError):
         host.txt2img(prompt)
@@ -142,6 +155,7 @@ def test_interrupt_then_tag_free_is_base(folder):
     def interrupt(params):
         shared.state.interrupted = True
         return host.unet_sampler(params)
+
     sd_samplers.sample_hook = interrupt
     host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy", n_iter=2)
     shared.state.interrupted = False
@@ -149,13 +163,16 @@ def test_interrupt_then_tag_free_is_base(folder):
     assert torch.equal(images(host.txt2img("a photo of hugsy")), base)
 
 
-@pytest.mark.parametrize("prompt, negative, message", [
-    ("a photo of <perfusion:nobody:0.15> hugsy", "", "no concept named 'nobody'"),
-    ("a photo of <perfusion:hugsy:7> hugsy", "", "tau 7 is outside"),
-    ("a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy", "", "lock=sideways is not one of local/global"),
-    ("a photo of <perfusion:hugsy:0.15> a bear", "", "its word 'hugsy' is not in the prompt"),
-    ("a photo of <perfusion:hugsy:0.15> hugsy", "<perfusion:hugsy:0.15>", "tags in the negative prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, negative, message",
+    [
+        ("a photo of <perfusion:nobody:0.15> hugsy", "", "no concept named 'nobody'"),
+        ("a photo of <perfusion:hugsy:7> hugsy", "", "tau 7 is outside"),
+        ("a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy", "", "lock=sideways is not one of local/global"),
+        ("a photo of <perfusion:hugsy:0.15> a bear", "", "its word 'hugsy' is not in the prompt"),
+        ("a photo of <perfusion:hugsy:0.15> hugsy", "<perfusion:hugsy:0.15>", "tags in the negative prompt"),
+    ],
+)
 def test_bad_tags_warn_and_still_generate(folder, prompt, negative, message):
     host.make_concept(folder)
     out = host.txt2img(prompt, negative=negative)
@@ -170,6 +187,7 @@ def test_bad_files_are_skipped_with_a_warning(folder, tmp_path_factory):
     concept = host.make_concept(other, "wide")
     shutil.copy(other / "wide.safetensors", folder / "wide.safetensors")
     from perfusion import save_concept
+
     concept.i_star = torch.randn(32)
     concept.a, concept.i_super = torch.randn(32), torch.randn(32)
     save_concept(concept, folder / "wide.safetensors")
@@ -183,7 +201,9 @@ def test_bad_files_are_skipped_with_a_warning(folder, tmp_path_factory):
 def test_two_concepts_combine_and_infotext_paste_resolves_hashes(folder, capsys):
     host.make_concept(folder, "hugsy")
     host.make_concept(folder, "boxy", token="boxy", superclass="box", seed=3)
-    out = host.txt2img("<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy", args=(True, 0.7, 0.15, "local", "exact"))
+    out = host.txt2img(
+        "<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy", args=(True, 0.7, 0.15, "local", "exact")
+    )
     info = out.infotexts[0]
     assert "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.2 beta=0.7 lock=local; projection=exact" in info
     params = infotext_utils.parse_generation_parameters(info)
@@ -228,6 +248,7 @@ def test_card_items(folder):
 def test_api_routes(folder):
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
+
     host.make_concept(folder)
     app = fastapi.FastAPI()
     script_callbacks.app_started_callback(None, app)
@@ -244,6 +265,7 @@ def test_api_routes(folder):
 def test_api_auth(folder, monkeypatch):
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
+
     monkeypatch.setattr(shared.cmd_opts, "api_auth", "ann:secret", raising=False)
     app = fastapi.FastAPI()
     script_callbacks.app_started_callback(None, app)

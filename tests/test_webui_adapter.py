@@ -1,13 +1,13 @@
 """Training through the WebUI's own text path (stand-in over the tiny model): rows, gradients, a short run."""
+
 import pytest
 import torch
-
 import webui_host as host
 from modules import errors, sd_hijack, sd_samplers, shared
+from tiny import pattern_images, tiny_covariance
 
 from perfusion.train import TrainConfig, Trainer
 from perfusion.webui.adapter import WebUIAdapter
-from tiny import pattern_images, tiny_covariance
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def test_encodings_and_rows_match_the_engines_own_clip_path(webui):
 def test_gradient_reaches_the_embedding_through_the_webui_text_path(webui):
     emb = {"": (torch.randn(1, 64) * 0.5).requires_grad_()}
     context, rows = webui.encode(["a photo of hugsy"], {"hugsy": emb})
-    (context[0, rows["hugsy"][0][0]] * torch.randn(64)).sum().backward()  # (a plain sum of a LayerNorm output is constant)
+    (
+        context[0, rows["hugsy"][0][0]] * torch.randn(64)
+    ).sum().backward()  # (a plain sum of a LayerNorm output is constant)
     assert emb[""].grad is not None and emb[""].grad.abs().sum() > 0
 
 
@@ -44,10 +46,25 @@ def test_long_prompt_rows_land_in_the_second_chunk(webui):
 
 def test_a_short_training_run_in_the_webui_gives_a_concept_that_generates(webui, tmp_path):
     shared.opts.data["perfusion_dir"] = str(tmp_path)
-    cfg = TrainConfig(name="hugsy", token="hugsy", superclass="teddy", steps=3, batch_size=2, grad_accum=1,
-                      templates=("a photo of a [name]",), seed=0)
-    result = Trainer(webui, tiny_covariance(shared.sd_model.adapter, 128), cfg, pattern_images(2), None,
-                     tmp_path / "work", tmp_path / "hugsy.safetensors").run()
+    cfg = TrainConfig(
+        name="hugsy",
+        token="hugsy",
+        superclass="teddy",
+        steps=3,
+        batch_size=2,
+        grad_accum=1,
+        templates=("a photo of a [name]",),
+        seed=0,
+    )
+    result = Trainer(
+        webui,
+        tiny_covariance(shared.sd_model.adapter, 128),
+        cfg,
+        pattern_images(2),
+        None,
+        tmp_path / "work",
+        tmp_path / "hugsy.safetensors",
+    ).run()
     concept = result.concept
     assert (tmp_path / "hugsy.safetensors").exists() and concept.steps == 3
     seen = []
@@ -55,6 +72,7 @@ def test_a_short_training_run_in_the_webui_gives_a_concept_that_generates(webui,
     def spy(params):
         seen.append((params.text_cond[0] @ concept.a).max().item())
         return host.unet_sampler(params)
+
     sd_samplers.sample_hook = spy
     try:
         out = host.txt2img("a photo of a <perfusion:hugsy:0.15> hugsy")

@@ -1,4 +1,5 @@
 """Pure parts of the WebUI glue: tag parsing, the concepts library, conditioning walks, Forge's DB signature."""
+
 import os
 from collections import namedtuple
 
@@ -30,7 +31,9 @@ def test_format_tag_keeps_tau_last_for_the_webuis_card_toggle():
 
 def test_library_scan_find_hash_and_reload(tmp_path):
     from concepts import make_concept, random_covariance
+
     from perfusion import save_concept
+
     (tmp_path / "sub").mkdir()
     save_concept(make_concept({"l.attn2": 8}, 16, random_covariance(16)), tmp_path / "sub" / "Hugsy.safetensors")
     (tmp_path / "hugsy.resume.safetensors").write_bytes(b"x")
@@ -105,8 +108,11 @@ def test_forge_install_is_told_by_its_package(monkeypatch, tmp_path):
 def test_loss_curve_png(tmp_path):
     import base64
     import io
+
     from PIL import Image
+
     from perfusion.webui.plot import loss_html, read_losses
+
     path = tmp_path / "x.loss.csv"
     assert loss_html(path) == ""
     path.write_text("step,loss,smoothed_loss,time\n" + "".join(f"{k},{1 / k},{1.2 / k},t\n" for k in range(1, 30)))

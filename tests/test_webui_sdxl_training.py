@@ -1,18 +1,18 @@
 """Training on SDXL from the tab's logic, in the WebUI stand-in with an SDXL-shaped model (two text encoders,
 pooled vector into the U-Net)."""
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 import webui_host as host
 from modules import errors, shared
+from PIL import Image
+from webui_host_sdxl import load_sdxl_model
 
 from perfusion import load_concept
 from perfusion.webui import training
 from perfusion.webui.adapter import WebUIAdapter
 from perfusion.webui.training import TrainForm
-from webui_host_sdxl import load_sdxl_model
 
 
 @pytest.fixture(scope="module")
@@ -60,24 +60,52 @@ def test_the_adapter_encodes_both_text_encoders_and_the_pooled_vector(sdxl):
 def test_a_short_sdxl_run_with_previews_gives_an_sdxl_concept(env, sdxl):
     concepts, photos = env
     previews = []
-    form = TrainForm(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=3, batch_size=1,
-                     grad_accum=2, resolution=64, save_every=0, preview_every=2, mask_source="none", report_samples=0)
+    form = TrainForm(
+        name="hugsy",
+        token="hugsy",
+        superclass="teddy",
+        folder=str(photos),
+        steps=3,
+        batch_size=1,
+        grad_accum=2,
+        resolution=64,
+        save_every=0,
+        preview_every=2,
+        mask_source="none",
+        report_samples=0,
+    )
     before = len(sdxl.vectors)
     result = training.train(form, preview=lambda concept, step: previews.append(step))
     assert result.state == "done" and result.step == 3, result.message
     concept = load_concept(concepts / "hugsy.safetensors")
     assert concept.arch == "sdxl" and concept.context_dim == 2048 and set(concept.embedding) == {"clip_l", "clip_g"}
     start = {k: v for k, v in WebUIAdapter(sdxl).word_embedding("teddy").items()}
-    assert all(not torch.allclose(concept.embedding[k].float(), start[k], atol=1e-3) for k in start)  # both halves trained
+    assert all(
+        not torch.allclose(concept.embedding[k].float(), start[k], atol=1e-3) for k in start
+    )  # both halves trained
     assert previews == [2] and len(sdxl.vectors) - before >= 6  # every micro-step fed the U-Net a vector
 
 
 def test_the_tab_preview_samples_with_the_vector(env, sdxl):
     concepts, photos = env
-    form = TrainForm(name="p", token="hugsy", superclass="teddy", folder=str(photos), steps=1, batch_size=1,
-                     grad_accum=1, resolution=64, save_every=0, preview_every=1, mask_source="none",
-                     report_samples=0, preview_prompt="a photo of hugsy", gradient_checkpointing=True)
+    form = TrainForm(
+        name="p",
+        token="hugsy",
+        superclass="teddy",
+        folder=str(photos),
+        steps=1,
+        batch_size=1,
+        grad_accum=1,
+        resolution=64,
+        save_every=0,
+        preview_every=1,
+        mask_source="none",
+        report_samples=0,
+        preview_prompt="a photo of hugsy",
+        gradient_checkpointing=True,
+    )
     from perfusion.webui import tab
+
     result = training.train(form, tab.preview(form))
     assert result.state == "done", result.message
     assert shared.state.current_image is not None and shared.state.current_image.size == (64, 64)

@@ -1,11 +1,11 @@
 """The training tab's logic in the WebUI stand-in, on the tiny model: checks, a run, interrupt/resume, presets."""
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 import webui_host as host
 from modules import devices, errors, shared, ui_extra_networks
+from PIL import Image
 
 from perfusion import load_concept
 from perfusion.webui import host as host_layer
@@ -40,8 +40,20 @@ def env(webui, tmp_path, monkeypatch):
 
 
 def form(photos, **kw):
-    base = dict(name="hugsy", token="hugsy", superclass="teddy", folder=str(photos), steps=4, batch_size=2,
-                grad_accum=1, resolution=64, save_every=2, preview_every=0, mask_source="none", report_samples=0)
+    base = dict(
+        name="hugsy",
+        token="hugsy",
+        superclass="teddy",
+        folder=str(photos),
+        steps=4,
+        batch_size=2,
+        grad_accum=1,
+        resolution=64,
+        save_every=2,
+        preview_every=0,
+        mask_source="none",
+        report_samples=0,
+    )
     return TrainForm(**{**base, **kw})
 
 
@@ -56,7 +68,9 @@ def test_a_short_run_gives_a_concept_with_a_card(env):
     page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")
     assert [item["name"] for item in page.list_items()] == ["hugsy"]
     assert sorted(p.name for p in concepts.iterdir()) == ["hugsy.safetensors"]  # working data lives elsewhere
-    assert (host_layer.work_folder() / "runs" / "hugsy").is_dir() and list((host_layer.work_folder() / "cache").glob("*"))
+    assert (host_layer.work_folder() / "runs" / "hugsy").is_dir() and list(
+        (host_layer.work_folder() / "cache").glob("*")
+    )
     out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     assert "Perfusion: hugsy" in out.infotexts[0] and out.comments == ""
 
@@ -94,11 +108,13 @@ def test_an_error_mid_run_leaves_the_status_failed(env, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
+
     monkeypatch.setattr(training.Trainer, "run", broken)
     with pytest.raises(RuntimeError):
         training.train(form(photos))
     assert training.status.state == "failed" and "out of memory" in training.status.message
     from perfusion.webui import api
+
     training.status.loss = float("nan")
     assert api.training_status()["loss"] is None  # JSON has no NaN: the route would answer 500
 
@@ -111,6 +127,7 @@ def test_nan_in_the_text_encoding_fails_with_what_to_change(env, monkeypatch, em
     def nan_encode(self, prompts, words=None):
         context, rows = encode(self, prompts, words)
         return context * float("nan"), rows
+
     monkeypatch.setattr(training.WebUIAdapter, "encode", nan_encode)
     monkeypatch.setitem(shared.opts.data, "emphasis", emphasis)
     result = training.train(form(photos))
@@ -129,7 +146,9 @@ def test_interrupt_saves_and_resume_continues_to_the_end(env):
             if p.step == 2 and not seen:
                 seen.append(p.step)
                 shared.state.interrupted = True
+
         return orig(self, *a, progress=stop_after, **kw)
+
     training.Trainer.run = run
     try:
         first = training.train(form(photos))
@@ -144,14 +163,17 @@ def test_interrupt_saves_and_resume_continues_to_the_end(env):
     assert load_concept(concepts / "hugsy.safetensors").steps == 4
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(folder="/nonexistent/photos"), "/nonexistent/photos"),
-    (dict(superclass="teddy bear"), "must be exactly one"),
-    (dict(name="../evil"), "no path separators"),
-    (dict(name="a/b"), "no path separators"),
-    (dict(token="two words"), "token word"),
-    (dict(mask_source="sometimes"), "mask source"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(folder="/nonexistent/photos"), "/nonexistent/photos"),
+        (dict(superclass="teddy bear"), "must be exactly one"),
+        (dict(name="../evil"), "no path separators"),
+        (dict(name="a/b"), "no path separators"),
+        (dict(token="two words"), "token word"),
+        (dict(mask_source="sometimes"), "mask source"),
+    ],
+)
 def test_bad_input_is_reported_before_any_work(env, change, message):
     concepts, photos = env
     result = training.train(form(photos, **change))
@@ -201,8 +223,10 @@ def test_training_api_checks_runs_and_reports_status(env):
     fastapi = pytest.importorskip("fastapi")
     import time
     from dataclasses import asdict
+
     from fastapi.testclient import TestClient
     from modules import script_callbacks
+
     concepts, photos = env
     app = fastapi.FastAPI()
     script_callbacks.app_started_callback(None, app)

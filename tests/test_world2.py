@@ -1,4 +1,5 @@
 """World 2: scenes, and the identity reader with its negative controls (what must NOT read as the instance)."""
+
 from __future__ import annotations
 
 import random
@@ -38,7 +39,10 @@ def test_render_paints_body_and_accent_inside_the_silhouette():
     scene = Scene((Thing("box", "red", "two-tone", "big", "centre", "blue"),), "black", seed=1)
     img, owner = render(scene).astype(int), owner_map(scene)
     ys, xs = np.nonzero(owner == 0)
-    top, bottom = img[ys[ys < ys.mean() - 2], xs[ys < ys.mean() - 2]], img[ys[ys > ys.mean() + 2], xs[ys > ys.mean() + 2]]
+    top, bottom = (
+        img[ys[ys < ys.mean() - 2], xs[ys < ys.mean() - 2]],
+        img[ys[ys > ys.mean() + 2], xs[ys > ys.mean() + 2]],
+    )
     assert np.abs(top.mean(0) - COLOURS["red"]).max() < 8 and np.abs(bottom.mean(0) - COLOURS["blue"]).max() < 8
     assert (img[_away_from(owner >= 0)] == (15, 15, 15)).all()
 
@@ -100,6 +104,7 @@ def test_benchmark_judges_rendered_ground_truth():
     from dataclasses import replace
 
     from perfusion.world.w2.quality import group_prompts, judge, other_object, single_prompts
+
     chekka, boxy, stripo = INSTANCES[:3]
     other = other_object([chekka], random.Random(0))
     assert other.shape != chekka.shape and other.colour not in (chekka.colour, chekka.accent)
@@ -112,12 +117,19 @@ def test_benchmark_judges_rendered_ground_truth():
     second = Scene((replace(other, position="top"), replace(chekka, size="small", position="bottom")), "gray", 2)
     assert judge(render(second), prompts[6], [chekka]) == ([True], 1.0, [True])  # concept second, other first
     [pair] = [p for p in group_prompts(2) if p.places == ("left", "right") and p.objects == (1, 0)]
-    scene = Scene((replace(boxy, size="small", position="left"), replace(chekka, size="small", position="right")), "gray", 3)
+    scene = Scene(
+        (replace(boxy, size="small", position="left"), replace(chekka, size="small", position="right")), "gray", 3
+    )
     assert judge(render(scene), pair, [chekka, boxy]) == ([True, True], 1.0, [True, True])
-    swapped = judge(render(scene), [p for p in group_prompts(2) if p.places == ("left", "right") and p.objects == (0, 1)][0],
-                    [chekka, boxy])
+    swapped = judge(
+        render(scene),
+        [p for p in group_prompts(2) if p.places == ("left", "right") and p.objects == (0, 1)][0],
+        [chekka, boxy],
+    )
     assert swapped[0] == [False, False]  # each where the other should be
     triple = group_prompts(3)[0]
-    things = tuple(replace(look, size="small", position=place)
-                   for look, place in zip([(chekka, boxy, stripo)[k] for k in triple.objects], triple.places))
+    things = tuple(
+        replace(look, size="small", position=place)
+        for look, place in zip([(chekka, boxy, stripo)[k] for k in triple.objects], triple.places)
+    )
     assert judge(render(Scene(things, triple.asked["background"], 4)), triple, [chekka, boxy, stripo])[0] == [True] * 3

@@ -1,4 +1,5 @@
 """Pixel analysis reads rendered ground truth back (the measuring stick of the quality benchmark)."""
+
 from __future__ import annotations
 
 import random
@@ -43,5 +44,6 @@ def test_reads_pairs():
 
 def test_empty_image_reads_background_only():
     from perfusion.world.scenes import Scene
+
     r = read(render(Scene((), "brown")))
     assert r.background == "brown" and r.shape is None and r.area == 0

@@ -1,4 +1,5 @@
 """The mini model's builder: seeded, and the token-table scale touches nothing else."""
+
 import torch
 
 from perfusion.world import model as mini
@@ -17,6 +18,7 @@ def test_world2_run_resumes_from_a_carried_checkpoint_and_exports(tmp_path, monk
     import shutil
 
     from perfusion.world import train_model
+
     small = dict(batch=2)
     assert train_model.train(2, 5, tmp_path / "a", tmp_path / "a.safetensors", world=2, **small) == 2
     carried = tmp_path / "carried.safetensors"
@@ -30,5 +32,7 @@ def test_world2_run_resumes_from_a_carried_checkpoint_and_exports(tmp_path, monk
     assert adapter.context_dim == 64 and adapter.chunk_length == 48
     assert train_model.export_checkpoint(tmp_path / "b", tmp_path / "probe.safetensors", 2) == 3
     probe = mini.load(tmp_path / "probe.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(probe.diffusion_model.state_dict().values(),
-                                                 adapter.diffusion_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(probe.diffusion_model.state_dict().values(), adapter.diffusion_model.state_dict().values())
+    )

@@ -1,11 +1,21 @@
 """The miniature world's scenes: deterministic, captions name every attribute, checkered held out."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 
-from perfusion.world.scenes import (BACKGROUNDS, COLOURS, SHAPES, Scene, Thing, batch, owner_map, render,
-                                    to_tensor, from_tensor)
+from perfusion.world.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    Thing,
+    batch,
+    from_tensor,
+    owner_map,
+    render,
+    to_tensor,
+)
 
 
 def test_batches_are_deterministic_and_varied():

@@ -1,14 +1,15 @@
 """A tiny real-architecture text-to-image model behind the engine's Adapter (for trainer tests)."""
+
 from __future__ import annotations
 
 import torch
+from models import small_text_encoder, small_unet
 
 import perfusion
 from perfusion.adapter import LdmClipAdapter
 from perfusion.clip_tokenizer import load_tokenizer
 from perfusion.corpus import prompt_corpus
 from perfusion.covariance import adapter_encoder
-from models import small_text_encoder, small_unet
 
 
 def first_stage(seed: int = 0):
@@ -29,9 +30,10 @@ def first_stage(seed: int = 0):
 def tiny_adapter(prediction: str = "v", seed: int = 0) -> LdmClipAdapter:
     unet = small_unet(64, seed=seed).requires_grad_(False)
     text = small_text_encoder(hidden=64, seed=seed).requires_grad_(False)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return LdmClipAdapter(unet, text, load_tokenizer(), torch.cumprod(1 - betas, 0), prediction, first_stage(seed),
-                          model_hash="tiny0000")
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return LdmClipAdapter(
+        unet, text, load_tokenizer(), torch.cumprod(1 - betas, 0), prediction, first_stage(seed), model_hash="tiny0000"
+    )
 
 
 def tiny_covariance(adapter: LdmClipAdapter, prompts: int = 256) -> perfusion.Covariance:

@@ -5,6 +5,7 @@
 `get_learned_conditioning`, which applies the embedding database's vectors to whole words as the
 WebUI's textual-inversion lookup does. The sampler hook runs the U-Net on the CFG batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,13 +15,24 @@ from collections import namedtuple
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_standin"))
 
 import torch  # noqa: E402
-
-from modules import (errors, extensions, extra_networks, paths, processing, script_callbacks, scripts,  # noqa: E402
-                     sd_hijack, sd_models, sd_samplers, shared, ui_extra_networks)
-
 from concepts import layer_widths, random_covariance  # noqa: E402
-from perfusion import Concept, gate_direction, save_concept  # noqa: E402
+from modules import (  # noqa: E402
+    errors,
+    extensions,
+    extra_networks,
+    paths,
+    processing,
+    script_callbacks,
+    scripts,
+    sd_hijack,
+    sd_models,
+    sd_samplers,
+    shared,
+    ui_extra_networks,
+)
 from tiny import tiny_adapter  # noqa: E402
+
+from perfusion import Concept, gate_direction, save_concept  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENSION = os.path.join(paths.extensions_dir, "sd-webui-perfusion")
@@ -91,16 +103,19 @@ class TinyCondStage(torch.nn.Module):
             for k, c in enumerate(chunks):
                 for fix in c.fixes:
                     n = int(fix.embedding.vectors)
-                    where[k, fix.offset + 1: fix.offset + 1 + n] = True
+                    where[k, fix.offset + 1 : fix.offset + 1 + n] = True
                     rows.append(fix.embedding.vec[:n])
             self.adapter._replacement = (where, torch.cat(rows)) if rows else None
             try:
-                out.append(self.adapter.text_encoder(input_ids=ids).last_hidden_state.reshape(1, -1, self.adapter.context_dim))
+                out.append(
+                    self.adapter.text_encoder(input_ids=ids).last_hidden_state.reshape(1, -1, self.adapter.context_dim)
+                )
             finally:
                 self.adapter._replacement = None
         width = max(o.shape[1] for o in out)
-        return torch.cat([torch.cat([o, o[:, -77:].expand(1, width - o.shape[1], -1)], 1) if o.shape[1] < width else o
-                          for o in out])
+        return torch.cat(
+            [torch.cat([o, o[:, -77:].expand(1, width - o.shape[1], -1)], 1) if o.shape[1] < width else o for o in out]
+        )
 
 
 class VaePlacement(torch.nn.Linear):
@@ -204,15 +219,22 @@ def runner(is_img2img: bool = False):
 def txt2img(prompt, *, args=(True, 0.7, 0.15, "local", "approximate"), negative="", **kw):
     """One generation through process_images with the accordion's args; returns Processed."""
     r, _ = runner()
-    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, negative_prompt=negative, seed=kw.pop("seed", 1),
-                                                    steps=kw.pop("steps", 3), width=kw.pop("width", 64),
-                                                    height=kw.pop("height", 64), **kw)
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=kw.pop("seed", 1),
+        steps=kw.pop("steps", 3),
+        width=kw.pop("width", 64),
+        height=kw.pop("height", 64),
+        **kw,
+    )
     p.scripts, p.script_args = r, (0, *args)
     return processing.process_images(p)
 
 
-def make_concept(folder, name="hugsy", token="hugsy", superclass="teddy", *, prompt=None, seed=0, scale=1.0,
-                 **fields) -> Concept:
+def make_concept(
+    folder, name="hugsy", token="hugsy", superclass="teddy", *, prompt=None, seed=0, scale=1.0, **fields
+) -> Concept:
     """A concept for the loaded tiny model whose i* is the model's own encoding of `token` (so its gate
     opens on the word), saved as `folder/name.safetensors`."""
     adapter = shared.sd_model.adapter
@@ -227,8 +249,18 @@ def make_concept(folder, name="hugsy", token="hugsy", superclass="teddy", *, pro
     cov = random_covariance(adapter.context_dim, seed=seed).float() + torch.outer(i_super, i_super) * 0.1
     a, energy = gate_direction(i_star.double(), torch.linalg.solve(cov.double(), i_star.double()))
     values = {n: torch.randn(w, generator=g) * scale for n, w in layer_widths(adapter.diffusion_model).items()}
-    concept = Concept(token=token, superclass=superclass, embedding=embedding, i_star=i_star, a=a.float(),
-                      energy=energy.float(), i_super=i_super, values=values, name=name, **fields)
+    concept = Concept(
+        token=token,
+        superclass=superclass,
+        embedding=embedding,
+        i_star=i_star,
+        a=a.float(),
+        energy=energy.float(),
+        i_super=i_super,
+        values=values,
+        name=name,
+        **fields,
+    )
     save_concept(concept, os.path.join(folder, f"{name}.safetensors"))
     return concept
 

@@ -8,26 +8,36 @@ projection. `get_learned_conditioning` returns {"crossattn": [B, 77k, 2048], "ve
 runs the ldm UNetModel with `y=cond["vector"]` added to its timestep embedding, as SDXL's U-Net does.
 Small where the format allows (one CLIP layer, narrow MLPs, a small U-Net).
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
 import webui_host as host
 from ldm.modules.diffusionmodules.util import timestep_embedding
-from models import EOS_ID, BOS_ID, MAX_LENGTH, VOCAB_SIZE, small_unet
+from models import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, small_unet
 from modules import sd_models
 from tiny import tiny_adapter
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 SIZE_FEATURES = 8  # per size number (the real model uses 256)
 VECTOR = 1280 + 6 * SIZE_FEATURES
 
 
 def clip(hidden: int, seed: int) -> CLIPTextModelWithProjection:
-    config = CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=64, projection_dim=hidden,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
-                            hidden_act="gelu", bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=64,
+        projection_dim=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="gelu",
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+    )
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
 
@@ -64,7 +74,7 @@ class TinySDXLTextEmbedder(host.TinyCondStage):
             for k, c in enumerate(chunks):
                 for fix in c.fixes:
                     n = int(fix.embedding.vectors)
-                    where[k, fix.offset + 1: fix.offset + 1 + n] = True
+                    where[k, fix.offset + 1 : fix.offset + 1 + n] = True
                     vectors.append(fix.embedding.vec[self.key][:n])
             self._fixes = (where, torch.cat(vectors)) if vectors else None
             try:
@@ -81,8 +91,12 @@ class TinyConditioner(nn.Module):
 
     def __init__(self, adapter, seed: int):
         super().__init__()
-        self.embedders = nn.ModuleList([TinySDXLTextEmbedder(adapter, "clip_l", 768, seed),
-                                        TinySDXLTextEmbedder(adapter, "clip_g", 1280, seed + 1)])
+        self.embedders = nn.ModuleList(
+            [
+                TinySDXLTextEmbedder(adapter, "clip_l", 768, seed),
+                TinySDXLTextEmbedder(adapter, "clip_g", 1280, seed + 1),
+            ]
+        )
 
     def tokenize(self, texts):
         return self.embedders[0].tokenize(texts)
@@ -92,8 +106,9 @@ class TinyConditioner(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         (l_rows, _), (g_rows, pooled) = (e(list(batch["txt"])) for e in self.embedders)
-        sizes = torch.cat([batch["original_size_as_tuple"], batch["crop_coords_top_left"],
-                           batch["target_size_as_tuple"]], 1)
+        sizes = torch.cat(
+            [batch["original_size_as_tuple"], batch["crop_coords_top_left"], batch["target_size_as_tuple"]], 1
+        )
         size_features = timestep_embedding(sizes.flatten(), SIZE_FEATURES).reshape(sizes.shape[0], -1)
         return {"crossattn": torch.cat([l_rows, g_rows], -1), "vector": torch.cat([pooled, size_features], -1)}
 
@@ -121,10 +136,14 @@ class TinySDXLModel(nn.Module):
         width = getattr(batch, "width", 1024) or 1024
         height = getattr(batch, "height", 1024) or 1024
         n = len(batch)
-        return self.conditioner({"txt": batch,
-                                 "original_size_as_tuple": torch.tensor([[height, width]] * n, dtype=torch.float32),
-                                 "crop_coords_top_left": torch.zeros(n, 2),
-                                 "target_size_as_tuple": torch.tensor([[height, width]] * n, dtype=torch.float32)})
+        return self.conditioner(
+            {
+                "txt": batch,
+                "original_size_as_tuple": torch.tensor([[height, width]] * n, dtype=torch.float32),
+                "crop_coords_top_left": torch.zeros(n, 2),
+                "target_size_as_tuple": torch.tensor([[height, width]] * n, dtype=torch.float32),
+            }
+        )
 
     def apply_model(self, x, t, cond):
         self.vectors.append(cond["vector"].detach())

@@ -10,9 +10,11 @@ SDXL: the conditioner's two text encoders (clip_l, clip_g) each take their half 
 context is the cross-attention rows [B, 77k, 2048] carrying SDXL's `vector` (pooled clip_g + size
 embedding, at the training resolution) for the U-Net. The refiner (clip_g only) is refused.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from modules import devices
@@ -21,7 +23,6 @@ from ..adapter import Embedding
 from ..hooks import find_cross_attention
 from ..tokens import word_rows
 from . import host
-
 
 SDXL_ENCODERS = ("clip_l", "clip_g")  # the order of the text embedders in SDXL's conditioner
 
@@ -37,8 +38,10 @@ class WebUIAdapter:
         if self.sdxl:
             self.encoders = [e for e in sd_model.conditioner.embedders if hasattr(e, "tokenize_line")]
             if len(self.encoders) != len(SDXL_ENCODERS):
-                raise NotImplementedError("this SDXL model has one text encoder (the refiner?); train on the SDXL "
-                                          "base model, which has clip_l and clip_g")
+                raise NotImplementedError(
+                    "this SDXL model has one text encoder (the refiner?); train on the SDXL "
+                    "base model, which has clip_l and clip_g"
+                )
         else:
             self.encoders = [sd_model.cond_stage_model]
         self.diffusion_model = host.diffusion_model(sd_model)
@@ -63,22 +66,27 @@ class WebUIAdapter:
     def word_embedding(self, word: str) -> Embedding:
         n = self.token_count(word)
         keys = SDXL_ENCODERS if self.sdxl else ("",)
-        return {key: encoder.encode_embedding_init_text(word, n).detach().float().clone()
-                for key, encoder in zip(keys, self.encoders)}
+        return {
+            key: encoder.encode_embedding_init_text(word, n).detach().float().clone()
+            for key, encoder in zip(keys, self.encoders)
+        }
 
     def _condition(self, prompts: list[str]) -> torch.Tensor:
         """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: with .vector [B, k])."""
         if not self.sdxl:
             return self.sd_model.cond_stage_model(list(prompts))
         from modules.prompt_parser import SdConditioning
-        cond = self.sd_model.get_learned_conditioning(SdConditioning(prompts, width=self.resolution,
-                                                                     height=self.resolution))
+
+        cond = self.sd_model.get_learned_conditioning(
+            SdConditioning(prompts, width=self.resolution, height=self.resolution)
+        )
         context = cond["crossattn"]
         context.vector = cond["vector"]
         return context
 
-    def encode(self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
-               ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
+    def encode(
+        self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
+    ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
         words = dict(words or {})
         replaced = []
         try:
@@ -98,8 +106,12 @@ class WebUIAdapter:
         chunks, _ = self.text.tokenize_line(prompt)
         length = len(chunks[0].tokens) if chunks else 77
         if is_embedding:
-            return [k * length + fix.offset + int(fix.embedding.vectors)
-                    for k, chunk in enumerate(chunks) for fix in chunk.fixes if fix.embedding.name == word]
+            return [
+                k * length + fix.offset + int(fix.embedding.vectors)
+                for k, chunk in enumerate(chunks)
+                for fix in chunk.fixes
+                if fix.embedding.name == word
+            ]
         ids = self.text.tokenize([word])[0]
         return [rows[-1] for rows in word_rows([c.tokens for c in chunks], ids, length)]
 

@@ -1,9 +1,9 @@
 """HTTP routes on the WebUI's FastAPI app, behind the same --api-auth credentials as /sdapi.
 
-    GET  /perfusion/v1/concepts       every concept file with its metadata
-    POST /perfusion/v1/refresh        rescan the concepts folder; returns the same list
-    POST /perfusion/v1/train          start training (the tab's fields as JSON); 422 lists every problem
-    GET  /perfusion/v1/train/status   state, step, total, loss, ETA, message
+GET  /perfusion/v1/concepts       every concept file with its metadata
+POST /perfusion/v1/refresh        rescan the concepts folder; returns the same list
+POST /perfusion/v1/train          start training (the tab's fields as JSON); 422 lists every problem
+GET  /perfusion/v1/train/status   state, step, total, loss, ETA, message
 """
 
 import math
@@ -15,8 +15,8 @@ from typing import Any
 from modules import shared
 
 from . import host, training
-from .state import library
 from .page import concept_metadata
+from .state import library
 from .training import FormError, TrainForm
 
 ROUTES = ("/perfusion/v1/concepts", "/perfusion/v1/refresh", "/perfusion/v1/train", "/perfusion/v1/train/status")
@@ -29,10 +29,18 @@ def concepts() -> dict:
     for name in sorted(lib.entries, key=str.lower):
         entry = lib.entries[name]
         metadata = concept_metadata(entry)
-        items.append({"name": name, "path": str(entry.path), "shorthash": entry.shorthash,
-                      "tag": f"<perfusion:{name}>", "usable": "error" not in metadata,
-                      "problem": metadata.get("error"), "metadata": metadata,
-                      "preferences": host.card_preferences(entry.path)})
+        items.append(
+            {
+                "name": name,
+                "path": str(entry.path),
+                "shorthash": entry.shorthash,
+                "tag": f"<perfusion:{name}>",
+                "usable": "error" not in metadata,
+                "problem": metadata.get("error"),
+                "metadata": metadata,
+                "preferences": host.card_preferences(entry.path),
+            }
+        )
     return {"folder": str(host.concepts_folder()), "concepts": items, "problems": list(lib.clashes)}
 
 
@@ -45,6 +53,7 @@ def start_training(body: dict) -> dict:
     """Check the form now (422 with every problem), then train in a thread that waits for the WebUI's
     queue lock like any generation (409 while one is queued or runs)."""
     from fastapi import HTTPException
+
     try:
         form = TrainForm.from_dict(body)
     except FormError as e:
@@ -65,6 +74,7 @@ _starting = threading.Lock()
 
 def _train_in_queue(form: TrainForm) -> None:
     from modules.call_queue import queue_lock
+
     with queue_lock:
         shared.state.begin(job="perfusion_train")
         try:
@@ -95,8 +105,9 @@ def on_app_started(demo: Any, app: Any) -> None:
         known = credentials()
         if given.username in known and compare_digest(given.password, known[given.username]):
             return True
-        raise HTTPException(status_code=401, detail="Incorrect username or password",
-                            headers={"WWW-Authenticate": "Basic"})
+        raise HTTPException(
+            status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"}
+        )
 
     present = {getattr(r, "path", None) for r in app.routes}
     dependencies = [Depends(authenticate)] if shared.cmd_opts.api_auth else []

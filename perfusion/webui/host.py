@@ -3,12 +3,14 @@
 Every function takes the WebUI's own objects; `modules` is imported lazily so this module can be
 imported (and its pure helpers tested) without the WebUI.
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -22,6 +24,7 @@ def is_forge(sd_model: Any) -> bool:
 def forge_installed() -> bool:
     """Running inside Forge (its own package sits beside `modules`), whether or not a model is loaded."""
     import importlib.util
+
     return importlib.util.find_spec("modules_forge") is not None
 
 
@@ -39,6 +42,7 @@ def diffusion_model(sd_model: Any) -> Optional[torch.nn.Module]:
 def concepts_folder() -> Path:
     """The concepts folder: the setting, else --perfusion-dir, else <models>/perfusion."""
     from modules import paths, shared
+
     default = Path(paths.models_path) / "perfusion"
     for chosen in (shared.opts.data.get(OPTION_PREFIX + "dir"), getattr(shared.cmd_opts, "perfusion_dir", None)):
         if isinstance(chosen, str) and chosen.strip() and "\0" not in chosen:  # a NUL byte is no path anywhere
@@ -55,6 +59,7 @@ def work_folder() -> Path:
     """Training runs (`runs/NAME`), the covariance cache (`cache`) and presets (`presets`): a sibling
     of the concepts folder (`models/perfusion-training`), never shown as cards or folders."""
     import shutil
+
     concepts = concepts_folder()
     work = concepts.parent / f"{concepts.name or 'perfusion'}-training"
     for old, new in _LEGACY_WORK.items():
@@ -66,18 +71,21 @@ def work_folder() -> Path:
 
 def option(key: str) -> Any:
     from modules import shared
+
     return getattr(shared.opts, OPTION_PREFIX + key)
 
 
 def clip_skip() -> int:
     """The CLIP skip generations and training use now (Settings > Stable Diffusion > Clip skip)."""
     from modules import shared
+
     return int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
 
 
 def card_preferences(path: Path) -> dict[str, float]:
     """Preferred tau/beta from a card's user metadata (`NAME.json` beside the file), numbers only."""
     from modules import extra_networks
+
     meta = extra_networks.get_user_metadata(str(path))
     out = {}
     for key in ("tau", "beta"):
@@ -90,8 +98,11 @@ def card_preferences(path: Path) -> dict[str, float]:
 
 def text_engines(sd_model: Any) -> list[Any]:
     """Forge's text-processing engines (each with its own `.embeddings` database)."""
-    return [getattr(sd_model, n) for n in ("text_processing_engine", "text_processing_engine_l",
-                                           "text_processing_engine_g") if hasattr(sd_model, n)]
+    return [
+        getattr(sd_model, n)
+        for n in ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+        if hasattr(sd_model, n)
+    ]
 
 
 def embedding_databases(sd_model: Any) -> list[Any]:
@@ -99,6 +110,7 @@ def embedding_databases(sd_model: Any) -> list[Any]:
     if is_forge(sd_model):
         return [e.embeddings for e in text_engines(sd_model) if hasattr(e, "embeddings")]
     from modules import sd_hijack
+
     return [sd_hijack.model_hijack.embedding_db]
 
 
@@ -167,6 +179,7 @@ def text_device(sd_model: Any) -> Any:
     if is_forge(sd_model):
         return "cpu"
     from modules import devices
+
     return devices.device
 
 

@@ -6,6 +6,7 @@ On paste, a tag whose concept is known here under another name (same hash) is re
 here is reported; a gate value that came from card preferences (not from the tag) is written into the tag
 so the image reproduces elsewhere.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,6 +63,7 @@ def parse_applied(text: Optional[str]) -> dict[str, dict[str, str]]:
 def _explicit(prompt: str, name: str, applied: dict[str, str], defaults: dict[str, str]) -> str:
     """The tags of `name` with the applied beta/lock written in where the tag left them to defaults that
     differ (e.g. card preferences)."""
+
     def fix(m: re.Match) -> str:
         if m.group(1) != name:
             return m.group(0)
@@ -69,13 +71,19 @@ def _explicit(prompt: str, name: str, applied: dict[str, str], defaults: dict[st
         positional = [i for i in items if "=" not in i]
         named = {i.split("=", 1)[0].strip().lower() for i in items if "=" in i}
         add = []
-        if "beta" in applied and len(positional) < 2 and "beta" not in named and applied["beta"] != defaults.get("beta"):
+        if (
+            "beta" in applied
+            and len(positional) < 2
+            and "beta" not in named
+            and applied["beta"] != defaults.get("beta")
+        ):
             add.append(f"beta={applied['beta']}")
         if "tau" in applied and not positional and "tau" not in named and applied["tau"] != defaults.get("tau"):
             add.append(f"tau={applied['tau']}")
         if "lock" in applied and "lock" not in named and applied["lock"] != defaults.get("lock"):
             add.append(f"lock={applied['lock']}")
         return f"<perfusion:{name}{''.join(':' + a for a in add)}{m.group(2)}>" if add else m.group(0)
+
     return _TAG.sub(fix, prompt)
 
 
@@ -99,9 +107,13 @@ def on_infotext_pasted(infotext: str, params: dict) -> None:
             prompt = re.sub(rf"<perfusion:{re.escape(name)}(?=[:>])", f"<perfusion:{other.name}", prompt)
             print(f"Perfusion: pasted concept {name} ({shorthash}) is {other.name} here; tag renamed")
         elif entry is not None:
-            print(f"Perfusion: pasted concept {name} was {shorthash}, the local file is {entry.shorthash} "
-                  "(another version); the image may differ")
+            print(
+                f"Perfusion: pasted concept {name} was {shorthash}, the local file is {entry.shorthash} "
+                "(another version); the image may differ"
+            )
         else:
-            print(f"Perfusion: pasted concept {name} ({shorthash}) is not in {lib.folders[0]}; "
-                  "its tag will be skipped until the file is there")
+            print(
+                f"Perfusion: pasted concept {name} ({shorthash}) is not in {lib.folders[0]}; "
+                "its tag will be skipped until the file is there"
+            )
     params["Prompt"] = prompt

@@ -4,6 +4,7 @@ A concept is `<folder>/**/NAME.safetensors` (the file stem is the tag's NAME); t
 (`*.resume.safetensors`) and covariance caches are not concepts. Files are read only when asked for
 and cached by (size, mtime), so a retrained concept is picked up without a restart.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,10 @@ class Library:
             for root, dirs, files in os.walk(folder, followlinks=True):
                 scanned += len(files)
                 if scanned > MAX_SCANNED:
-                    self.clashes.append(f"stopped looking for concepts after {MAX_SCANNED:,} files under {folder}: "
-                                        "is the concepts folder (Settings > Perfusion) the right one?")
+                    self.clashes.append(
+                        f"stopped looking for concepts after {MAX_SCANNED:,} files under {folder}: "
+                        "is the concepts folder (Settings > Perfusion) the right one?"
+                    )
                     break
                 real = os.path.realpath(root)
                 if real in seen:
@@ -96,8 +99,9 @@ class Library:
                         continue
                     name = file[: -len(".safetensors")]
                     if name in self.entries:
-                        self.clashes.append(f"{path} has the same name as {self.entries[name].path}; "
-                                            "rename one of them to use it")
+                        self.clashes.append(
+                            f"{path} has the same name as {self.entries[name].path}; rename one of them to use it"
+                        )
                         continue
                     keep = old.get(path)
                     self.entries[name] = keep if keep is not None and keep.stamp == stamp else Entry(name, path, stamp)

@@ -5,6 +5,7 @@ nothing carries over from a previous generation, an exception or an interrupt: d
 guaranteed to run and is not relied on. Which concepts apply is decided by resolve.resolve; the state
 lives in state.runtime; what the image's parameters say, in infotext.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -22,8 +23,13 @@ from .tags import parse_request
 
 
 def defaults_from_settings() -> Defaults:
-    return Defaults(True, float(host.option("beta")), float(host.option("tau")), str(host.option("lock")),
-                    str(host.option("projection")))
+    return Defaults(
+        True,
+        float(host.option("beta")),
+        float(host.option("tau")),
+        str(host.option("lock")),
+        str(host.option("projection")),
+    )
 
 
 def warn(p: Any, message: str) -> None:
@@ -82,8 +88,12 @@ def _hooks_for(model: Any) -> Optional[engine.Hooks]:
 
 def _register_embedding(model: Any, concept: Concept) -> None:
     runtime.registered += host.register_word(
-        model, concept.token, host.embedding_vector(concept.embedding, host.text_device(model)),
-        host.embedding_size(concept.embedding), filename=f"perfusion:{concept.name}")
+        model,
+        concept.token,
+        host.embedding_vector(concept.embedding, host.text_device(model)),
+        host.embedding_size(concept.embedding),
+        filename=f"perfusion:{concept.name}",
+    )
 
 
 class PerfusionNetwork(extra_networks.ExtraNetwork):
@@ -121,8 +131,14 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
             if request is not None:
                 requests.append(request)
         facts = ModelFacts(hooks.layers, host.embedding_width(model), host.clip_skip())
-        applied, warnings = resolve(requests, library(), defaults, facts, list(getattr(p, "prompts", None) or []),
-                                    lambda entry: host.card_preferences(entry.path))
+        applied, warnings = resolve(
+            requests,
+            library(),
+            defaults,
+            facts,
+            list(getattr(p, "prompts", None) or []),
+            lambda entry: host.card_preferences(entry.path),
+        )
         for warning in warnings:
             warn(p, warning)
         if not applied:
@@ -165,12 +181,19 @@ def feed_global_lock(p: Any, cond: Any) -> None:
     if hires:
         hires_steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * getattr(p, "step_multiplier", 1)
     twins = prompt_parser.get_multicond_learned_conditioning(
-        shared.sd_model, prompt_parser.SdConditioning(prompts, width=p.width, height=p.height), steps, hires_steps,
-        shared.opts.use_old_scheduling)
+        shared.sd_model,
+        prompt_parser.SdConditioning(prompts, width=p.width, height=p.height),
+        steps,
+        hires_steps,
+        shared.opts.use_old_scheduling,
+    )
     originals, copies = list(host.cond_tensors(cond)), list(host.cond_tensors(twins))
     if len(originals) != len(copies) or any(o.shape != c.shape for o, c in zip(originals, copies)):
-        warn(p, "global locking could not pair the prompt's conditioning with its superclass twin; "
-                "using lock=local for this image")
+        warn(
+            p,
+            "global locking could not pair the prompt's conditioning with its superclass twin; "
+            "using lock=local for this image",
+        )
         runtime.applied = [replace(a, activation=replace(a.activation, lock="local")) for a in runtime.applied]
         runtime.key_contexts = None
         runtime.hooks.activate([a.activation for a in runtime.applied], runtime.hooks.activations.projection)

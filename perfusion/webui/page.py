@@ -1,4 +1,5 @@
 """The "Perfusion" extra-networks page: one card per concept file, and its user-metadata editor."""
+
 from __future__ import annotations
 
 import os
@@ -19,12 +20,24 @@ def concept_metadata(entry) -> dict:
     except ConceptError as e:
         return {"error": str(e)}
     problem = network.problem_of(entry)
-    return {**({"error": problem} if problem else {}),"token": c.token, "superclass": c.superclass, "method": c.method, "architecture": c.arch,
-            "context width": c.context_dim, "layers": len(c.values), "locked keys stored": bool(c.keys),
-            "base model hash": c.base_model_hash, "clip skip": c.clip_skip, "training steps": c.steps,
-            "trained gate": f"beta {c.train_beta:g}, tau {c.train_tau:g}",
-            "suggested gate": f"beta {c.beta:g}, tau {c.tau:g}", "created": c.created,
-            "file size": f"{entry.stamp[0]:,} bytes", "sha256": entry.sha256}
+    return {
+        **({"error": problem} if problem else {}),
+        "token": c.token,
+        "superclass": c.superclass,
+        "method": c.method,
+        "architecture": c.arch,
+        "context width": c.context_dim,
+        "layers": len(c.values),
+        "locked keys stored": bool(c.keys),
+        "base model hash": c.base_model_hash,
+        "clip skip": c.clip_skip,
+        "training steps": c.steps,
+        "trained gate": f"beta {c.train_beta:g}, tau {c.train_tau:g}",
+        "suggested gate": f"beta {c.beta:g}, tau {c.tau:g}",
+        "created": c.created,
+        "file size": f"{entry.stamp[0]:,} bytes",
+        "sha256": entry.sha256,
+    }
 
 
 class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
@@ -58,8 +71,13 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
             "shorthash": entry.shorthash,
             "preview": self.find_preview(path),
             "description": description,
-            "search_terms": [self.search_terms_from_path(str(entry.path)), token, meta.get("superclass", ""),
-                             entry.shorthash] + (["unusable"] if "error" in meta else []),
+            "search_terms": [
+                self.search_terms_from_path(str(entry.path)),
+                token,
+                meta.get("superclass", ""),
+                entry.shorthash,
+            ]
+            + (["unusable"] if "error" in meta else []),
             "local_preview": f"{path}.{shared.opts.samples_format}",
             "metadata": meta,
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(str(entry.path))},
@@ -85,8 +103,9 @@ class PerfusionUserMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEd
     """The card's edit dialog: description and notes (the WebUI's), plus preferred tau and beta, which
     apply whenever a tag of this concept gives none."""
 
-    def save_user_metadata(self, name: str, desc: str, notes: str, preferred_tau: Any = None,
-                           preferred_beta: Any = None) -> None:
+    def save_user_metadata(
+        self, name: str, desc: str, notes: str, preferred_tau: Any = None, preferred_beta: Any = None
+    ) -> None:
         meta = self.get_user_metadata(name)
         meta.update(description=desc, notes=notes)
         for key, value in (("preferred_tau", preferred_tau), ("preferred_beta", preferred_beta)):
@@ -98,19 +117,33 @@ class PerfusionUserMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEd
 
     def create_editor(self):
         import gradio as gr
+
         self.create_default_editor_elems()
-        self.preferred_tau = gr.Number(label="Preferred tau (used when a tag gives none)", precision=3,
-                                       elem_id=f"{self.id_part}_perfusion_tau")
-        self.preferred_beta = gr.Number(label="Preferred beta (used when a tag gives none)", precision=3,
-                                        elem_id=f"{self.id_part}_perfusion_beta")
+        self.preferred_tau = gr.Number(
+            label="Preferred tau (used when a tag gives none)", precision=3, elem_id=f"{self.id_part}_perfusion_tau"
+        )
+        self.preferred_beta = gr.Number(
+            label="Preferred beta (used when a tag gives none)", precision=3, elem_id=f"{self.id_part}_perfusion_beta"
+        )
         self.edit_notes = gr.TextArea(label="Notes", lines=4)
         self.create_default_buttons()
-        viewed = [self.edit_name, self.edit_description, self.html_filedata, self.html_preview, self.edit_notes,
-                  self.preferred_tau, self.preferred_beta]
-        self.button_edit.click(fn=self.put_values_into_components, inputs=[self.edit_name_input], outputs=viewed) \
-            .then(fn=lambda: gr.update(visible=True), inputs=[], outputs=[self.box])
-        self.setup_save_handler(self.button_save, self.save_user_metadata,
-                                [self.edit_description, self.edit_notes, self.preferred_tau, self.preferred_beta])
+        viewed = [
+            self.edit_name,
+            self.edit_description,
+            self.html_filedata,
+            self.html_preview,
+            self.edit_notes,
+            self.preferred_tau,
+            self.preferred_beta,
+        ]
+        self.button_edit.click(fn=self.put_values_into_components, inputs=[self.edit_name_input], outputs=viewed).then(
+            fn=lambda: gr.update(visible=True), inputs=[], outputs=[self.box]
+        )
+        self.setup_save_handler(
+            self.button_save,
+            self.save_user_metadata,
+            [self.edit_description, self.edit_notes, self.preferred_tau, self.preferred_beta],
+        )
 
     def get_metadata_table(self, name: str) -> list:
         item = self.page.items.get(name, {})

@@ -1,4 +1,5 @@
 """The loss curve of a training run as a small PNG (PIL only), for the training tab."""
+
 from __future__ import annotations
 
 import base64
@@ -32,8 +33,11 @@ def loss_png(rows: list[tuple[int, float, float]]) -> bytes:
         span_x, span_y = max(1, steps[-1] - steps[0]), (hi - lo) or 1.0
 
         def xy(step: int, value: float) -> tuple[float, float]:
-            return (MARGIN + (step - steps[0]) / span_x * (SIZE[0] - 2 * MARGIN),
-                    SIZE[1] - MARGIN - (value - lo) / span_y * (SIZE[1] - 2 * MARGIN))
+            return (
+                MARGIN + (step - steps[0]) / span_x * (SIZE[0] - 2 * MARGIN),
+                SIZE[1] - MARGIN - (value - lo) / span_y * (SIZE[1] - 2 * MARGIN),
+            )
+
         draw.line([xy(r[0], r[1]) for r in rows], fill=(190, 190, 190), width=1)
         draw.line([xy(r[0], r[2]) for r in rows], fill=(30, 90, 200), width=2)
         draw.text((MARGIN, 4), f"loss {hi:.4f} .. {lo:.4f}, steps {steps[0]}-{steps[-1]}", fill="black")

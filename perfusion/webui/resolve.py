@@ -3,11 +3,13 @@
 A pure function of the requests, the library, the defaults and what the loaded model is (its cross-attention
 layers, the width its text encoder takes, its CLIP skip): no WebUI import, tested on its own.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -49,11 +51,14 @@ def check_embedding(concept: Concept, width: Optional[int]) -> None:
     rows, total = int(first.shape[0]), sum(int(v.shape[-1]) for v in concept.embedding.values())
     src = concept.name or concept.token
     if not 1 <= rows <= MAX_EMBEDDING_ROWS:
-        raise ConceptMismatch(f"{src}: its word has {rows} vectors; the text encoder takes 1 to "
-                              f"{MAX_EMBEDDING_ROWS} per word")
+        raise ConceptMismatch(
+            f"{src}: its word has {rows} vectors; the text encoder takes 1 to {MAX_EMBEDDING_ROWS} per word"
+        )
     if width is not None and total != width:
-        raise ConceptMismatch(f"{src}: its word vectors are {total} wide, this model's text encoder takes {width} "
-                              f"(made for another architecture: {concept.arch})")
+        raise ConceptMismatch(
+            f"{src}: its word vectors are {total} wide, this model's text encoder takes {width} "
+            f"(made for another architecture: {concept.arch})"
+        )
 
 
 def check_fit(concept: Concept, facts: ModelFacts) -> None:
@@ -67,8 +72,14 @@ def whole_word(word: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
 
 
-def resolve(requests: list[Request], lib: Library, defaults: Defaults, facts: ModelFacts, prompts: list[str],
-            preferences: Callable[[Entry], dict]) -> tuple[list[Applied], list[str]]:
+def resolve(
+    requests: list[Request],
+    lib: Library,
+    defaults: Defaults,
+    facts: ModelFacts,
+    prompts: list[str],
+    preferences: Callable[[Entry], dict],
+) -> tuple[list[Applied], list[str]]:
     """(applied, warnings): the concepts of `requests` that apply to a batch of `prompts`, each with its gate
     (the tag's values, else the card's preferences, else the defaults); every skipped one has a warning."""
     applied, warnings, seen = [], [], set()
@@ -92,23 +103,33 @@ def resolve(requests: list[Request], lib: Library, defaults: Defaults, facts: Mo
             warnings.append(f"{entry.path}: unusable ({type(e).__name__}: {e}); skipped")
             continue
         if concept.clip_skip != facts.clip_skip and concept.arch in ("sd1", "other"):
-            warnings.append(f"{entry.name} was trained with CLIP skip {concept.clip_skip}, this generation uses "
-                            f"{facts.clip_skip}; its gate may open less (set Clip skip to match for best likeness)")
-        clash = next((a.entry.name for a in applied if a.activation.concept.token.lower() == concept.token.lower()), None)
+            warnings.append(
+                f"{entry.name} was trained with CLIP skip {concept.clip_skip}, this generation uses "
+                f"{facts.clip_skip}; its gate may open less (set Clip skip to match for best likeness)"
+            )
+        clash = next(
+            (a.entry.name for a in applied if a.activation.concept.token.lower() == concept.token.lower()), None
+        )
         if clash is not None:
             warnings.append(f"{entry.name} and {clash} share the word {concept.token!r}; {entry.name} skipped")
             continue
         if not any(whole_word(concept.token).search(text or "") for text in prompts):
-            warnings.append(f"{entry.name}: its word {concept.token!r} is not in the prompt, so the concept is "
-                            f"skipped; write e.g. 'a photo of {concept.token}'")
+            warnings.append(
+                f"{entry.name}: its word {concept.token!r} is not in the prompt, so the concept is "
+                f"skipped; write e.g. 'a photo of {concept.token}'"
+            )
             continue
         user = preferences(entry)
         lock = req.lock or defaults.lock
         if lock == "global" and concept.method != "perfusion":
             warnings.append(f"{entry.name} is an Infusion concept (no keys to lock globally); using lock=local")
             lock = "local"
-        activation = engine.Activation(concept, beta=_first(req.beta, user.get("beta"), defaults.beta),
-                                       tau=_first(req.tau, user.get("tau"), defaults.tau), lock=lock)
+        activation = engine.Activation(
+            concept,
+            beta=_first(req.beta, user.get("beta"), defaults.beta),
+            tau=_first(req.tau, user.get("tau"), defaults.tau),
+            lock=lock,
+        )
         applied.append(Applied(entry, activation))
     return applied, warnings
 

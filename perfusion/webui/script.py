@@ -4,6 +4,7 @@ Its values reach the generation through `p.perfusion_defaults` (set in process, 
 network's activate), are written to the infotext when the prompt has tags, and come back on paste and
 through the API's `alwayson_scripts` ({"perfusion": {"args": [enabled, beta, tau, lock, projection]}}).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,33 +26,67 @@ class PerfusionScript(scripts.Script):
 
     def ui(self, is_img2img: bool) -> list:
         import gradio as gr
+
         d = defaults_from_settings()
         tab = "img2img" if is_img2img else "txt2img"
         with gr.Accordion("Perfusion", open=False, elem_id=f"perfusion_{tab}_accordion"):
             with gr.Row():
-                enabled = gr.Checkbox(value=True, label="Apply <perfusion:...> tags", elem_id=f"perfusion_{tab}_enabled")
+                enabled = gr.Checkbox(
+                    value=True, label="Apply <perfusion:...> tags", elem_id=f"perfusion_{tab}_enabled"
+                )
                 lock = gr.Radio(list(LOCKS), value=d.lock, label="Key locking", elem_id=f"perfusion_{tab}_lock")
-                projection = gr.Radio(list(PROJECTIONS), value=d.projection, label="Several concepts",
-                                      elem_id=f"perfusion_{tab}_projection")
+                projection = gr.Radio(
+                    list(PROJECTIONS),
+                    value=d.projection,
+                    label="Several concepts",
+                    elem_id=f"perfusion_{tab}_projection",
+                )
             with gr.Row():
-                beta = gr.Slider(minimum=BETA_RANGE[0], maximum=BETA_RANGE[1], step=0.01, value=d.beta,
-                                 label="Gate bias beta", elem_id=f"perfusion_{tab}_beta")
-                tau = gr.Slider(minimum=TAU_RANGE[0], maximum=TAU_RANGE[1], step=0.01, value=d.tau,
-                                label="Gate temperature tau", elem_id=f"perfusion_{tab}_tau")
+                beta = gr.Slider(
+                    minimum=BETA_RANGE[0],
+                    maximum=BETA_RANGE[1],
+                    step=0.01,
+                    value=d.beta,
+                    label="Gate bias beta",
+                    elem_id=f"perfusion_{tab}_beta",
+                )
+                tau = gr.Slider(
+                    minimum=TAU_RANGE[0],
+                    maximum=TAU_RANGE[1],
+                    step=0.01,
+                    value=d.tau,
+                    label="Gate temperature tau",
+                    elem_id=f"perfusion_{tab}_tau",
+                )
         pasted = lambda key, cast: (lambda params: _pasted(params, key, cast))  # noqa: E731
-        self.infotext_fields = [(enabled, lambda params: True if infotext.DEFAULTS in params else None),
-                                (beta, pasted("beta", float)), (tau, pasted("tau", float)),
-                                (lock, pasted("lock", str)), (projection, pasted("projection", str))]
+        self.infotext_fields = [
+            (enabled, lambda params: True if infotext.DEFAULTS in params else None),
+            (beta, pasted("beta", float)),
+            (tau, pasted("tau", float)),
+            (lock, pasted("lock", str)),
+            (projection, pasted("projection", str)),
+        ]
         self.paste_field_names = [infotext.DEFAULTS]
         return [enabled, beta, tau, lock, projection]
 
-    def process(self, p: Any, enabled: bool = True, beta: float = BETA, tau: float = TAU, lock: str = "local",
-                projection: str = "approximate", *rest: Any) -> None:
+    def process(
+        self,
+        p: Any,
+        enabled: bool = True,
+        beta: float = BETA,
+        tau: float = TAU,
+        lock: str = "local",
+        projection: str = "approximate",
+        *rest: Any,
+    ) -> None:
         settings = defaults_from_settings()
-        d = Defaults(bool(enabled), _gate_value(p, "beta", beta, BETA_RANGE, settings.beta),
-                     _gate_value(p, "tau", tau, TAU_RANGE, settings.tau),
-                     lock if lock in LOCKS else settings.lock,
-                     projection if projection in PROJECTIONS else settings.projection)
+        d = Defaults(
+            bool(enabled),
+            _gate_value(p, "beta", beta, BETA_RANGE, settings.beta),
+            _gate_value(p, "tau", tau, TAU_RANGE, settings.tau),
+            lock if lock in LOCKS else settings.lock,
+            projection if projection in PROJECTIONS else settings.projection,
+        )
         p.perfusion_defaults = d
         if any("<perfusion:" in (text or "") for text in (p.all_prompts or [p.prompt])):
             p.extra_generation_params[infotext.DEFAULTS] = infotext.defaults_text(d)
@@ -69,8 +104,11 @@ def _gate_value(p: Any, name: str, value: Any, allowed: tuple[float, float], fal
         number = float("nan")
     if allowed[0] <= number <= allowed[1]:
         return number
-    network.warn(p, f"the accordion's {name} {value!r} is not a number in {allowed[0]}..{allowed[1]}; "
-                    f"using the setting's {fallback:g}")
+    network.warn(
+        p,
+        f"the accordion's {name} {value!r} is not a number in {allowed[0]}..{allowed[1]}; "
+        f"using the setting's {fallback:g}",
+    )
     return fallback
 
 

@@ -1,4 +1,5 @@
 """The "Perfusion" section of the WebUI's settings, added at import so it exists in API-only mode too."""
+
 from __future__ import annotations
 
 from modules import shared
@@ -23,21 +24,39 @@ def register() -> None:
     radio, slider = _gradio("Radio"), _gradio("Slider")
     options = {
         "dir": shared.OptionInfo("", "Concepts folder (empty: --perfusion-dir, else models/perfusion)"),
-        "beta": shared.OptionInfo(BETA, "Default gate bias beta (higher: weaker concept, closer to the prompt)",
-                                  slider, {"minimum": BETA_RANGE[0], "maximum": BETA_RANGE[1], "step": 0.01}),
-        "tau": shared.OptionInfo(TAU, "Default gate temperature tau", slider,
-                                 {"minimum": TAU_RANGE[0], "maximum": TAU_RANGE[1], "step": 0.01}),
+        "beta": shared.OptionInfo(
+            BETA,
+            "Default gate bias beta (higher: weaker concept, closer to the prompt)",
+            slider,
+            {"minimum": BETA_RANGE[0], "maximum": BETA_RANGE[1], "step": 0.01},
+        ),
+        "tau": shared.OptionInfo(
+            TAU,
+            "Default gate temperature tau",
+            slider,
+            {"minimum": TAU_RANGE[0], "maximum": TAU_RANGE[1], "step": 0.01},
+        ),
         "lock": shared.OptionInfo("local", "Default key locking", radio, {"choices": list(LOCKS)}),
-        "projection": shared.OptionInfo("approximate", "Several concepts in one prompt: projection", radio,
-                                        {"choices": list(PROJECTIONS)}),
-        "covariance_prompts": shared.OptionInfo(25000, "Training: prompts behind the text-encoding covariance "
-                                                "(built once per model and CLIP skip; fewer is faster, less exact)",
-                                                slider, {"minimum": 256, "maximum": 25000, "step": 256}),
-        "warnings": shared.OptionInfo("UI and console", "Where warnings (unknown concept, bad file, ...) appear",
-                                      radio, {"choices": list(WARNING_MODES)}),
+        "projection": shared.OptionInfo(
+            "approximate", "Several concepts in one prompt: projection", radio, {"choices": list(PROJECTIONS)}
+        ),
+        "covariance_prompts": shared.OptionInfo(
+            25000,
+            "Training: prompts behind the text-encoding covariance "
+            "(built once per model and CLIP skip; fewer is faster, less exact)",
+            slider,
+            {"minimum": 256, "maximum": 25000, "step": 256},
+        ),
+        "warnings": shared.OptionInfo(
+            "UI and console",
+            "Where warnings (unknown concept, bad file, ...) appear",
+            radio,
+            {"choices": list(WARNING_MODES)},
+        ),
     }
-    shared.options_templates.update(shared.options_section(
-        ("perfusion", "Perfusion"), {OPTION_PREFIX + k: v for k, v in options.items()}))
+    shared.options_templates.update(
+        shared.options_section(("perfusion", "Perfusion"), {OPTION_PREFIX + k: v for k, v in options.items()})
+    )
     for key, info in options.items():  # opts already built (Reload UI, or an import after start-up)
         if OPTION_PREFIX + key not in shared.opts.data_labels:
             shared.opts.add_option(OPTION_PREFIX + key, info)

@@ -1,5 +1,6 @@
 """The extension's process-wide state, in one place: the concepts library, the hooks on the loaded U-Net,
 what the current batch applies and the word embeddings registered for it. Everything else is functions."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

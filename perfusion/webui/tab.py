@@ -4,6 +4,7 @@ Widgets only; what the buttons do lives in perfusion/webui/training.py. Training
 WebUI's job queue (wrap_gradio_gpu_call), so generation waits while it runs, the progress bar shows
 step, ETA and loss, and previews appear live (shared.state.assign_current_image).
 """
+
 from __future__ import annotations
 
 import html
@@ -26,15 +27,25 @@ FIELDS = [f.name for f in fields(TrainForm)]
 
 def preview(form: TrainForm):
     """The trainer's preview callback: one image of the preview prompt with the training edit on."""
+
     def show(concept, step: int) -> None:
         prompt = form.preview_prompt or f"a photo of {form.token}"
         adapter = WebUIAdapter(shared.sd_model, int(form.resolution))
         with torch.no_grad(), host.vae_on(shared.sd_model, devices.device):
-            image = generate(adapter, [prompt], [Activation(concept, form.preview_beta, form.preview_tau)],
-                             latent_shape=adapter.latent_shape(form.resolution), seed=step, steps=20, guidance=7.0)
+            image = generate(
+                adapter,
+                [prompt],
+                [Activation(concept, form.preview_beta, form.preview_tau)],
+                latent_shape=adapter.latent_shape(form.resolution),
+                seed=step,
+                steps=20,
+                guidance=7.0,
+            )
         from PIL import Image
+
         pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         shared.state.assign_current_image(Image.fromarray(pixels))
+
     return show
 
 
@@ -45,7 +56,9 @@ def run(task_id: str, *values: Any) -> tuple[str, str]:
     if status.state == "failed":
         return "", "<br>".join(html.escape(line) for line in status.message.splitlines())
     curve = loss_html(training.work_dir(form) / f"{form.name}.loss.csv")
-    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.<br>" + curve + report_html(status.report), ""
+    return html.escape(status.message) + "<br>Refresh the Perfusion cards to use it.<br>" + curve + report_html(
+        status.report
+    ), ""
 
 
 def report_html(report) -> str:
@@ -53,8 +66,10 @@ def report_html(report) -> str:
     if not report:
         return ""
     rows = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{v:.4g}</td></tr>" for k, v in report.items())
-    return f"<p>Overfitting report (drift: change on unrelated prompts; narrowness: W2 of class samples with the " \
-           f"concept on vs. off, against the baseline of two base sets):</p><table>{rows}</table>"
+    return (
+        f"<p>Overfitting report (drift: change on unrelated prompts; narrowness: W2 of class samples with the "
+        f"concept on vs. off, against the baseline of two base sets):</p><table>{rows}</table>"
+    )
 
 
 def check_only(*values: Any) -> str:
@@ -72,13 +87,16 @@ def create_tab():
         return []
     import gradio as gr
     from modules.call_queue import wrap_gradio_gpu_call
+
     d = TrainForm(preview_prompt="")
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
             with gr.Column():
                 name = gr.Textbox(label="Concept name (file and tag)", elem_id="perfusion_train_name")
                 token = gr.Textbox(label="Token word (write it in prompts)", elem_id="perfusion_train_token")
-                superclass = gr.Textbox(label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass")
+                superclass = gr.Textbox(
+                    label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass"
+                )
                 folder = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder")
                 mask_source = gr.Dropdown(list(MASK_SOURCES), value=d.mask_source, label="Masks")
                 templates_file = gr.Textbox(label="Templates file (empty: built-in)", value="")
@@ -102,8 +120,12 @@ def create_tab():
                     preview_beta = gr.Number(value=d.preview_beta, label="Preview beta")
                     preview_tau = gr.Number(value=d.preview_tau, label="Preview tau")
                     existing = gr.Radio(list(training.EXISTING), value="ask", label="If the concept exists")
-                    report_samples = gr.Number(value=d.report_samples, precision=0, label="Overfitting report: images per set")
-                    gradient_checkpointing = gr.Checkbox(value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)")
+                    report_samples = gr.Number(
+                        value=d.report_samples, precision=0, label="Overfitting report: images per set"
+                    )
+                    gradient_checkpointing = gr.Checkbox(
+                        value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)"
+                    )
                 with gr.Row():
                     preset_name = gr.Textbox(label="Preset name")
                     save_preset = gr.Button("Save preset")
@@ -113,19 +135,50 @@ def create_tab():
                     interrupt = gr.Button("Interrupt", elem_id="perfusion_train_interrupt")
                     start = gr.Button("Train", variant="primary", elem_id="perfusion_train_start")
             with gr.Column():
-                progress = gr.HTML(elem_id="perfusion_train_progress")
+                gr.HTML(elem_id="perfusion_train_progress")  # javascript/ draws the progress bar here
                 gallery = gr.HTML(elem_id="perfusion_train_output")
                 problems = gr.HTML(elem_id="perfusion_train_error")
-        form = [name, token, superclass, folder, mask_source, templates_file, method, steps, lr_values,
-                lr_embedding, batch_size, grad_accum, resolution, flip, train_beta, train_tau, save_every,
-                preview_every, preview_prompt, preview_beta, preview_tau, existing, report_samples, gradient_checkpointing]
+        form = [
+            name,
+            token,
+            superclass,
+            folder,
+            mask_source,
+            templates_file,
+            method,
+            steps,
+            lr_values,
+            lr_embedding,
+            batch_size,
+            grad_accum,
+            resolution,
+            flip,
+            train_beta,
+            train_tau,
+            save_every,
+            preview_every,
+            preview_prompt,
+            preview_beta,
+            preview_tau,
+            existing,
+            report_samples,
+            gradient_checkpointing,
+        ]
         task_id = gr.Textbox(visible=False)
         check.click(fn=check_only, inputs=form, outputs=[problems])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-        start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[""]), _js="perfusion_start_training",
-                    inputs=[task_id, *form], outputs=[gallery, problems])
-        save_preset.click(fn=lambda n, *v: f"Saved {training.save_preset(TrainForm(*v), n)}",
-                          inputs=[preset_name, *form], outputs=[problems])
-        load_preset.click(fn=lambda n: list(asdict(training.load_preset(n)).values()), inputs=[preset_name],
-                          outputs=form)
+        start.click(
+            fn=wrap_gradio_gpu_call(run, extra_outputs=[""]),
+            _js="perfusion_start_training",
+            inputs=[task_id, *form],
+            outputs=[gallery, problems],
+        )
+        save_preset.click(
+            fn=lambda n, *v: f"Saved {training.save_preset(TrainForm(*v), n)}",
+            inputs=[preset_name, *form],
+            outputs=[problems],
+        )
+        load_preset.click(
+            fn=lambda n: list(asdict(training.load_preset(n)).values()), inputs=[preset_name], outputs=form
+        )
     return [(tab, "Perfusion", "perfusion_train")]

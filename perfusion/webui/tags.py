@@ -3,10 +3,12 @@
 Pure functions over the tag's items (the WebUI hands them over already split on ':'); nothing here
 imports the WebUI.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..options import BETA_RANGE, LOCKS, TAU_RANGE
 
@@ -40,8 +42,10 @@ def parse_request(positional: Sequence[str], named: dict[str, str]) -> tuple[Opt
     values: dict[str, Optional[float]] = {"tau": None, "beta": None}
     given = dict(zip(("tau", "beta"), positional[1:3]))
     if len(positional) > 3:
-        warnings.append(f"<perfusion:{name}>: extra arguments {list(positional[3:])} ignored "
-                        "(use NAME:TAU:BETA or tau=, beta=, lock=)")
+        warnings.append(
+            f"<perfusion:{name}>: extra arguments {list(positional[3:])} ignored "
+            "(use NAME:TAU:BETA or tau=, beta=, lock=)"
+        )
     for key, text in named.items():
         key = key.strip().lower()
         if key in values:

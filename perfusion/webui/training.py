@@ -4,6 +4,7 @@ The tab and the API call `check` (every problem at once, before any work) and `t
 WebUI's job state: progress, ETA, loss text, live previews, Interrupt saves). Nothing is overwritten
 unless the form says so; a concept that exists is resumed only when asked.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,26 +12,26 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from modules import devices, shared
 
-from ..covariance import adapter_encoder, cached_covariance
 from ..corpus import prompt_corpus
+from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
 from ..options import BETA, BETA_RANGE, METHODS, TAU, TAU_RANGE
 from ..report import overfitting_report
-from ..train import NonFiniteError, TrainConfig, TrainError, Trainer, check_superclass, read_templates
+from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
 from .adapter import WebUIAdapter
 from .library import is_concept_file
 
-MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none",
-                "auto": "auto"}
+MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none", "auto": "auto"}
 EXISTING = ("ask", "overwrite", "resume")
 MIN_FREE_BYTES = 200 * 2**20
 NAME = re.compile(r"[\w][\w .-]{0,62}[\w-]|[\w]")  # used with fullmatch: no trailing newline, dot or space
@@ -41,8 +42,10 @@ RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECA
 def name_problem(name: str, what: str = "concept name") -> Optional[str]:
     """Why `name` cannot be a concept's file name and tag (None if it can)."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
-        return (f"{what} {name!r}: use letters, digits, '_', '-', '.' or spaces, starting and ending with a letter "
-                "or digit (no path separators or '..'); it becomes the file name and the tag")
+        return (
+            f"{what} {name!r}: use letters, digits, '_', '-', '.' or spaces, starting and ending with a letter "
+            "or digit (no path separators or '..'); it becomes the file name and the tag"
+        )
     if RESERVED.fullmatch(name):
         return f"{what} {name!r} is a device name on Windows (CON, NUL, COM1, ...): choose another"
     if not is_concept_file(f"{name}.safetensors"):
@@ -81,7 +84,7 @@ class TrainForm:
     gradient_checkpointing: bool = False  # less GPU memory (SD1.5 at 512 px in 8 GB), about 30 % slower
 
     @classmethod
-    def from_dict(cls, data: Any) -> "TrainForm":
+    def from_dict(cls, data: Any) -> TrainForm:
         """A form from JSON (the API's body, a preset): every field's type and range checked, every problem
         reported at once (FormError.problems), nothing started."""
         if not isinstance(data, dict):
@@ -115,10 +118,21 @@ class FormError(TrainError):
 
 _KIND_WORDS = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
 # (smallest, largest) of each numeric field: a mistyped 1e300 steps must not run for ever
-RANGES = {"steps": (1, 100_000), "batch_size": (1, 64), "grad_accum": (1, 256), "resolution": (64, 4096),
-          "save_every": (0, 100_000), "preview_every": (0, 100_000), "report_samples": (0, 256),
-          "lr_values": (1e-7, 10.0), "lr_embedding": (1e-7, 10.0), "train_beta": BETA_RANGE,
-          "train_tau": TAU_RANGE, "preview_beta": BETA_RANGE, "preview_tau": TAU_RANGE}
+RANGES = {
+    "steps": (1, 100_000),
+    "batch_size": (1, 64),
+    "grad_accum": (1, 256),
+    "resolution": (64, 4096),
+    "save_every": (0, 100_000),
+    "preview_every": (0, 100_000),
+    "report_samples": (0, 256),
+    "lr_values": (1e-7, 10.0),
+    "lr_embedding": (1e-7, 10.0),
+    "train_beta": BETA_RANGE,
+    "train_tau": TAU_RANGE,
+    "preview_beta": BETA_RANGE,
+    "preview_tau": TAU_RANGE,
+}
 
 
 def _typed(value: Any, kind: type) -> Any:
@@ -182,8 +196,10 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         except (OSError, TrainError) as e:
             problems.append(f"templates file: {e}")
     if not bad_name and concept_path(form).exists() and form.existing == "ask":
-        problems.append(f"a concept named {form.name!r} exists ({concept_path(form)}): choose 'overwrite' "
-                        "(the old file is replaced only when training ends) or 'resume'")
+        problems.append(
+            f"a concept named {form.name!r} exists ({concept_path(form)}): choose 'overwrite' "
+            "(the old file is replaced only when training ends) or 'resume'"
+        )
     folder = host.concepts_folder()
     probe = folder if folder.exists() else folder.parent
     if probe.exists() and shutil.disk_usage(probe).free < MIN_FREE_BYTES:
@@ -191,8 +207,9 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     dataset = None
     try:
         mask = MASK_SOURCES.get(form.mask_source, "auto")
-        dataset = load_dataset(form.folder, resolution=form.resolution,
-                               mask_source="auto" if mask == "attention" else mask)
+        dataset = load_dataset(
+            form.folder, resolution=form.resolution, mask_source="auto" if mask == "attention" else mask
+        )
     except (DatasetError, ValueError) as e:
         problems.append(str(e))
     return problems, dataset
@@ -200,14 +217,27 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
 
 def config(form: TrainForm) -> TrainConfig:
     templates = read_templates(form.templates_file) if form.templates_file else TrainConfig.templates
-    return TrainConfig(name=form.name, token=form.token.strip(), superclass=form.superclass.strip(),
-                       method=form.method, steps=int(form.steps), batch_size=int(form.batch_size),
-                       grad_accum=int(form.grad_accum), lr_values=float(form.lr_values),
-                       lr_embedding=float(form.lr_embedding), train_beta=float(form.train_beta),
-                       train_tau=float(form.train_tau), beta=float(form.preview_beta), tau=float(form.preview_tau),
-                       templates=templates, flip=bool(form.flip), save_every=int(form.save_every),
-                       preview_every=int(form.preview_every), gradient_checkpointing=bool(form.gradient_checkpointing),
-                       clip_skip=host.clip_skip())
+    return TrainConfig(
+        name=form.name,
+        token=form.token.strip(),
+        superclass=form.superclass.strip(),
+        method=form.method,
+        steps=int(form.steps),
+        batch_size=int(form.batch_size),
+        grad_accum=int(form.grad_accum),
+        lr_values=float(form.lr_values),
+        lr_embedding=float(form.lr_embedding),
+        train_beta=float(form.train_beta),
+        train_tau=float(form.train_tau),
+        beta=float(form.preview_beta),
+        tau=float(form.preview_tau),
+        templates=templates,
+        flip=bool(form.flip),
+        save_every=int(form.save_every),
+        preview_every=int(form.preview_every),
+        gradient_checkpointing=bool(form.gradient_checkpointing),
+        clip_skip=host.clip_skip(),
+    )
 
 
 class CovarianceInterrupted(Exception):
@@ -261,13 +291,21 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         state.job_count, state.job_no = total, done
 
     try:
-        cov = cached_covariance(host.work_folder() / "cache", adapter_encoder(adapter),
-                                prompt_corpus(int(host.option("covariance_prompts"))),
-                                encoder_hash=adapter.model_hash or "webui-model", clip_skip=cfg.clip_skip,
-                                progress=covariance_progress)
+        cov = cached_covariance(
+            host.work_folder() / "cache",
+            adapter_encoder(adapter),
+            prompt_corpus(int(host.option("covariance_prompts"))),
+            encoder_hash=adapter.model_hash or "webui-model",
+            clip_skip=cfg.clip_skip,
+            progress=covariance_progress,
+        )
     except CovarianceInterrupted:
-        status = Status("interrupted", form.name, message="Interrupted while encoding the covariance corpus, before "
-                        "training; nothing was written (it starts over next time)")
+        status = Status(
+            "interrupted",
+            form.name,
+            message="Interrupted while encoding the covariance corpus, before "
+            "training; nothing was written (it starts over next time)",
+        )
         return status
     state.job_count, state.job_no = cfg.steps, 0
     masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
@@ -285,39 +323,48 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     offload = bool(getattr(shared.opts, "unload_models_when_training", False))  # the WebUI's Training option
     try:
         with host.vae_on(shared.sd_model, devices.cpu if offload else None):
-            result = trainer.run(resume=form.existing == "resume", progress=progress,
-                                 should_stop=lambda: bool(state.interrupted), preview=preview)
+            result = trainer.run(
+                resume=form.existing == "resume",
+                progress=progress,
+                should_stop=lambda: bool(state.interrupted),
+                preview=preview,
+            )
     except NonFiniteError as e:
         status = Status("failed", form.name, status.step, cfg.steps, message=f"{e}{_non_finite_hint(e)}")
         return status
     if not result.interrupted and form.report_samples > 0:
         state.textinfo = f"Perfusion {form.name}: overfitting report ({form.report_samples} images per set)"
-        status.report = overfitting_report(adapter, result.concept, adapter.latent_shape(form.resolution),
-                                           samples=int(form.report_samples)).as_dict()
+        status.report = overfitting_report(
+            adapter, result.concept, adapter.latent_shape(form.resolution), samples=int(form.report_samples)
+        ).as_dict()
     status.state = "interrupted" if result.interrupted else "done"
     status.step, status.concept = result.step, str(result.path)
-    status.message = (f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
-                      f"in {time.monotonic() - started:.0f} s; saved {result.path}")
+    status.message = (
+        f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
+        f"in {time.monotonic() - started:.0f} s; saved {result.path}"
+    )
     return status
 
 
 def _non_finite_hint(e: NonFiniteError) -> str:
     """What to change in the WebUI for a NaN met while training."""
     if e.where == "text encoder" and getattr(shared.opts, "emphasis", "Original") == "Original":
-        return (". The WebUI's emphasis mode 'Original' divides the encoding by its own mean, which is 0/0 when "
-                "the text encoder's last layer norm has no bias (random or converted checkpoints): set Settings > "
-                "Stable Diffusion > Emphasis mode to 'No norm' and train again")
+        return (
+            ". The WebUI's emphasis mode 'Original' divides the encoding by its own mean, which is 0/0 when "
+            "the text encoder's last layer norm has no bias (random or converted checkpoints): set Settings > "
+            "Stable Diffusion > Emphasis mode to 'No norm' and train again"
+        )
     return ". Try fp32 (--no-half) or a lower learning rate; the concept on disk is the last finite step"
 
 
 def save_preset(form: TrainForm, name: str) -> Path:
     """The form as JSON in <work folder>/presets/NAME.json (atomically)."""
     from ..files import atomic_write
+
     problem = name_problem(name, "preset name")
     if problem:
         raise TrainError(problem)
-    return atomic_write(host.work_folder() / "presets" / f"{name}.json",
-                        json.dumps(asdict(form), indent=2).encode())
+    return atomic_write(host.work_folder() / "presets" / f"{name}.json", json.dumps(asdict(form), indent=2).encode())
 
 
 def load_preset(name: str) -> TrainForm:

@@ -5,6 +5,7 @@
 Captions come from scenes drawn with seeds the model trainer never uses; each image is read by
 perfusion.world.analyze and compared attribute by attribute with the scene it was asked for.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,21 @@ def accuracy(adapter, n: int = 120, steps: int = 25, guidance: float = 2.0, batc
     scenes = held_out(n)
     rng = random.Random(HELD_OUT_SEED + 1)
     captions = [caption(s, rng) for s in scenes]
-    images = np.concatenate([from_tensor(generate(adapter, captions[k:k + batch], latent_shape=mini.LATENT_SHAPE,
-                                                  seed=seed + k, steps=steps, guidance=guidance))
-                             for k in range(0, n, batch)])
+    images = np.concatenate(
+        [
+            from_tensor(
+                generate(
+                    adapter,
+                    captions[k : k + batch],
+                    latent_shape=mini.LATENT_SHAPE,
+                    seed=seed + k,
+                    steps=steps,
+                    guidance=guidance,
+                )
+            )
+            for k in range(0, n, batch)
+        ]
+    )
     right = defaultdict(list)
     for scene, img in zip(scenes, images):
         if len(scene.things) == 1:
@@ -46,13 +59,19 @@ def accuracy(adapter, n: int = 120, steps: int = 25, guidance: float = 2.0, batc
         else:
             layout = "left-right" if scene.things[0].position == "left" else "top-bottom"
             readings = read_pair(img, layout)
-            checks = {"two objects: shapes": all(r.shape == t.shape for r, t in zip(readings, scene.things)),
-                      "two objects: colours": all(r.colour == t.colour for r, t in zip(readings, scene.things)),
-                      "background": readings[0].background == scene.background}
+            checks = {
+                "two objects: shapes": all(r.shape == t.shape for r, t in zip(readings, scene.things)),
+                "two objects: colours": all(r.colour == t.colour for r, t in zip(readings, scene.things)),
+                "background": readings[0].background == scene.background,
+            }
         for k, v in checks.items():
             right[k].append(v)
-    return {"accuracy": {k: float(np.mean(v)) for k, v in right.items()},
-            "counts": {k: len(v) for k, v in right.items()}, "images": images, "captions": captions}
+    return {
+        "accuracy": {k: float(np.mean(v)) for k, v in right.items()},
+        "counts": {k: len(v) for k, v in right.items()},
+        "images": images,
+        "captions": captions,
+    }
 
 
 def main(argv=None) -> int:

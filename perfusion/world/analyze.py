@@ -7,10 +7,11 @@ pattern: per object pixel, nearest of {colour, its dark shade, its light shade};
 checkered, dark rows striped, dark spots dotted, neither plain.
 shape and size: best IoU against reference masks of every shape and size drawn at the centroid.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Optional
 
 import numpy as np
@@ -43,7 +44,7 @@ def _shades(c: np.ndarray) -> np.ndarray:
     return np.stack([c, c * 0.35, np.minimum(c * 0.6 + 110, 255)])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference(shape: str, size: str, cx: int, cy: int) -> np.ndarray:
     """Boolean [32, 32] reference mask of a shape centred on pixel (cx, cy)."""
     n = SIZE * SUPERSAMPLE
@@ -74,7 +75,9 @@ def _lum(x: np.ndarray) -> np.ndarray:
 def _colour_and_pattern(img: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
     """Palette colour and pattern of the object covering boolean `mask` of img [32, 32, 3] (float)."""
     pixels = img[mask]
-    colour = min(_COL, key=lambda k: float(np.linalg.norm(pixels[:, None] - _shades(_COL[k])[None], axis=-1).min(1).mean()))
+    colour = min(
+        _COL, key=lambda k: float(np.linalg.norm(pixels[:, None] - _shades(_COL[k])[None], axis=-1).min(1).mean())
+    )
     inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
     inner = inner if inner.sum() >= 6 else mask
     lum = _lum(img) * inner

@@ -4,6 +4,7 @@ the base model).
 
     ./dev.sh demo [--steps N] [--out DIR] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,54 @@ def world_covariance(adapter, cache: Path, prompts: int = 4096, captions=scenes_
     return cached_covariance(cache, adapter_encoder(adapter), texts, encoder_hash=adapter.model_hash, batch_size=256)
 
 
-def train_folder(adapter, cov: Covariance, folder: Path, cfg: TrainConfig, concept_path: Path, work_dir: Path,
-                 shots: Optional[int] = None, progress=None, resolution: int = 32) -> Concept:
+def train_folder(
+    adapter,
+    cov: Covariance,
+    folder: Path,
+    cfg: TrainConfig,
+    concept_path: Path,
+    work_dir: Path,
+    shots: Optional[int] = None,
+    progress=None,
+    resolution: int = 32,
+) -> Concept:
     """Train `cfg` on the first `shots` images of a world-sized folder (masks and captions beside them)."""
     samples = load_dataset(folder, resolution=resolution, min_size=16, mask_source="auto").samples[:shots]
-    trainer = Trainer(adapter, cov, cfg, torch.stack([s.image for s in samples]), [s.mask for s in samples],
-                      work_dir, concept_path, captions=[s.caption for s in samples])
+    trainer = Trainer(
+        adapter,
+        cov,
+        cfg,
+        torch.stack([s.image for s in samples]),
+        [s.mask for s in samples],
+        work_dir,
+        concept_path,
+        captions=[s.caption for s in samples],
+    )
     return trainer.run(progress=progress).concept
 
 
 def train_example(adapter, cov: Covariance, example: Example, steps: int, out: Path) -> Concept:
-    cfg = TrainConfig(name=example.token, token=example.token, superclass=example.superclass, steps=steps,
-                      batch_size=8, grad_accum=1, templates=TEMPLATES, beta=0.7, tau=0.15, seed=0)
+    cfg = TrainConfig(
+        name=example.token,
+        token=example.token,
+        superclass=example.superclass,
+        steps=steps,
+        batch_size=8,
+        grad_accum=1,
+        templates=TEMPLATES,
+        beta=0.7,
+        tau=0.15,
+        seed=0,
+    )
     started = time.monotonic()
 
     def show(p: Progress):
-        print(f"\r  {example.token}: step {p.step}/{p.total}  loss {p.smoothed:.4f}  {p.it_per_s:.1f} it/s  "
-              f"eta {p.eta_s:4.0f}s", end="", flush=True)
+        print(
+            f"\r  {example.token}: step {p.step}/{p.total}  loss {p.smoothed:.4f}  {p.it_per_s:.1f} it/s  "
+            f"eta {p.eta_s:4.0f}s",
+            end="",
+            flush=True,
+        )
 
     path = out / f"{example.token}.safetensors"
     concept = train_folder(adapter, cov, example.folder, cfg, path, out / "work", progress=show)
@@ -101,33 +133,64 @@ def render_rows(adapter, concepts: dict, steps: int, seed: int = 1) -> list:
     def images(prompts, items, **extra):
         return list(from_tensor(generate(adapter, prompts, items, seed=seed, **kw, **extra)))
 
-    recontext = ["a chekka at the left on a white background", "a small chekka at the top on a black background",
-                 "a big chekka in the centre on a brown background", "a chekka at the right on a gray background",
-                 "a small chekka at the bottom on a white background", "a chekka and a small green star on a black background"]
+    recontext = [
+        "a chekka at the left on a white background",
+        "a small chekka at the top on a black background",
+        "a big chekka in the centre on a brown background",
+        "a chekka at the right on a gray background",
+        "a small chekka at the bottom on a white background",
+        "a chekka and a small green star on a black background",
+    ]
     rows = []
-    rows.append(("Training images (chekka: a red checkered ball, a pattern the model never saw)",
-                 [(np.asarray(Image.open(p).convert("RGB")), p.stem) for p in sorted(CONCEPTS[0].folder.glob("*-?.png"))]))
-    rows.append(("Base model, superclass word (no concept)",
-                 list(zip(images([p.replace("chekka", "ball") for p in recontext], []),
-                          [p.replace("chekka", "ball") for p in recontext]))))
+    rows.append(
+        (
+            "Training images (chekka: a red checkered ball, a pattern the model never saw)",
+            [(np.asarray(Image.open(p).convert("RGB")), p.stem) for p in sorted(CONCEPTS[0].folder.glob("*-?.png"))],
+        )
+    )
+    rows.append(
+        (
+            "Base model, superclass word (no concept)",
+            list(
+                zip(
+                    images([p.replace("chekka", "ball") for p in recontext], []),
+                    [p.replace("chekka", "ball") for p in recontext],
+                )
+            ),
+        )
+    )
     on = [Activation(a, 0.7, 0.15)]
     rows.append(("Perfusion, local key-locking, beta 0.7 tau 0.15", list(zip(images(recontext, on), recontext))))
     betas = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     sweep = "a chekka at the left on a white background"
-    rows.append((f"Beta sweep: '{sweep}' (low beta = stronger concept)",
-                 [(images([sweep], [Activation(a, beta, 0.15)])[0], f"beta {beta}") for beta in betas]))
+    rows.append(
+        (
+            f"Beta sweep: '{sweep}' (low beta = stronger concept)",
+            [(images([sweep], [Activation(a, beta, 0.15)])[0], f"beta {beta}") for beta in betas],
+        )
+    )
     three = recontext[:3]
     local = images(three, [Activation(a, 0.7, 0.15)])
     glob = images(three, [Activation(a, 0.5, 0.15, lock="global")])
-    rows.append(("Local (beta 0.7) vs global key-locking (beta 0.5)",
-                 [x for pair in zip(zip(local, ["local"] * 3), zip(glob, ["global"] * 3)) for x in pair]))
-    pair_prompts = ["a chekka at the left and a boxy at the right on a gray background",
-                    "a chekka at the top and a boxy at the bottom on a black background",
-                    "a boxy at the left and a chekka at the right on a white background"]
+    rows.append(
+        (
+            "Local (beta 0.7) vs global key-locking (beta 0.5)",
+            [x for pair in zip(zip(local, ["local"] * 3), zip(glob, ["global"] * 3)) for x in pair],
+        )
+    )
+    pair_prompts = [
+        "a chekka at the left and a boxy at the right on a gray background",
+        "a chekka at the top and a boxy at the bottom on a black background",
+        "a boxy at the left and a chekka at the right on a white background",
+    ]
     both = [Activation(a, 0.7, 0.15), Activation(b, 0.7, 0.15)]
     approx, exact = images(pair_prompts, both), images(pair_prompts, both, projection="exact")
-    rows.append(("Two concepts (chekka + boxy): approximate vs exact projection",
-                 [x for pair in zip(zip(approx, ["approx"] * 3), zip(exact, ["exact"] * 3)) for x in pair]))
+    rows.append(
+        (
+            "Two concepts (chekka + boxy): approximate vs exact projection",
+            [x for pair in zip(zip(approx, ["approx"] * 3), zip(exact, ["exact"] * 3)) for x in pair],
+        )
+    )
     return rows
 
 

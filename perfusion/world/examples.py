@@ -4,6 +4,7 @@ Each is a folder of 32x32 PNGs with companion object masks (`<stem>.mask.png`) a
 what is not the concept (`<stem>.txt`: where it is and on what background, for [filewords]), made by
 `write_examples()` and committed, so the demo reads them exactly as a user's photo folder.
 """
+
 from __future__ import annotations
 
 import random
@@ -38,9 +39,22 @@ CONCEPTS = (Example("chekka", "ball", "red"), Example("boxy", "box", "blue"))
 def example_scenes(example: Example, n: int = 5, seed: int = 0) -> list[Scene]:
     """n photos of the instance in varied places, sizes and backgrounds."""
     rng = random.Random(seed)
-    return [Scene((Thing(example.superclass, example.colour, example.pattern, rng.choice(("small", "big")),
-                         rng.choice(list(POSITIONS))),), rng.choice(list(BACKGROUNDS)), rng.randrange(2**31))
-            for _ in range(n)]
+    return [
+        Scene(
+            (
+                Thing(
+                    example.superclass,
+                    example.colour,
+                    example.pattern,
+                    rng.choice(("small", "big")),
+                    rng.choice(list(POSITIONS)),
+                ),
+            ),
+            rng.choice(list(BACKGROUNDS)),
+            rng.randrange(2**31),
+        )
+        for _ in range(n)
+    ]
 
 
 def write_examples(n: int = 5) -> list[Path]:
@@ -51,7 +65,9 @@ def write_examples(n: int = 5) -> list[Path]:
         for i, scene in enumerate(example_scenes(example, n, seed=k)):
             path = example.folder / f"{example.token}-{i}.png"
             Image.fromarray(render(scene)).save(path)
-            Image.fromarray(np.where(owner_map(scene) >= 0, 255, 0).astype(np.uint8)).save(path.with_suffix(".mask.png"))
+            Image.fromarray(np.where(owner_map(scene) >= 0, 255, 0).astype(np.uint8)).save(
+                path.with_suffix(".mask.png")
+            )
             thing = scene.things[0]
             where = "in the centre" if thing.position == "centre" else f"at the {thing.position}"
             path.with_suffix(".txt").write_text(f"{where} on a {scene.background} background\n")

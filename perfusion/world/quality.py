@@ -15,6 +15,7 @@ transparent pixel analysis (perfusion.world.analyze):
 Also two-concept prompts (with the second bundled concept) and each method's overfitting report.
 Writes results.json, a Markdown table, a Pareto plot and sample grids to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,16 +60,29 @@ PROMPTS = (
     Prompt("a small [name] at the top on a black background", dict(size="small", position="top", background="black")),
     Prompt("a big [name] in the centre on a brown background", dict(size="big", position="centre", background="brown")),
     Prompt("a [name] at the right on a gray background", dict(position="right", background="gray")),
-    Prompt("a small [name] at the bottom on a white background", dict(size="small", position="bottom", background="white")),
-    Prompt("a small [name] at the left and a small green star at the right on a black background",
-           dict(background="black"), ("star", "green"), "left-right"),
-    Prompt("a small yellow cone at the top and a small [name] at the bottom on a gray background",
-           dict(background="gray"), ("cone", "yellow"), "top-bottom", concept_first=False),
+    Prompt(
+        "a small [name] at the bottom on a white background", dict(size="small", position="bottom", background="white")
+    ),
+    Prompt(
+        "a small [name] at the left and a small green star at the right on a black background",
+        dict(background="black"),
+        ("star", "green"),
+        "left-right",
+    ),
+    Prompt(
+        "a small yellow cone at the top and a small [name] at the bottom on a gray background",
+        dict(background="gray"),
+        ("cone", "yellow"),
+        "top-bottom",
+        concept_first=False,
+    ),
 )
 # two concepts in one prompt: (text, layout, is concept a the first object)
-PAIR_PROMPTS = (("a [a] at the left and a [b] at the right on a gray background", "left-right", True),
-                ("a [b] at the left and a [a] at the right on a black background", "left-right", False),
-                ("a [a] at the top and a [b] at the bottom on a white background", "top-bottom", True))
+PAIR_PROMPTS = (
+    ("a [a] at the left and a [b] at the right on a gray background", "left-right", True),
+    ("a [b] at the left and a [a] at the right on a black background", "left-right", False),
+    ("a [a] at the top and a [b] at the bottom on a white background", "top-bottom", True),
+)
 
 
 @dataclass(frozen=True)
@@ -96,10 +110,14 @@ METHODS = (
 
 def identity_of(folder: Path) -> tuple[str, str]:
     """(pattern, colour) most often read off the instance's own images."""
-    readings = [read(from_tensor(s.image[None])[0]) for s in
-                load_dataset(folder, resolution=32, min_size=16, mask_source="none").samples]
-    return (Counter(r.pattern for r in readings).most_common(1)[0][0],
-            Counter(r.colour for r in readings).most_common(1)[0][0])
+    readings = [
+        read(from_tensor(s.image[None])[0])
+        for s in load_dataset(folder, resolution=32, min_size=16, mask_source="none").samples
+    ]
+    return (
+        Counter(r.pattern for r in readings).most_common(1)[0][0],
+        Counter(r.colour for r in readings).most_common(1)[0][0],
+    )
 
 
 def score(image: np.ndarray, prompt: Prompt, identity: tuple[str, str]) -> tuple[bool, float]:
@@ -116,16 +134,26 @@ def score(image: np.ndarray, prompt: Prompt, identity: tuple[str, str]) -> tuple
     return (mine.pattern, mine.colour) == identity, float(np.mean(hits))
 
 
-def images_for(adapter, concept: Concept, method: Method, beta, prompts: list[str], seeds: int, steps: int) -> np.ndarray:
+def images_for(
+    adapter, concept: Concept, method: Method, beta, prompts: list[str], seeds: int, steps: int
+) -> np.ndarray:
     """uint8 [len(prompts) * seeds, 32, 32, 3]: every prompt repeated over `seeds` noise draws."""
     texts = [p for p in prompts for _ in range(seeds)]
     if method.edit:
-        items = [Activation(concept, beta if beta is not None else concept.beta, concept.tau, lock=method.lock,
-                            ungated=method.ungated)]
+        items = [
+            Activation(
+                concept,
+                beta if beta is not None else concept.beta,
+                concept.tau,
+                lock=method.lock,
+                ungated=method.ungated,
+            )
+        ]
         out = generate(adapter, texts, items, latent_shape=mini.LATENT_SHAPE, seed=7, steps=steps)
     else:  # textual inversion: the learned embedding in the prompt, no edit of the U-Net
-        out = generate(adapter, texts, [], latent_shape=mini.LATENT_SHAPE, seed=7, steps=steps,
-                       words=concept_words([concept]))
+        out = generate(
+            adapter, texts, [], latent_shape=mini.LATENT_SHAPE, seed=7, steps=steps, words=concept_words([concept])
+        )
     return from_tensor(out)
 
 
@@ -139,8 +167,11 @@ def evaluate(adapter, concept: Concept, method: Method, beta, identity, seeds: i
 def scores_of(images: np.ndarray, identity, seeds: int) -> dict:
     """Mean fidelity and alignment of images made for PROMPTS x seeds (in that order), one sample per prompt."""
     scores = [score(img, p, identity) for img, p in zip(images, [p for p in PROMPTS for _ in range(seeds)])]
-    return {"fidelity": float(np.mean([f for f, _ in scores])), "alignment": float(np.mean([a for _, a in scores])),
-            "samples": images[::seeds]}
+    return {
+        "fidelity": float(np.mean([f for f, _ in scores])),
+        "alignment": float(np.mean([a for _, a in scores])),
+        "samples": images[::seeds],
+    }
 
 
 def evaluate_base(adapter, superclass: str, identity, seeds: int, steps: int) -> dict:
@@ -151,33 +182,65 @@ def evaluate_base(adapter, superclass: str, identity, seeds: int, steps: int) ->
     return {"method": BASE, "shots": 0, "beta": None, **scores_of(images, identity, seeds)}
 
 
-def train_concept(adapter, cov, folder: Path, token: str, superclass: str, shots: int, method: Method, steps: int,
-                  out: Path) -> Concept:
+def train_concept(
+    adapter, cov, folder: Path, token: str, superclass: str, shots: int, method: Method, steps: int, out: Path
+) -> Concept:
     infusion = method.train.get("method") == "infusion"
-    cfg = TrainConfig(name=f"{token}-{shots}", token=superclass if infusion else token, superclass=superclass,
-                      steps=steps, batch_size=8, grad_accum=1, templates=TEMPLATES, seed=0, **method.train)
-    path = out / "concepts" / f"{method.name.split()[0].lower()}-{'-'.join(f'{k}{v}' for k, v in method.train.items())}-{shots}shot.safetensors"
+    cfg = TrainConfig(
+        name=f"{token}-{shots}",
+        token=superclass if infusion else token,
+        superclass=superclass,
+        steps=steps,
+        batch_size=8,
+        grad_accum=1,
+        templates=TEMPLATES,
+        seed=0,
+        **method.train,
+    )
+    path = (
+        out
+        / "concepts"
+        / f"{method.name.split()[0].lower()}-{'-'.join(f'{k}{v}' for k, v in method.train.items())}-{shots}shot.safetensors"
+    )
     return train_folder(adapter, cov, folder, cfg, path, out / "work" / path.stem, shots=shots)
 
 
-def evaluate_pair(adapter, a: Concept, b: Concept, ids: tuple, projection: str, beta: float, seeds: int,
-                  steps: int) -> dict:
+def evaluate_pair(
+    adapter, a: Concept, b: Concept, ids: tuple, projection: str, beta: float, seeds: int, steps: int
+) -> dict:
     """Both concepts in one prompt: how often each object carries its own identity and shape."""
     items = [Activation(a, beta, a.tau), Activation(b, beta, b.tau)]
     hits, both, samples = [], [], []
     for text, layout, a_first in PAIR_PROMPTS:
         prompt = text.replace("[a]", a.token).replace("[b]", b.token)
-        images = from_tensor(generate(adapter, [prompt] * seeds, items, latent_shape=mini.LATENT_SHAPE, seed=11,
-                                      steps=steps, projection=projection))
+        images = from_tensor(
+            generate(
+                adapter,
+                [prompt] * seeds,
+                items,
+                latent_shape=mini.LATENT_SHAPE,
+                seed=11,
+                steps=steps,
+                projection=projection,
+            )
+        )
         samples.append(images[0])
         for img in images:
             first, last = read_pair(img, layout)
             ra, rb = (first, last) if a_first else (last, first)
-            ok = [(r.pattern, r.colour, r.shape) == (*ident, c.superclass) for r, ident, c in ((ra, ids[0], a), (rb, ids[1], b))]
+            ok = [
+                (r.pattern, r.colour, r.shape) == (*ident, c.superclass)
+                for r, ident, c in ((ra, ids[0], a), (rb, ids[1], b))
+            ]
             hits += ok
             both.append(all(ok))
-    return {"projection": projection, "beta": beta, "object_fidelity": float(np.mean(hits)),
-            "pair_fidelity": float(np.mean(both)), "samples": samples}
+    return {
+        "projection": projection,
+        "beta": beta,
+        "object_fidelity": float(np.mean(hits)),
+        "pair_fidelity": float(np.mean(both)),
+        "samples": samples,
+    }
 
 
 def pareto_plot(rows: list[dict], path: Path, order: Optional[list[str]] = None) -> Path:
@@ -231,30 +294,48 @@ def markdown(results: list[dict], args) -> str:
     """The results as Markdown tables (the sweep, the overfitting reports, two concepts)."""
     images = args.images.resolve()
     shown = images.relative_to(Path.cwd()) if images.is_relative_to(Path.cwd()) else images
-    lines = [f"Instance: `{shown}` (superclass '{args.superclass}'), {args.steps} training steps, "
-             f"{len(PROMPTS)} prompts x {args.seeds} seeds, DDIM {args.sample_steps} steps, guidance 2.", "",
-             "| method | shots | beta | identity fidelity | prompt alignment |", "|---|---|---|---|---|"]
+    lines = [
+        f"Instance: `{shown}` (superclass '{args.superclass}'), {args.steps} training steps, "
+        f"{len(PROMPTS)} prompts x {args.seeds} seeds, DDIM {args.sample_steps} steps, guidance 2.",
+        "",
+        "| method | shots | beta | identity fidelity | prompt alignment |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if "fidelity" in r:
             beta = "-" if r["beta"] is None else r["beta"]
             lines.append(f"| {r['method']} | {r['shots']} | {beta} | {r['fidelity']:.2f} | {r['alignment']:.2f} |")
-    lines += ["", "Overfitting report (5-shot, at beta 0.7 / tau 0.15; see overfitting-report.md):", "",
-              "| method | drift MSE | drift relative | narrowness W2 | baseline W2 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Overfitting report (5-shot, at beta 0.7 / tau 0.15; see overfitting-report.md):",
+        "",
+        "| method | drift MSE | drift relative | narrowness W2 | baseline W2 |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if "report" in r:
             rep = r["report"]
-            lines.append(f"| {r['method']} | {rep['drift_mse']:.5f} | {rep['drift_relative']:.4f} | "
-                         f"{rep['narrowness_w2']:.2f} | {rep['baseline_w2']:.2f} |")
+            lines.append(
+                f"| {r['method']} | {rep['drift_mse']:.5f} | {rep['drift_relative']:.4f} | "
+                f"{rep['narrowness_w2']:.2f} | {rep['baseline_w2']:.2f} |"
+            )
     pairs = [r for r in results if r.get("method") == "two concepts"]
     if pairs:
-        lines += ["", "Two concepts in one prompt (Perfusion local, 5-shot, beta 0.7):", "",
-                  "| projection | each object right | both objects right |", "|---|---|---|"]
+        lines += [
+            "",
+            "Two concepts in one prompt (Perfusion local, 5-shot, beta 0.7):",
+            "",
+            "| projection | each object right | both objects right |",
+            "|---|---|---|",
+        ]
         lines += [f"| {r['projection']} | {r['object_fidelity']:.2f} | {r['pair_fidelity']:.2f} |" for r in pairs]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Fidelity/alignment benchmark of personalization methods on the mini model.")
+    p = argparse.ArgumentParser(
+        description="Fidelity/alignment benchmark of personalization methods on the mini model."
+    )
     p.add_argument("--images", type=Path, default=CONCEPTS[0].folder)
     p.add_argument("--superclass", default=CONCEPTS[0].superclass)
     p.add_argument("--token", default="chekka")
@@ -285,15 +366,31 @@ def main(argv=None) -> int:
             betas = (middle,) if a.quick else method.betas
             for beta in betas:
                 r = evaluate(adapter, concept, method, beta, identity, a.seeds, a.sample_steps)
-                results.append({"method": method.name, "shots": shots, "beta": beta, "fidelity": r["fidelity"],
-                                "alignment": r["alignment"]})
-                print(f"  {method.name:26s} {shots}-shot beta {beta}: fidelity {r['fidelity']:.2f} "
-                      f"alignment {r['alignment']:.2f}  ({time.monotonic() - started:.0f}s)", flush=True)
+                results.append(
+                    {
+                        "method": method.name,
+                        "shots": shots,
+                        "beta": beta,
+                        "fidelity": r["fidelity"],
+                        "alignment": r["alignment"],
+                    }
+                )
+                print(
+                    f"  {method.name:26s} {shots}-shot beta {beta}: fidelity {r['fidelity']:.2f} "
+                    f"alignment {r['alignment']:.2f}  ({time.monotonic() - started:.0f}s)",
+                    flush=True,
+                )
                 if shots == 5 and beta == middle:
                     grids.append((f"{method.name} b={beta}", r["samples"]))
             if shots == 5:
-                rep = overfitting_report(adapter, concept, mini.LATENT_SHAPE, samples=4 if a.quick else 16,
-                                         steps=a.sample_steps, lock=method.lock)
+                rep = overfitting_report(
+                    adapter,
+                    concept,
+                    mini.LATENT_SHAPE,
+                    samples=4 if a.quick else 16,
+                    steps=a.sample_steps,
+                    lock=method.lock,
+                )
                 results.append({"method": method.name, "shots": 5, "report": rep.as_dict()})
                 if method.name.startswith("Perfusion (local"):
                     second = concept
@@ -305,8 +402,11 @@ def main(argv=None) -> int:
             r = evaluate_pair(adapter, second, b, ids, projection, 0.7, a.seeds, a.sample_steps)
             results.append({k: v for k, v in r.items() if k != "samples"} | {"method": "two concepts"})
             grids.append((f"{a.token} + {other.token}, {projection}", r["samples"]))
-            print(f"  two concepts ({projection}): each object right {r['object_fidelity']:.2f}, "
-                  f"both right {r['pair_fidelity']:.2f}", flush=True)
+            print(
+                f"  two concepts ({projection}): each object right {r['object_fidelity']:.2f}, "
+                f"both right {r['pair_fidelity']:.2f}",
+                flush=True,
+            )
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     (a.out / "results.md").write_text(markdown(results, a))

@@ -3,6 +3,7 @@
 Deterministic for a seed. The "checkered" pattern never appears in the base model's training data:
 it is the novel instance a concept is learned from.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,8 +15,14 @@ import torch
 SIZE = 32
 SUPERSAMPLE = 4
 SHAPES = ("ball", "box", "cone", "star", "ring")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 210, 40),
-           "purple": (150, 60, 200), "orange": (245, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (15, 15, 15), "white": (240, 240, 240), "brown": (110, 70, 40)}
 POSITIONS = {"left": (9, 16), "right": (23, 16), "top": (16, 9), "bottom": (16, 23), "centre": (16, 16)}
 SIZES = {"small": 5.0, "big": 8.5}
@@ -46,9 +53,9 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarra
     y, x = np.mgrid[0:n, 0:n] + 0.5
     dx, dy = x - cx, y - cy
     if shape == "ball":
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
     if shape == "ring":
-        d = np.sqrt(dx ** 2 + dy ** 2)
+        d = np.sqrt(dx**2 + dy**2)
         return (d <= r) & (d >= 0.55 * r)
     if shape == "box":
         return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
@@ -58,7 +65,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarra
         return (y >= top) & (y <= bottom) & (np.abs(dx) <= half)
     if shape == "star":
         angle = np.arctan2(dy, dx) + np.pi / 2
-        radius = np.sqrt(dx ** 2 + dy ** 2)
+        radius = np.sqrt(dx**2 + dy**2)
         lobe = 0.45 + 0.55 * np.abs(np.cos(2.5 * angle)) ** 1.5
         return radius <= r * lobe
     raise ValueError(f"unknown shape {shape!r}")
@@ -109,8 +116,9 @@ def render(scene: Scene) -> np.ndarray:
 def owner_map(scene: Scene) -> np.ndarray:
     """int8 [32, 32]: which object covers most of each pixel (-1: background covers half or more)."""
     _, owner = _draw(scene)
-    cover = np.stack([(owner == k).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((1, 3))
-                      for k in range(len(scene.things))])
+    cover = np.stack(
+        [(owner == k).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((1, 3)) for k in range(len(scene.things))]
+    )
     return np.where(cover.sum(0) > 0.5, cover.argmax(0), -1).astype(np.int8)
 
 
@@ -145,30 +153,39 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 def random_scene(rng: random.Random, patterns=PATTERNS, two_objects: float = 0.25) -> Scene:
     """A random scene; two objects (left and right, or top and bottom) with probability `two_objects`."""
+
     def thing(position: str) -> Thing:
-        return Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(patterns),
-                     rng.choice(list(SIZES)) if position == "any" else "small", position)
+        return Thing(
+            rng.choice(SHAPES),
+            rng.choice(list(COLOURS)),
+            rng.choice(patterns),
+            rng.choice(list(SIZES)) if position == "any" else "small",
+            position,
+        )
 
     if rng.random() < two_objects:
         pair = rng.choice((("left", "right"), ("top", "bottom")))
-        things = tuple(Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(patterns), "small", p)
-                       for p in pair)
+        things = tuple(
+            Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(patterns), "small", p) for p in pair
+        )
     else:
         base = thing("any")
         things = (Thing(base.shape, base.colour, base.pattern, base.size, rng.choice(list(POSITIONS))),)
     return Scene(things, rng.choice(list(BACKGROUNDS)), rng.randrange(2**31))
 
 
-def scenes_and_captions(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25,
-                        drop_caption: float = 0.0) -> tuple[list[Scene], list[str]]:
+def scenes_and_captions(
+    seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25, drop_caption: float = 0.0
+) -> tuple[list[Scene], list[str]]:
     """n random scenes for one seed and their captions ('' with probability drop_caption)."""
     rng = random.Random(seed)
     scenes = [random_scene(rng, patterns, two_objects) for _ in range(n)]
     return scenes, ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
 
 
-def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25,
-          drop_caption: float = 0.0) -> tuple[np.ndarray, list[str], list[Scene]]:
+def batch(
+    seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25, drop_caption: float = 0.0
+) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes for one seed: images uint8 [n, 32, 32, 3], captions, scenes."""
     scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, drop_caption)
     return np.stack([render(s) for s in scenes]), captions, scenes

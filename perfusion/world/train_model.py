@@ -7,6 +7,7 @@ resumed from its checkpoint continues exactly. Checkpoints (model, EMA, optimize
 written atomically every 50 steps and when the time budget ends; the final EMA weights go to
 perfusion/world/weights/mini.safetensors with their training configuration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,30 @@ from .w2 import scenes as world2
 
 # The text encoder stays at its seeded random init (as Stable Diffusion keeps CLIP frozen): trained jointly,
 # this 64-wide encoder collapsed every word but the last one (the background) to nearly the same encoding.
-DEFAULTS = dict(steps=3600, batch=32, lr=2e-3, warmup=100, ema=0.999, drop_caption=0.1, two_objects=0.25, seed=0,
-                train_text=False, token_scale=10.0)
+DEFAULTS = dict(
+    steps=3600,
+    batch=32,
+    lr=2e-3,
+    warmup=100,
+    ema=0.999,
+    drop_caption=0.1,
+    two_objects=0.25,
+    seed=0,
+    train_text=False,
+    token_scale=10.0,
+)
 # World 2's model is 3x larger and sees 30 % two- and 20 % three-object scenes (their words have to be bound to
 # the right object). world -> (scenes module, U-Net config, text config, defaults, checkpoint folder)
-WORLDS = {1: (world1, mini.UNET, mini.TEXT, DEFAULTS, Path("cache/world")),
-          2: (world2, mini.UNET_W2, mini.TEXT_W2,
-              dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.3, three_objects=0.2, world=2),
-              Path("cache/world2"))}
+WORLDS = {
+    1: (world1, mini.UNET, mini.TEXT, DEFAULTS, Path("cache/world")),
+    2: (
+        world2,
+        mini.UNET_W2,
+        mini.TEXT_W2,
+        dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.3, three_objects=0.2, world=2),
+        Path("cache/world2"),
+    ),
+}
 
 
 # A run longer than a session is carried to the next in git: its checkpoint is committed here at the end
@@ -58,7 +75,7 @@ def lr_at(step: int, cfg: dict) -> float:
 def debiased_ema(ema: torch.nn.Module, init: torch.nn.Module, decay: float, steps: int) -> torch.nn.Module:
     """The EMA without the weight its starting point (the random init) still has after `steps`:
     (ema - decay^steps * init) / (1 - decay^steps), parameter by parameter (Adam's bias correction)."""
-    left = decay ** steps
+    left = decay**steps
     for e, i in zip(ema.parameters(), init.parameters()):
         e.sub_(i, alpha=left).div_(1 - left)
     return ema
@@ -66,8 +83,12 @@ def debiased_ema(ema: torch.nn.Module, init: torch.nn.Module, decay: float, step
 
 def save_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer, step: int, cfg: dict, log: list) -> None:
     """Everything that changes while training, atomically (a frozen text encoder is rebuilt from its seed)."""
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in models.items() for k, v in m.state_dict().items()
-               if cfg["train_text"] or "text" not in name}
+    tensors = {
+        f"{name}.{k}": v.detach().contiguous()
+        for name, m in models.items()
+        for k, v in m.state_dict().items()
+        if cfg["train_text"] or "text" not in name
+    }
     state = opt.state_dict()
     for idx, s in state["state"].items():
         for key, value in s.items():
@@ -81,7 +102,7 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     for name, m in models.items():
-        saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        saved = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if saved:  # a frozen text encoder is not saved: it stays as built from the seed
             m.load_state_dict(saved)
     state = opt.state_dict()
@@ -108,12 +129,20 @@ def _models(cfg: dict, unet_config: dict, text_config: dict) -> tuple[dict, list
 def export(models: dict, cfg: dict, configs: tuple[dict, dict], step: int, log: list, out: Path) -> Path:
     """The bias-corrected EMA weights at `step`, with their configuration, to `out` (atomically)."""
     unet_config, text_config = configs
-    meta = {"config": {"unet": unet_config, "text": text_config, "train": cfg, "zero_padding": True}, "steps": step,
-            "final_loss": log[-1][1] if log else None, "ema": "bias-corrected"}
+    meta = {
+        "config": {"unet": unet_config, "text": text_config, "train": cfg, "zero_padding": True},
+        "steps": step,
+        "final_loss": log[-1][1] if log else None,
+        "ema": "bias-corrected",
+    }
     init_unet, init_text = mini.build(cfg["seed"], unet_config, text_config, token_scale=cfg["token_scale"])
     ema_unet, ema_text = copy.deepcopy(models["ema_unet"]), copy.deepcopy(models["ema_text"])
-    return mini.save_weights(debiased_ema(ema_unet, init_unet, cfg["ema"], step),
-                             debiased_ema(ema_text, init_text, cfg["ema"], step), out, meta)
+    return mini.save_weights(
+        debiased_ema(ema_unet, init_unet, cfg["ema"], step),
+        debiased_ema(ema_text, init_text, cfg["ema"], step),
+        out,
+        meta,
+    )
 
 
 def export_checkpoint(work: Path, out: Path, world: int) -> int:
@@ -142,7 +171,9 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
     if ckpt.exists():
         step, saved, log = load_checkpoint(ckpt, models, opt)
         if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in cfg.items() if k != "steps"}:
-            raise SystemExit(f"{ckpt} was made with another configuration ({saved}); delete it or pass the same options")
+            raise SystemExit(
+                f"{ckpt} was made with another configuration ({saved}); delete it or pass the same options"
+            )
         print(f"resuming at step {step}/{steps}", flush=True)
     tokenizer = load_tokenizer()
     alphas = mini.cosine_alphas_cumprod()
@@ -152,8 +183,9 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
     started, window = time.monotonic(), []
     layout = {k: cfg[k] for k in ("two_objects", "three_objects") if k in cfg}  # world 1 has no three-object scenes
     while step < steps and time.monotonic() < deadline:
-        images, captions, _ = scenes.batch(cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS,
-                                           drop_caption=cfg["drop_caption"], **layout)
+        images, captions, _ = scenes.batch(
+            cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
+        )
         gen = torch.Generator().manual_seed(cfg["seed"] * 7_919 + step)
         x0 = to_tensor(images)
         t = torch.randint(len(alphas), (len(x0),), generator=gen)
@@ -188,14 +220,23 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", type=int, choices=sorted(WORLDS), default=1,
-                   help="1: the 32x32 world of the committed weights; 2: the 48x48 two-colour world")
+    p.add_argument(
+        "--world",
+        type=int,
+        choices=sorted(WORLDS),
+        default=1,
+        help="1: the 32x32 world of the committed weights; 2: the 48x48 two-colour world",
+    )
     p.add_argument("--steps", type=int, help="default: the world's (3,600 / 12,000)")
     p.add_argument("--minutes", type=float, default=90.0, help="stop (resumably) after this long")
     p.add_argument("--work", type=Path, help="checkpoint folder (default cache/world, cache/world2)")
     p.add_argument("--out", type=Path, help="weights file (default perfusion/world/weights/mini[2].safetensors)")
-    p.add_argument("--token-scale", type=float, default=DEFAULTS["token_scale"],
-                   help="scale of the frozen encoder's random token table (see model.build)")
+    p.add_argument(
+        "--token-scale",
+        type=float,
+        default=DEFAULTS["token_scale"],
+        help="scale of the frozen encoder's random token table (see model.build)",
+    )
     p.add_argument("--export", action="store_true", help="only write the checkpoint's EMA weights as they stand")
     a = p.parse_args()
     _, _, _, defaults, work = WORLDS[a.world]

@@ -6,6 +6,7 @@ One-object scenes: shape, colour (the caption's), pattern, size, position, backg
 Two- and three-object scenes: each object fully right (shape, colour, pattern), all at once. The accent
 colour is never asked for, so it is not scored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ WEIGHTS = mini.WEIGHTS.with_name("mini2.safetensors")
 
 def asked(reading: Reading, thing: Thing) -> dict[str, bool]:
     """Per attribute the caption asks for: is it there."""
-    return {"shape": reading.shape == thing.shape, "colour": reading.shows_colour(thing.colour),
-            "pattern": reading.pattern == thing.pattern}
+    return {
+        "shape": reading.shape == thing.shape,
+        "colour": reading.shows_colour(thing.colour),
+        "pattern": reading.pattern == thing.pattern,
+    }
 
 
 def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batch: int = 40, seed: int = 3) -> dict:
@@ -39,9 +43,21 @@ def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batc
     scenes = [random_scene(rng) for _ in range(n)]
     text_rng = random.Random(HELD_OUT_SEED + 1)
     captions = [caption(s, text_rng) for s in scenes]
-    images = np.concatenate([from_tensor(generate(adapter, captions[k:k + batch], latent_shape=LATENT_SHAPE,
-                                                  seed=seed + k, steps=steps, guidance=guidance))
-                             for k in range(0, n, batch)])
+    images = np.concatenate(
+        [
+            from_tensor(
+                generate(
+                    adapter,
+                    captions[k : k + batch],
+                    latent_shape=LATENT_SHAPE,
+                    seed=seed + k,
+                    steps=steps,
+                    guidance=guidance,
+                )
+            )
+            for k in range(0, n, batch)
+        ]
+    )
     right = defaultdict(list)
     for scene, img in zip(scenes, images):
         if len(scene.things) == 1:
@@ -54,11 +70,18 @@ def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batc
             per = [all(asked(r, t).values()) for r, t in zip(readings, scene.things)]
             n = "two" if len(per) == 2 else "three"
             right[f"{n} objects: each fully right"] += per
-            checks = {f"{n} objects: all fully right": all(per), "background": readings[0].background == scene.background}
+            checks = {
+                f"{n} objects: all fully right": all(per),
+                "background": readings[0].background == scene.background,
+            }
         for k, v in checks.items():
             right[k].append(v)
-    return {"accuracy": {k: float(np.mean(v)) for k, v in right.items()},
-            "counts": {k: len(v) for k, v in right.items()}, "images": images, "captions": captions}
+    return {
+        "accuracy": {k: float(np.mean(v)) for k, v in right.items()},
+        "counts": {k: len(v) for k, v in right.items()},
+        "images": images,
+        "captions": captions,
+    }
 
 
 def main(argv=None) -> int:
@@ -74,9 +97,12 @@ def main(argv=None) -> int:
         print(f"{k:32s} {v:6.1%}  (n={result['counts'][k]})")
     if a.grid:
         from PIL import Image
+
         tiles = result["images"][:40]
-        rows = [np.concatenate(list(tiles[r * 8:(r + 1) * 8]), 1) for r in range(len(tiles) // 8)]
-        Image.fromarray(np.concatenate(rows, 0)).resize((8 * SIZE * 3, len(rows) * SIZE * 3), Image.NEAREST).save(a.grid)
+        rows = [np.concatenate(list(tiles[r * 8 : (r + 1) * 8]), 1) for r in range(len(tiles) // 8)]
+        Image.fromarray(np.concatenate(rows, 0)).resize((8 * SIZE * 3, len(rows) * SIZE * 3), Image.NEAREST).save(
+            a.grid
+        )
     return 0
 
 

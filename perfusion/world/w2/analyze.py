@@ -13,16 +13,28 @@ Transparent pixel analysis, no learned classifier:
   uniform object, however tinted, has no spread in t and correlates with nothing: mean colour never
   decides a pattern.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Optional
 
 import numpy as np
 
-from .scenes import (ANCHORS, BACKGROUNDS, COLOURS, PERIOD, SHAPES, SIZE, SIZES, SUPERSAMPLE, Thing, accent_field,
-                     shape_mask)
+from .scenes import (
+    ANCHORS,
+    BACKGROUNDS,
+    COLOURS,
+    PERIOD,
+    SHAPES,
+    SIZE,
+    SIZES,
+    SUPERSAMPLE,
+    Thing,
+    accent_field,
+    shape_mask,
+)
 
 _BG = {k: np.array(v, float) for k, v in BACKGROUNDS.items()}
 _NAMES = tuple(COLOURS)
@@ -63,7 +75,7 @@ def is_instance(reading: Reading, thing: Thing) -> bool:
     return (reading.colour, reading.accent) == (thing.colour, thing.accent)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference(shape: str, size: str, cx: int, cy: int) -> np.ndarray:
     """Boolean [48, 48] reference mask of a shape centred on pixel (cx, cy)."""
     n = SIZE * SUPERSAMPLE
@@ -86,15 +98,20 @@ def _shape_and_size(mask: np.ndarray) -> tuple[str, str]:
     return best
 
 
-@lru_cache(maxsize=None)
+@cache
 def _templates(pattern: str) -> np.ndarray:
     """float [phases, 48, 48]: accent coverage of a repeating pattern at every phase tried."""
     n, p = SIZE * SUPERSAMPLE, PERIOD * SUPERSAMPLE
     full = np.ones((n, n), bool)
     ys = range(0, p, PHASE_STEP)
     xs = range(0, p, PHASE_STEP) if pattern in ("checkered", "dotted") else (0,)
-    return np.stack([accent_field(pattern, full, (x, y)).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((1, 3))
-                     for y in ys for x in xs])
+    return np.stack(
+        [
+            accent_field(pattern, full, (x, y)).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((1, 3))
+            for y in ys
+            for x in xs
+        ]
+    )
 
 
 def _split_templates(mask: np.ndarray) -> np.ndarray:
@@ -102,14 +119,16 @@ def _split_templates(mask: np.ndarray) -> np.ndarray:
     rows = np.nonzero(mask.any(1))[0]
     middle = (rows.min() + rows.max() + 1) / 2
     y = np.arange(SIZE)[:, None] + 0.5
-    return np.stack([np.broadcast_to(np.clip(y - s + 0.5, 0, 1), (SIZE, SIZE)) for s in middle + np.arange(-3, 3.25, 0.25)])
+    return np.stack(
+        [np.broadcast_to(np.clip(y - s + 0.5, 0, 1), (SIZE, SIZE)) for s in middle + np.arange(-3, 3.25, 0.25)]
+    )
 
 
 def _corr(t: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """Pearson r of t [N] with each row of templates [k, N] (0 where either has no spread)."""
     tc = t - t.mean()
     tt = templates - templates.mean(1, keepdims=True)
-    denom = np.sqrt((tc ** 2).sum() * (tt ** 2).sum(1))
+    denom = np.sqrt((tc**2).sum() * (tt**2).sum(1))
     return np.where(denom > 1e-9, tt @ tc / np.maximum(denom, 1e-9), 0.0)
 
 
@@ -125,12 +144,11 @@ def _halves(mask: np.ndarray, pattern: str) -> list[np.ndarray]:
 def _contrast(t: np.ndarray, template: np.ndarray) -> float:
     """Slope of t regressed on the template's accent coverage (1: the pattern drawn in full, 0: none)."""
     dev = template - template.mean()
-    var = float((dev ** 2).sum())
+    var = float((dev**2).sum())
     return float(dev @ t) / var if var > 1e-9 else 0.0
 
 
-def pattern_fit(img: np.ndarray, mask: np.ndarray, pattern: str, body: str,
-                accent: str) -> tuple[float, float, float]:
+def pattern_fit(img: np.ndarray, mask: np.ndarray, pattern: str, body: str, accent: str) -> tuple[float, float, float]:
     """(r, contrast over the object, contrast in its weakest half) of a pattern in body/accent colours, at its
     best phase.
 
@@ -185,7 +203,7 @@ def _tones_and_pattern(img: np.ndarray, mask: np.ndarray) -> tuple[str, Optional
         return _NAMES[int(share.argmax())], None, "plain", 0.0
     # Blends of two tones can pass for a third palette colour (red + yellow edges look orange): the pair is
     # the one whose colour segment the object's pixels, blends included, lie closest to.
-    pairs = [(a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(candidates) for b in candidates[i + 1 :]]
     first, second = min(pairs, key=lambda ab: float(_segment_distance(pixels, _PALETTE[ab[0]], _PALETTE[ab[1]]).mean()))
     best: tuple[float, str, str, str] = (-1.0, "", "", "")
     for pattern in ("striped", "checkered", "two-tone"):

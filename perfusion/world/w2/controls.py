@@ -7,6 +7,7 @@ toward light, dark or its own mean colour (a uniform object of exactly the insta
 other patterns in the same two colours, wrong body or accent colour, the tones swapped, half of it covered
 by its body colour, or another shape.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,11 +18,26 @@ import numpy as np
 from .analyze import is_instance, read
 from .scenes import BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SIZE, SIZES, SUPERSAMPLE, Scene, Thing, _draw
 
-INSTANCES = (Thing("ball", "red", "checkered", accent="yellow"), Thing("box", "blue", "two-tone", accent="cyan"),
-             Thing("cone", "green", "striped", accent="purple"), Thing("star", "purple", "checkered", accent="green"),
-             Thing("ring", "yellow", "striped", accent="blue"))
-CONTROLS = ("plain", "tinted light", "tinted dark", "mean colour", "other pattern", "dotted", "wrong body colour",
-            "wrong accent colour", "tones swapped", "half covered", "other shape")
+INSTANCES = (
+    Thing("ball", "red", "checkered", accent="yellow"),
+    Thing("box", "blue", "two-tone", accent="cyan"),
+    Thing("cone", "green", "striped", accent="purple"),
+    Thing("star", "purple", "checkered", accent="green"),
+    Thing("ring", "yellow", "striped", accent="blue"),
+)
+CONTROLS = (
+    "plain",
+    "tinted light",
+    "tinted dark",
+    "mean colour",
+    "other pattern",
+    "dotted",
+    "wrong body colour",
+    "wrong accent colour",
+    "tones swapped",
+    "half covered",
+    "other shape",
+)
 
 
 def _other(colour: str, *avoid: str) -> str:
@@ -39,6 +55,7 @@ def _repaint(scene: Scene, paint) -> np.ndarray:
 def _fill(colour) -> callable:
     def paint(img, mask):
         img[mask] = colour
+
     return paint
 
 
@@ -47,12 +64,14 @@ def control_image(scene: Scene, control: str) -> np.ndarray:
     t = scene.things[0]
     body, accent = np.array(COLOURS[t.colour], float), np.array(COLOURS[t.accent], float)
     share = {"striped": 1 / 3, "checkered": 0.5, "two-tone": 0.5}[t.pattern]
-    thing = {"other pattern": replace(t, pattern=next(p for p in PATTERNS[1:] if p != t.pattern)),
-             "dotted": replace(t, pattern="dotted"),
-             "wrong body colour": replace(t, colour=_other(t.colour, t.accent)),
-             "wrong accent colour": replace(t, accent=_other(t.accent, t.colour)),
-             "tones swapped": replace(t, colour=t.accent, accent=t.colour),
-             "other shape": replace(t, shape="box" if t.shape != "box" else "ball")}.get(control)
+    thing = {
+        "other pattern": replace(t, pattern=next(p for p in PATTERNS[1:] if p != t.pattern)),
+        "dotted": replace(t, pattern="dotted"),
+        "wrong body colour": replace(t, colour=_other(t.colour, t.accent)),
+        "wrong accent colour": replace(t, accent=_other(t.accent, t.colour)),
+        "tones swapped": replace(t, colour=t.accent, accent=t.colour),
+        "other shape": replace(t, shape="box" if t.shape != "box" else "ball"),
+    }.get(control)
     if thing is not None:
         return _repaint(replace(scene, things=(thing,) + scene.things[1:]), lambda img, mask: None)
     if control == "plain":
@@ -64,11 +83,13 @@ def control_image(scene: Scene, control: str) -> np.ndarray:
     if control == "mean colour":
         return _repaint(scene, _fill((1 - share) * body + share * accent))
     if control == "half covered":
+
         def cover(img, mask):
             xs = np.nonzero(mask.any(0))[0]
             left = np.zeros_like(mask)
             left[:, : (xs.min() + xs.max()) // 2] = True
             img[mask & left] = body
+
         return _repaint(scene, cover)
     raise ValueError(f"unknown control {control!r}")
 
@@ -76,8 +97,10 @@ def control_image(scene: Scene, control: str) -> np.ndarray:
 def placements(instance: Thing, seed: int = 0) -> list[Scene]:
     """The instance at every position and size, backgrounds rotated, phases and jitter varied by seed."""
     backgrounds = list(BACKGROUNDS)
-    return [Scene((replace(instance, position=p, size=s),), backgrounds[(i + seed) % len(backgrounds)], seed * 100 + i)
-            for i, (p, s) in enumerate((p, s) for p in POSITIONS for s in SIZES)]
+    return [
+        Scene((replace(instance, position=p, size=s),), backgrounds[(i + seed) % len(backgrounds)], seed * 100 + i)
+        for i, (p, s) in enumerate((p, s) for p in POSITIONS for s in SIZES)
+    ]
 
 
 def confusion(instances=INSTANCES, seeds=(0,)) -> dict[str, float]:

@@ -3,6 +3,7 @@
 Each folder has 48x48 PNGs, their object masks (`<stem>.mask.png`) and captions of what is not the concept
 (`<stem>.txt`: where it is and on what background, for [filewords]).
 """
+
 from __future__ import annotations
 
 import random
@@ -22,8 +23,14 @@ EXAMPLES = dict(zip(("chekka", "boxy", "stripo", "starla", "ringo"), INSTANCES))
 def instance_scenes(look: Thing, n: int = 5, seed: int = 0) -> list[Scene]:
     """n photos of the instance in varied places, sizes and backgrounds."""
     rng = random.Random(seed)
-    return [Scene((replace(look, size=rng.choice(list(SIZES)), position=rng.choice(list(POSITIONS))),),
-                  rng.choice(list(BACKGROUNDS)), rng.randrange(2**31)) for _ in range(n)]
+    return [
+        Scene(
+            (replace(look, size=rng.choice(list(SIZES)), position=rng.choice(list(POSITIONS))),),
+            rng.choice(list(BACKGROUNDS)),
+            rng.randrange(2**31),
+        )
+        for _ in range(n)
+    ]
 
 
 def write_folder(folder: Path, look: Thing, n: int = 5, seed: int = 0) -> list[Path]:
@@ -43,5 +50,7 @@ def write_folder(folder: Path, look: Thing, n: int = 5, seed: int = 0) -> list[P
 
 def write_examples(root: Path, n: int = 5) -> dict[str, Path]:
     """Every example instance's folder under root: {token: folder}."""
-    return {token: (write_folder(root / token, look, n, seed=k), root / token)[1]
-            for k, (token, look) in enumerate(EXAMPLES.items())}
+    return {
+        token: (write_folder(root / token, look, n, seed=k), root / token)[1]
+        for k, (token, look) in enumerate(EXAMPLES.items())
+    }

@@ -15,6 +15,7 @@ Without --instance the five bundled looks are written to OUT/instances and used.
   object shows what its words ask. (Words cannot ask for an accent colour, so their identity score is
   chance; it is reported too.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,11 +59,15 @@ def instance_of(spec: str) -> Instance:
     folder, *rest = spec.split(":")
     samples = load_dataset(folder, resolution=SIZE, min_size=16, mask_source="none").samples
     readings = [read(from_tensor(s.image[None])[0]) for s in samples]
-    (shape, colour, pattern, accent), _ = Counter((r.shape, r.colour, r.pattern, r.accent) for r in readings).most_common(1)[0]
+    (shape, colour, pattern, accent), _ = Counter(
+        (r.shape, r.colour, r.pattern, r.accent) for r in readings
+    ).most_common(1)[0]
     if shape is None or pattern is None:
         raise SystemExit(f"{folder}: its images do not read as one world-2 object (got {readings[0]})")
     token = rest[0] if rest else Path(folder).name
-    return Instance(token, rest[1] if len(rest) > 1 else shape, Path(folder), Thing(shape, colour, pattern, accent=accent))
+    return Instance(
+        token, rest[1] if len(rest) > 1 else shape, Path(folder), Thing(shape, colour, pattern, accent=accent)
+    )
 
 
 def other_object(looks: list[Thing], rng: random.Random) -> Thing:
@@ -91,15 +96,25 @@ def look_words(look: Thing, size: str = "") -> str:
 def single_prompts(other: Thing) -> list[Prompt]:
     words = look_words(other, "small")
     one = lambda text, **asked: Prompt(text, ("any",), (0,), asked)  # noqa: E731
-    return [one("a [0] at the left on a white background", position="left", background="white"),
-            one("a small [0] at the top on a black background", size="small", position="top", background="black"),
-            one("a big [0] in the centre on a brown background", size="big", position="centre", background="brown"),
-            one("a [0] at the right on a gray background", position="right", background="gray"),
-            one("a small [0] at the bottom on a white background", size="small", position="bottom", background="white"),
-            Prompt(f"a small [0] at the left and {article(words)} at the right on a black background",
-                   ("left", "right"), (0, replace(other, position="right")), dict(background="black")),
-            Prompt(f"{article(words)} at the top and a small [0] at the bottom on a gray background",
-                   ("top", "bottom"), (replace(other, position="top"), 0), dict(background="gray"))]
+    return [
+        one("a [0] at the left on a white background", position="left", background="white"),
+        one("a small [0] at the top on a black background", size="small", position="top", background="black"),
+        one("a big [0] in the centre on a brown background", size="big", position="centre", background="brown"),
+        one("a [0] at the right on a gray background", position="right", background="gray"),
+        one("a small [0] at the bottom on a white background", size="small", position="bottom", background="white"),
+        Prompt(
+            f"a small [0] at the left and {article(words)} at the right on a black background",
+            ("left", "right"),
+            (0, replace(other, position="right")),
+            dict(background="black"),
+        ),
+        Prompt(
+            f"{article(words)} at the top and a small [0] at the bottom on a gray background",
+            ("top", "bottom"),
+            (replace(other, position="top"), 0),
+            dict(background="gray"),
+        ),
+    ]
 
 
 def group_prompts(n: int) -> list[Prompt]:
@@ -108,7 +123,10 @@ def group_prompts(n: int) -> list[Prompt]:
         layouts = [(("left", "right"), "gray"), (("top", "bottom"), "white")]
         orders = [(0, 1), (1, 0)]
     else:
-        layouts = [(("top left", "top right", "bottom left"), "gray"), (("top right", "bottom left", "bottom right"), "black")]
+        layouts = [
+            (("top left", "top right", "bottom left"), "gray"),
+            (("top right", "bottom left", "bottom right"), "black"),
+        ]
         orders = [(0, 1, 2), (2, 0, 1), (1, 2, 0)]
     out = []
     for (places, background), order in itertools.product(layouts, orders):
@@ -150,15 +168,29 @@ class Mode:
     edit: bool = True
 
 
-MODES = (Mode("Perfusion local"), Mode("Perfusion global", lock="global", betas=(0.3, 0.4, 0.5, 0.6)),
-         Mode("textual inversion", betas=(None,), edit=False))
-GROUP_MODES = (Mode("local approximate", betas=(0.7,)), Mode("local exact", projection="exact", betas=(0.7,)),
-               Mode("global approximate", lock="global", betas=(0.5,)),
-               Mode("global exact", lock="global", projection="exact", betas=(0.5,)))
+MODES = (
+    Mode("Perfusion local"),
+    Mode("Perfusion global", lock="global", betas=(0.3, 0.4, 0.5, 0.6)),
+    Mode("textual inversion", betas=(None,), edit=False),
+)
+GROUP_MODES = (
+    Mode("local approximate", betas=(0.7,)),
+    Mode("local exact", projection="exact", betas=(0.7,)),
+    Mode("global approximate", lock="global", betas=(0.5,)),
+    Mode("global exact", lock="global", projection="exact", betas=(0.5,)),
+)
 
 
-def render(adapter, texts: list[str], concepts: list[Concept], mode: Optional[Mode], beta, seeds: int, steps: int,
-           seed: int = 7) -> np.ndarray:
+def render(
+    adapter,
+    texts: list[str],
+    concepts: list[Concept],
+    mode: Optional[Mode],
+    beta,
+    seeds: int,
+    steps: int,
+    seed: int = 7,
+) -> np.ndarray:
     """uint8 [len(texts) * seeds, 48, 48, 3]; mode None: the base model."""
     texts = [t for t in texts for _ in range(seeds)]
     kw = dict(latent_shape=LATENT_SHAPE, seed=seed, steps=steps)
@@ -173,21 +205,33 @@ def render(adapter, texts: list[str], concepts: list[Concept], mode: Optional[Mo
 
 def scores(images: np.ndarray, prompts: list[Prompt], looks: list[Thing], seeds: int) -> dict:
     judged = [judge(img, p, looks) for img, p in zip(images, [p for p in prompts for _ in range(seeds)])]
-    return {"fidelity": float(np.mean([x for ident, _, _ in judged for x in ident])),
-            "all_identities": float(np.mean([all(ident) for ident, _, _ in judged])),
-            "alignment": float(np.mean([a for _, a, _ in judged])),
-            "all_words": float(np.mean([all(w) for _, _, w in judged]))}
+    return {
+        "fidelity": float(np.mean([x for ident, _, _ in judged for x in ident])),
+        "all_identities": float(np.mean([all(ident) for ident, _, _ in judged])),
+        "alignment": float(np.mean([a for _, a, _ in judged])),
+        "all_words": float(np.mean([all(w) for _, _, w in judged])),
+    }
 
 
 def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, **overrides) -> Concept:
-    cfg = TrainConfig(name=inst.token, token=inst.token, superclass=inst.superclass, steps=steps, batch_size=8,
-                      grad_accum=1, templates=TEMPLATES, seed=0, **overrides)
+    cfg = TrainConfig(
+        name=inst.token,
+        token=inst.token,
+        superclass=inst.superclass,
+        steps=steps,
+        batch_size=8,
+        grad_accum=1,
+        templates=TEMPLATES,
+        seed=0,
+        **overrides,
+    )
     path = out / "concepts" / f"{inst.token}.safetensors"
     return train_folder(adapter, cov, inst.folder, cfg, path, out / "work" / inst.token, resolution=SIZE)
 
 
-def benchmark(adapter, instances: list[Instance], concepts: list[Concept], seeds: int, steps: int,
-              quick: bool) -> tuple[list[dict], list]:
+def benchmark(
+    adapter, instances: list[Instance], concepts: list[Concept], seeds: int, steps: int, quick: bool
+) -> tuple[list[dict], list]:
     rows, grids, rng = [], [], random.Random(0)
     for inst, concept in zip(instances, concepts):
         other = other_object([inst.look], rng)
@@ -196,15 +240,36 @@ def benchmark(adapter, instances: list[Instance], concepts: list[Concept], seeds
         sup = render(adapter, [_fill(p.text, [inst.superclass]) for p in prompts], [], None, None, seeds, steps)
         words = look_words(inst.look)
         said = render(adapter, [_fill(p.text, [words]) for p in prompts], [], None, None, seeds, steps)
-        rows.append({"instance": inst.token, "method": "base (superclass word)", "beta": None, **scores(sup, prompts, looks, seeds)})
-        rows.append({"instance": inst.token, "method": f"base (words: {words})", "beta": None, **scores(said, prompts, looks, seeds)})
+        rows.append(
+            {
+                "instance": inst.token,
+                "method": "base (superclass word)",
+                "beta": None,
+                **scores(sup, prompts, looks, seeds),
+            }
+        )
+        rows.append(
+            {
+                "instance": inst.token,
+                "method": f"base (words: {words})",
+                "beta": None,
+                **scores(said, prompts, looks, seeds),
+            }
+        )
         grids.append((f"{inst.token}: base, superclass", sup[::seeds]))
         for mode in MODES:
             for beta in (mode.betas[len(mode.betas) // 2],) if quick else mode.betas:
-                images = render(adapter, [_fill(p.text, [inst.token]) for p in prompts], [concept], mode, beta, seeds, steps)
-                rows.append({"instance": inst.token, "method": mode.name, "beta": beta, **scores(images, prompts, looks, seeds)})
-                print(f"  {inst.token:8s} {mode.name:18s} beta {beta}: fidelity {rows[-1]['fidelity']:.2f} "
-                      f"alignment {rows[-1]['alignment']:.2f}", flush=True)
+                images = render(
+                    adapter, [_fill(p.text, [inst.token]) for p in prompts], [concept], mode, beta, seeds, steps
+                )
+                rows.append(
+                    {"instance": inst.token, "method": mode.name, "beta": beta, **scores(images, prompts, looks, seeds)}
+                )
+                print(
+                    f"  {inst.token:8s} {mode.name:18s} beta {beta}: fidelity {rows[-1]['fidelity']:.2f} "
+                    f"alignment {rows[-1]['alignment']:.2f}",
+                    flush=True,
+                )
                 if beta == mode.betas[len(mode.betas) // 2]:
                     grids.append((f"{inst.token}: {mode.name} b={beta}", images[::seeds]))
     groups = list(itertools.combinations(range(len(instances)), 2))
@@ -218,14 +283,32 @@ def benchmark(adapter, instances: list[Instance], concepts: list[Concept], seeds
         base = scores(said, prompts, looks, seeds)
         name = " + ".join(i.token for i in chosen)
         rows.append({"group": name, "method": "base (words)", **base})
-        for mode in (GROUP_MODES[:1] if quick else GROUP_MODES):
-            images = render(adapter, [_fill(p.text, [i.token for i in chosen]) for p in prompts],
-                            [concepts[k] for k in group], mode, mode.betas[0], seeds, steps, seed=11)
+        for mode in GROUP_MODES[:1] if quick else GROUP_MODES:
+            images = render(
+                adapter,
+                [_fill(p.text, [i.token for i in chosen]) for p in prompts],
+                [concepts[k] for k in group],
+                mode,
+                mode.betas[0],
+                seeds,
+                steps,
+                seed=11,
+            )
             r = scores(images, prompts, looks, seeds)
-            rows.append({"group": name, "method": mode.name, "beta": mode.betas[0], **r,
-                         "ratio_to_words": r["all_identities"] / base["all_words"] if base["all_words"] else None})
-            print(f"  {name:24s} {mode.name:18s}: every object its instance {r['all_identities']:.2f} "
-                  f"(base words, every object as asked {base['all_words']:.2f})", flush=True)
+            rows.append(
+                {
+                    "group": name,
+                    "method": mode.name,
+                    "beta": mode.betas[0],
+                    **r,
+                    "ratio_to_words": r["all_identities"] / base["all_words"] if base["all_words"] else None,
+                }
+            )
+            print(
+                f"  {name:24s} {mode.name:18s}: every object its instance {r['all_identities']:.2f} "
+                f"(base words, every object as asked {base['all_words']:.2f})",
+                flush=True,
+            )
             if mode is GROUP_MODES[0]:
                 grids.append((f"{name}: {mode.name}", images[::seeds]))
     return rows, grids
@@ -233,31 +316,48 @@ def benchmark(adapter, instances: list[Instance], concepts: list[Concept], seeds
 
 def mean_over_instances(rows: list[dict]) -> list[dict]:
     """Per method and beta, fidelity and alignment averaged over the instances (the Pareto plot's points)."""
-    keys = sorted({(r["method"], r["beta"]) for r in rows if "instance" in r and not r["method"].startswith("base (words")},
-                  key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    keys = sorted(
+        {(r["method"], r["beta"]) for r in rows if "instance" in r and not r["method"].startswith("base (words")},
+        key=lambda k: (k[0], -1 if k[1] is None else k[1]),
+    )
     out = []
     for method, beta in keys:
         sel = [r for r in rows if "instance" in r and (r["method"], r["beta"]) == (method, beta)]
-        out.append({"method": method, "beta": beta, "shots": 5 if beta is not None else 0,
-                    "fidelity": float(np.mean([r["fidelity"] for r in sel])),
-                    "alignment": float(np.mean([r["alignment"] for r in sel]))})
+        out.append(
+            {
+                "method": method,
+                "beta": beta,
+                "shots": 5 if beta is not None else 0,
+                "fidelity": float(np.mean([r["fidelity"] for r in sel])),
+                "alignment": float(np.mean([r["alignment"] for r in sel])),
+            }
+        )
     return out
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = [f"{args.steps} training steps, {args.seeds} seeds per prompt, DDIM {args.sample_steps} steps, guidance 2.", "",
-             "| instance | method | beta | identity fidelity | prompt alignment |", "|---|---|---|---|---|"]
+    lines = [
+        f"{args.steps} training steps, {args.seeds} seeds per prompt, DDIM {args.sample_steps} steps, guidance 2.",
+        "",
+        "| instance | method | beta | identity fidelity | prompt alignment |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if "instance" in r:
             beta = "-" if r["beta"] is None else r["beta"]
             lines.append(f"| {r['instance']} | {r['method']} | {beta} | {r['fidelity']:.2f} | {r['alignment']:.2f} |")
-    lines += ["", "| concepts | method | each object its instance | every object its instance | every object as its words ask | ratio to base words |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| concepts | method | each object its instance | every object its instance | every object as its words ask | ratio to base words |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "group" in r:
             ratio = r.get("ratio_to_words")
-            lines.append(f"| {r['group']} | {r['method']} | {r['fidelity']:.2f} | {r['all_identities']:.2f} | "
-                         f"{r['all_words']:.2f} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+            lines.append(
+                f"| {r['group']} | {r['method']} | {r['fidelity']:.2f} | {r['all_identities']:.2f} | "
+                f"{r['all_words']:.2f} | {'-' if ratio is None else f'{ratio:.2f}'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +377,10 @@ def main(argv=None) -> int:
     specs = a.instance or [str(f) for f in write_examples(a.out / "instances").values()]
     instances = [instance_of(s) for s in specs]
     for inst in instances:
-        print(f"instance {inst.token}: {inst.look.colour} {inst.look.pattern} {inst.look.shape}, accent "
-              f"{inst.look.accent} (superclass '{inst.superclass}', {inst.folder})")
+        print(
+            f"instance {inst.token}: {inst.look.colour} {inst.look.pattern} {inst.look.shape}, accent "
+            f"{inst.look.accent} (superclass '{inst.superclass}', {inst.folder})"
+        )
     adapter = mini.load(a.weights)
     cov = world_covariance(adapter, a.out / "cache", captions=scenes_and_captions)
     concepts = [train_concept(adapter, cov, inst, a.steps, a.out) for inst in instances]

@@ -5,6 +5,7 @@ Every patterned object has a body colour (named in its caption) and an accent co
 one object's exact look, which is what a personal instance is (a red ball with yellow checks).
 Deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import random
@@ -17,8 +18,14 @@ SIZE = 48
 SUPERSAMPLE = 4
 PERIOD = 6  # output pixels per pattern repeat (stripes: 4 body + 2 accent rows; checks: 3 px cells)
 SHAPES = ("ball", "box", "cone", "star", "ring")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 210, 40),
-           "purple": (150, 60, 200), "cyan": (40, 200, 210)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 200),
+    "cyan": (40, 200, 210),
+}
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (15, 15, 15), "white": (240, 240, 240), "brown": (110, 70, 40)}
 POSITIONS = {"left": (14, 24), "right": (34, 24), "top": (24, 14), "bottom": (24, 34), "centre": (24, 24)}
 SIZES = {"small": 7.5, "big": 12.0}
@@ -56,9 +63,9 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray
     y, x = np.mgrid[0:n, 0:n] + 0.5
     dx, dy = x - cx, y - cy
     if shape == "ball":
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
     if shape == "ring":
-        d = np.sqrt(dx ** 2 + dy ** 2)
+        d = np.sqrt(dx**2 + dy**2)
         return (d <= r) & (d >= 0.5 * r)
     if shape == "box":
         return (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
@@ -69,7 +76,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray
     if shape == "star":
         angle = np.arctan2(dy, dx) + np.pi / 2
         lobe = 0.4 + 0.6 * np.abs(np.cos(2.5 * angle)) ** 1.5
-        return np.sqrt(dx ** 2 + dy ** 2) <= r * lobe
+        return np.sqrt(dx**2 + dy**2) <= r * lobe
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -91,7 +98,7 @@ def accent_field(pattern: str, mask: np.ndarray, phase: tuple[int, int]) -> np.n
         return y >= (rows.min() + rows.max() + 1) / 2 if len(rows) else np.zeros((n, n), bool)
     if pattern == "dotted":
         cx, cy = (x + phase[0]) % p - p / 2, (y + phase[1]) % p - p / 2
-        return cx ** 2 + cy ** 2 <= (p / 5) ** 2
+        return cx**2 + cy**2 <= (p / 5) ** 2
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -125,8 +132,11 @@ def render(scene: Scene) -> np.ndarray:
 def owner_map(scene: Scene) -> np.ndarray:
     """int8 [48, 48]: which object covers most of each pixel (-1: background covers half or more)."""
     _, owner = _draw(scene)
-    cover = np.stack([_downsample((owner == k).astype(float)) for k in range(len(scene.things))]) \
-        if scene.things else np.zeros((1, SIZE, SIZE))
+    cover = (
+        np.stack([_downsample((owner == k).astype(float)) for k in range(len(scene.things))])
+        if scene.things
+        else np.zeros((1, SIZE, SIZE))
+    )
     return np.where(cover.sum(0) > 0.5, cover.argmax(0), -1).astype(np.int8)
 
 
@@ -176,16 +186,28 @@ def random_scene(rng: random.Random, patterns=PATTERNS, two_objects: float = 0.3
     return Scene(things, rng.choice(list(BACKGROUNDS)), rng.randrange(2**31))
 
 
-def scenes_and_captions(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.3, three_objects: float = 0.2,
-                        drop_caption: float = 0.0) -> tuple[list[Scene], list[str]]:
+def scenes_and_captions(
+    seed: int,
+    n: int,
+    patterns=PATTERNS,
+    two_objects: float = 0.3,
+    three_objects: float = 0.2,
+    drop_caption: float = 0.0,
+) -> tuple[list[Scene], list[str]]:
     """n random scenes for one seed and their captions ('' with probability drop_caption)."""
     rng = random.Random(seed)
     scenes = [random_scene(rng, patterns, two_objects, three_objects) for _ in range(n)]
     return scenes, ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
 
 
-def batch(seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.3, three_objects: float = 0.2,
-          drop_caption: float = 0.0) -> tuple[np.ndarray, list[str], list[Scene]]:
+def batch(
+    seed: int,
+    n: int,
+    patterns=PATTERNS,
+    two_objects: float = 0.3,
+    three_objects: float = 0.2,
+    drop_caption: float = 0.0,
+) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes for one seed: images uint8 [n, 48, 48, 3], captions, scenes."""
     scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, three_objects, drop_caption)
     return np.stack([render(s) for s in scenes]), captions, scenes
