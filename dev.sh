@@ -16,6 +16,9 @@ py="$venv/bin/python"
 cmd=${1:-help}; shift || true
 case "$cmd" in
   test)
+    # lint and format first: a style slip fails here in seconds, not after the whole suite
+    "$venv/bin/ruff" check --quiet . && "$venv/bin/ruff" format --check --quiet . || {
+      echo "[dev] ruff found problems: run '$venv/bin/ruff check --fix . && $venv/bin/ruff format .'" >&2; exit 1; }
     set +e
     "$py" -m pytest -q -p no:cacheprovider "$@"
     rc=$?

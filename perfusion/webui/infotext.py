@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from .log import log
 from .resolve import Defaults
 from .state import Applied, library
 
@@ -105,15 +106,15 @@ def on_infotext_pasted(infotext: str, params: dict) -> None:
         other = lib.by_hash(shorthash)
         if other is not None:
             prompt = re.sub(rf"<perfusion:{re.escape(name)}(?=[:>])", f"<perfusion:{other.name}", prompt)
-            print(f"Perfusion: pasted concept {name} ({shorthash}) is {other.name} here; tag renamed")
+            log.warning(f"pasted concept {name} ({shorthash}) is {other.name} here; tag renamed")
         elif entry is not None:
-            print(
-                f"Perfusion: pasted concept {name} was {shorthash}, the local file is {entry.shorthash} "
+            log.warning(
+                f"pasted concept {name} was {shorthash}, the local file is {entry.shorthash} "
                 "(another version); the image may differ"
             )
         else:
-            print(
-                f"Perfusion: pasted concept {name} ({shorthash}) is not in {lib.folders[0]}; "
+            log.warning(
+                f"pasted concept {name} ({shorthash}) is not in {lib.folders[0]}; "
                 "its tag will be skipped until the file is there"
             )
     params["Prompt"] = prompt

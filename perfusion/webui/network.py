@@ -17,6 +17,7 @@ from .. import hooks as engine
 from ..concept import Concept, ConceptError
 from . import host, infotext
 from .library import Entry
+from .log import log
 from .resolve import Defaults, ModelFacts, check_fit, resolve, whole_word
 from .state import library, runtime
 from .tags import parse_request
@@ -34,7 +35,7 @@ def defaults_from_settings() -> Defaults:
 
 def warn(p: Any, message: str) -> None:
     """A warning in the console and (unless the settings say console only) under the image."""
-    print(f"Perfusion: {message}")
+    log.warning(message)
     if host.option("warnings") == "UI and console" and hasattr(p, "comment"):
         p.comment(f"Perfusion: {message}")
 
@@ -71,7 +72,7 @@ def switch_off() -> None:
             try:
                 host.restore_words(model, [item])
             except Exception as e:  # a DB rebuilt since: nothing of ours left in it
-                print(f"Perfusion: could not unregister the embedding of {item[1]!r}: {e}")
+                log.warning(f"could not unregister the embedding of {item[1]!r}: {e}")
     runtime.registered = []
 
 

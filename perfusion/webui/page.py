@@ -9,6 +9,7 @@ from modules import shared, ui_extra_networks, ui_extra_networks_user_metadata
 
 from ..concept import ConceptError
 from . import host, network
+from .log import log
 from .state import library
 from .tags import format_tag
 
@@ -89,7 +90,7 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         lib = library()
         lib.refresh()
         for problem in lib.clashes:
-            print(f"Perfusion: {problem}")
+            log.warning(problem)
         for index, name in enumerate(sorted(lib.entries, key=str.lower)):
             item = self.create_item(name, index)
             if item is not None:

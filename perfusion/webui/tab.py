@@ -19,6 +19,7 @@ from ..hooks import Activation
 from ..options import METHODS
 from . import host, training
 from .adapter import WebUIAdapter
+from .log import log
 from .plot import loss_html
 from .training import MASK_SOURCES, TrainForm
 
@@ -83,7 +84,7 @@ def check_only(*values: Any) -> str:
 def create_tab():
     """on_ui_tabs callback (no tab on Forge: training there is not supported)."""
     if host.forge_installed():
-        print("Perfusion: training is available on AUTOMATIC1111's WebUI; on Forge, concepts can be used, not trained")
+        log.warning("training is available on AUTOMATIC1111's WebUI; on Forge, concepts can be used, not trained")
         return []
     import gradio as gr
     from modules.call_queue import wrap_gradio_gpu_call
