@@ -243,3 +243,17 @@ def test_training_api_checks_runs_and_reports_status(env):
         time.sleep(0.1)
     assert status["state"] == "done" and status["step"] == 4, status
     assert (concepts / "hugsy.safetensors").exists()
+
+
+def test_the_tab_has_one_widget_per_form_field_in_field_order(webui, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    from dataclasses import fields
+
+    defaults = TrainForm()
+    with gr.Blocks():
+        widgets = tab.form_widgets(gr, defaults)
+    assert list(widgets) == [f.name for f in fields(TrainForm)]
+    assert TrainForm(**dict(zip(tab.FIELDS, [w.value for w in widgets.values()]))) == defaults
+    monkeypatch.setattr(tab, "FIELDS", [*tab.FIELDS, "new_field"])  # a field without its widget
+    with gr.Blocks(), pytest.raises(RuntimeError, match="no widget for \\['new_field'\\]"):
+        tab.form_widgets(gr, defaults)

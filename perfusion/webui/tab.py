@@ -81,6 +81,45 @@ def check_only(*values: Any) -> str:
     return "<br>".join(html.escape(line).replace("\n", "<br>") for line in lines)
 
 
+def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
+    """One widget per TrainForm field, laid out as the tab shows them, keyed and ordered by field."""
+    w: dict[str, Any] = {}
+    w["name"] = gr.Textbox(label="Concept name (file and tag)", elem_id="perfusion_train_name")
+    w["token"] = gr.Textbox(label="Token word (write it in prompts)", elem_id="perfusion_train_token")
+    w["superclass"] = gr.Textbox(label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass")
+    w["folder"] = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder")
+    w["mask_source"] = gr.Dropdown(list(MASK_SOURCES), value=d.mask_source, label="Masks")
+    w["templates_file"] = gr.Textbox(label="Templates file (empty: built-in)", value=d.templates_file)
+    w["method"] = gr.Radio(list(METHODS), value=d.method, label="Method")
+    with gr.Row():
+        w["steps"] = gr.Number(value=d.steps, precision=0, label="Steps")
+        w["batch_size"] = gr.Number(value=d.batch_size, precision=0, label="Batch size")
+        w["grad_accum"] = gr.Number(value=d.grad_accum, precision=0, label="Gradient accumulation")
+        w["resolution"] = gr.Number(value=d.resolution, precision=0, label="Resolution")
+    with gr.Row():
+        w["lr_values"] = gr.Number(value=d.lr_values, label="Learning rate (values)")
+        w["lr_embedding"] = gr.Number(value=d.lr_embedding, label="Learning rate (embedding)")
+        w["flip"] = gr.Checkbox(value=d.flip, label="Flip")
+    with gr.Row():
+        w["train_beta"] = gr.Number(value=d.train_beta, label="Train gate beta")
+        w["train_tau"] = gr.Number(value=d.train_tau, label="Train gate tau")
+        w["save_every"] = gr.Number(value=d.save_every, precision=0, label="Save every N steps")
+        w["preview_every"] = gr.Number(value=d.preview_every, precision=0, label="Preview every N steps")
+    w["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: 'a photo of TOKEN')", value=d.preview_prompt)
+    with gr.Row():
+        w["preview_beta"] = gr.Number(value=d.preview_beta, label="Preview beta")
+        w["preview_tau"] = gr.Number(value=d.preview_tau, label="Preview tau")
+        w["existing"] = gr.Radio(list(training.EXISTING), value=d.existing, label="If the concept exists")
+        w["report_samples"] = gr.Number(value=d.report_samples, precision=0, label="Overfitting report: images per set")
+        w["gradient_checkpointing"] = gr.Checkbox(
+            value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)"
+        )
+    missing, extra = sorted(set(FIELDS) - set(w)), sorted(set(w) - set(FIELDS))
+    if missing or extra:  # a field added to TrainForm needs its widget here (and the reverse)
+        raise RuntimeError(f"training tab out of step with TrainForm: no widget for {missing}, unknown {extra}")
+    return {name: w[name] for name in FIELDS}
+
+
 def create_tab():
     """on_ui_tabs callback (no tab on Forge: training there is not supported)."""
     if host.forge_installed():
@@ -89,44 +128,10 @@ def create_tab():
     import gradio as gr
     from modules.call_queue import wrap_gradio_gpu_call
 
-    d = TrainForm(preview_prompt="")
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
             with gr.Column():
-                name = gr.Textbox(label="Concept name (file and tag)", elem_id="perfusion_train_name")
-                token = gr.Textbox(label="Token word (write it in prompts)", elem_id="perfusion_train_token")
-                superclass = gr.Textbox(
-                    label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass"
-                )
-                folder = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder")
-                mask_source = gr.Dropdown(list(MASK_SOURCES), value=d.mask_source, label="Masks")
-                templates_file = gr.Textbox(label="Templates file (empty: built-in)", value="")
-                method = gr.Radio(list(METHODS), value=d.method, label="Method")
-                with gr.Row():
-                    steps = gr.Number(value=d.steps, precision=0, label="Steps")
-                    batch_size = gr.Number(value=d.batch_size, precision=0, label="Batch size")
-                    grad_accum = gr.Number(value=d.grad_accum, precision=0, label="Gradient accumulation")
-                    resolution = gr.Number(value=d.resolution, precision=0, label="Resolution")
-                with gr.Row():
-                    lr_values = gr.Number(value=d.lr_values, label="Learning rate (values)")
-                    lr_embedding = gr.Number(value=d.lr_embedding, label="Learning rate (embedding)")
-                    flip = gr.Checkbox(value=d.flip, label="Flip")
-                with gr.Row():
-                    train_beta = gr.Number(value=d.train_beta, label="Train gate beta")
-                    train_tau = gr.Number(value=d.train_tau, label="Train gate tau")
-                    save_every = gr.Number(value=d.save_every, precision=0, label="Save every N steps")
-                    preview_every = gr.Number(value=d.preview_every, precision=0, label="Preview every N steps")
-                preview_prompt = gr.Textbox(label="Preview prompt (empty: 'a photo of TOKEN')")
-                with gr.Row():
-                    preview_beta = gr.Number(value=d.preview_beta, label="Preview beta")
-                    preview_tau = gr.Number(value=d.preview_tau, label="Preview tau")
-                    existing = gr.Radio(list(training.EXISTING), value="ask", label="If the concept exists")
-                    report_samples = gr.Number(
-                        value=d.report_samples, precision=0, label="Overfitting report: images per set"
-                    )
-                    gradient_checkpointing = gr.Checkbox(
-                        value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)"
-                    )
+                widgets = form_widgets(gr, TrainForm())
                 with gr.Row():
                     preset_name = gr.Textbox(label="Preset name")
                     save_preset = gr.Button("Save preset")
@@ -139,32 +144,7 @@ def create_tab():
                 gr.HTML(elem_id="perfusion_train_progress")  # javascript/ draws the progress bar here
                 gallery = gr.HTML(elem_id="perfusion_train_output")
                 problems = gr.HTML(elem_id="perfusion_train_error")
-        form = [
-            name,
-            token,
-            superclass,
-            folder,
-            mask_source,
-            templates_file,
-            method,
-            steps,
-            lr_values,
-            lr_embedding,
-            batch_size,
-            grad_accum,
-            resolution,
-            flip,
-            train_beta,
-            train_tau,
-            save_every,
-            preview_every,
-            preview_prompt,
-            preview_beta,
-            preview_tau,
-            existing,
-            report_samples,
-            gradient_checkpointing,
-        ]
+        form = list(widgets.values())  # in TrainForm's field order: the handlers zip values with FIELDS
         task_id = gr.Textbox(visible=False)
         check.click(fn=check_only, inputs=form, outputs=[problems])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
