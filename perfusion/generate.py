@@ -9,7 +9,7 @@ import torch
 
 from .adapter import Adapter, concept_words
 from .diffusion import ddim_sample
-from .hooks import Activation, KeyContexts, attach
+from .hooks import Activation, Activations, KeyContexts, attach
 
 
 def key_words(adapter: Adapter, items: Sequence[Activation]) -> dict:
@@ -51,7 +51,7 @@ def generate(
     if any(i.lock == "global" for i in items):
         key_context = KeyContexts()
         key_context.add(cond, adapter.encode(prompts, key_words(adapter, items))[0])
-    hooks.activate(list(items), projection, key_context)
+    hooks.activate(Activations(list(items), projection, key_context))
     try:
         latents = ddim_sample(
             adapter.apply_model,

@@ -8,7 +8,7 @@ the hooks return nothing and outputs are bit-identical to the bare model.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -60,6 +60,10 @@ class Activations:
     projection: Projection = "approximate"
     key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
 
+    def __len__(self) -> int:
+        """How many concepts are active."""
+        return len(self.items)
+
 
 def find_cross_attention(diffusion_model: nn.Module, context_dim: Optional[int] = None) -> dict[str, nn.Module]:
     """{module path: attn2 module} for every cross-attention reading `context_dim`-wide rows.
@@ -78,6 +82,38 @@ def find_cross_attention(diffusion_model: nn.Module, context_dim: Optional[int] 
             raise ValueError(f"cross-attention layers read several context widths {sorted(widths)}: pass context_dim")
         context_dim = widths.pop() if widths else None
     return {name: m for name, m in found.items() if m.to_k.in_features == context_dim}
+
+
+@dataclass
+class _PathStack:
+    """The concepts one projection path edits, their vectors stacked [n, ...] on one device."""
+
+    concepts: list[Concept]
+    a: torch.Tensor  # [n, d]
+    i_star: torch.Tensor  # [n, d]
+    i_super: torch.Tensor  # [n, d]
+    energy: torch.Tensor  # [n]
+    beta: torch.Tensor  # [n]
+    tau: torch.Tensor  # [n]
+    ungated: Optional[torch.Tensor]  # [n] bool, None when every concept is gated
+    projected: list[int]  # positions of the Perfusion concepts (projected out of e; Infusion's are not)
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # value targets [n, d_out] per layer
+
+    @classmethod
+    def of(cls, items: list[Activation], device: torch.device) -> _PathStack:
+        cs = [i.concept for i in items]
+        on = lambda rows: torch.stack(rows).to(device)  # noqa: E731
+        return cls(
+            cs,
+            on([c.a for c in cs]),
+            on([c.i_star for c in cs]),
+            on([c.i_super for c in cs]),
+            on([c.energy.reshape(()) for c in cs]),
+            torch.tensor([i.gate[0] for i in items], device=device),
+            torch.tensor([i.gate[1] for i in items], device=device),
+            torch.tensor([i.ungated for i in items], device=device) if any(i.ungated for i in items) else None,
+            [p for p, c in enumerate(cs) if c.method == "perfusion"],
+        )
 
 
 def check_fit(concept: Concept, layers: dict[str, nn.Module]) -> None:
@@ -120,23 +156,22 @@ class Hooks:
             self._handles.append(attn.to_k.register_forward_pre_hook(self._key_input))
             self._handles.append(attn.to_k.register_forward_hook(self._hook(name, "k")))
             self._handles.append(attn.to_v.register_forward_hook(self._hook(name, "v")))
-        self.activate(activations.items, activations.projection, activations.key_context)
+        self.activate(activations)
 
     # -- what is active -------------------------------------------------------------------
     def check(self, concept: Concept) -> None:
         """Raise ConceptMismatch unless `concept` was made for this model's context width and layers."""
         check_fit(concept, self.layers)
 
-    def activate(
-        self,
-        items: list[Activation],
-        projection: str = "approximate",
-        key_context: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
-    ) -> None:
-        """Replace what is active (validated first: on error nothing changes).
+    def activate(self, activations: Activations | Sequence[Activation]) -> None:
+        """Replace what is active (validated first: on error nothing changes). A plain list of
+        activations is Activations(that list): approximate projection, no global locking.
 
         Stacked concept tensors are cached until the next call; when they require gradients (training),
         call activate again before every forward you backpropagate through."""
+        if not isinstance(activations, Activations):
+            activations = Activations(list(activations))
+        items, projection, key_context = activations.items, activations.projection, activations.key_context
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         for item in items:
@@ -158,32 +193,17 @@ class Hooks:
         self.activate([])
 
     # -- the hooks ------------------------------------------------------------------------
-    def _stack(self, device: torch.device) -> dict:
-        """Per-concept vectors stacked [n, ...] on `device`, and which concepts each path edits
-        (Python lists: no device sync in the hooks). Cached until the next activate."""
-        if device not in self._stacks:
+    def _path(self, kind: str, device: torch.device) -> Optional[_PathStack]:
+        """The active concepts one path (to_k "k" or to_v "v") edits, stacked on `device`; None when it
+        edits none. Cached until the next activate (Python lists inside: no device sync in the hooks)."""
+        key = (kind, device)
+        if key not in self._stacks:
             items = self.activations.items
-            cs = [i.concept for i in items]
-            on = lambda rows: torch.stack(rows).to(device)  # noqa: E731
-            v_edit = list(range(len(items)))
-            k_edit = [n for n, i in enumerate(items) if i.concept.method == "perfusion" and i.lock == "local"]
-            self._stacks[device] = {
-                "a": on([c.a for c in cs]),
-                "i_star": on([c.i_star for c in cs]),
-                "i_super": on([c.i_super for c in cs]),
-                "energy": on([c.energy.reshape(()) for c in cs]),
-                "beta": torch.tensor([i.gate[0] for i in items], device=device),
-                "tau": torch.tensor([i.gate[1] for i in items], device=device),
-                "ungated": torch.tensor([i.ungated for i in items], device=device)
-                if any(i.ungated for i in items)
-                else None,
-                "v": v_edit,
-                "k": k_edit,
-                # within each path's concepts: the positions of the Perfusion ones (projected out)
-                "v_projected": [p for p, n in enumerate(v_edit) if cs[n].method == "perfusion"],
-                "k_projected": list(range(len(k_edit))),
-            }
-        return self._stacks[device]
+            edit = [
+                n for n, i in enumerate(items) if kind == "v" or (i.concept.method == "perfusion" and i.lock == "local")
+            ]
+            self._stacks[key] = _PathStack.of([items[n] for n in edit], device) if edit else None
+        return self._stacks[key]
 
     def _key_input(self, module: nn.Module, args: tuple):
         acts = self.activations
@@ -202,47 +222,38 @@ class Hooks:
 
     def _hook(self, layer: str, kind: str):
         def hook(module: nn.Module, args: tuple, y: torch.Tensor):
-            items = self.activations.items
-            if self._busy or not items:
+            if self._busy or not self.activations.items:
                 return None
-            st = self._stack(y.device)
-            idx = st[kind]
-            if not idx:
+            path = self._path(kind, y.device)
+            if path is None:
                 return None
             e = args[0]
-
-            def sub(name: str) -> torch.Tensor:  # this path's rows of a stacked tensor, cached
-                if (kind, name) not in st:
-                    st[kind, name] = st[name][idx] if len(idx) < len(items) else st[name]
-                return st[kind, name]
-
-            chosen = [items[n].concept for n in idx]
             if kind == "v":
-                w_i_star = self._project(module, sub("i_star"), e.dtype)
-                if ("v", layer) not in st:
-                    st["v", layer] = torch.stack([c.values[layer] for c in chosen]).to(y.device)
-                targets = st["v", layer]
+                w_i_star = self._project(module, path.i_star, e.dtype)
+                if layer not in path.targets:
+                    path.targets[layer] = torch.stack([c.values[layer] for c in path.concepts]).to(y.device)
+                targets = path.targets[layer]
             else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
-                missing = [p for p, c in enumerate(chosen) if layer not in c.keys]
-                both = self._project(module, torch.cat([sub("i_star"), sub("i_super")[missing]]), e.dtype)
-                w_i_star, w_i_super = both[: len(idx)], both[len(idx) :]
-                targets = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in chosen]
+                missing = [p for p, c in enumerate(path.concepts) if layer not in c.keys]
+                both = self._project(module, torch.cat([path.i_star, path.i_super[missing]]), e.dtype)
+                w_i_star, w_i_super = both[: len(path.concepts)], both[len(path.concepts) :]
+                rows = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in path.concepts]
                 for p, row in zip(missing, w_i_super):
-                    targets[p] = row
-                targets = torch.stack(targets)
+                    rows[p] = row
+                targets = torch.stack(rows)
             return edited_output(
                 y,
                 e,
-                sub("a"),
-                sub("i_star"),
-                sub("energy"),
+                path.a,
+                path.i_star,
+                path.energy,
                 w_i_star,
                 targets,
-                sub("beta"),
-                sub("tau"),
-                projected=st[f"{kind}_projected"],
+                path.beta,
+                path.tau,
+                projected=path.projected,
                 projection=self.activations.projection,
-                ungated=None if st["ungated"] is None else sub("ungated"),
+                ungated=path.ungated,
             )
 
         return hook
@@ -277,7 +288,7 @@ def attach(
     existing = getattr(diffusion_model, _HANDLE_ATTR, None)
     if isinstance(existing, Hooks) and existing.attached:
         if activations is not None:
-            existing.activate(activations.items, activations.projection, activations.key_context)
+            existing.activate(activations)
         return existing
     layers = find_cross_attention(diffusion_model, context_dim)
     if not layers:

@@ -40,7 +40,7 @@ def attention_masks(
     finally:
         for handle in handles:
             handle.remove()
-        hooks.activate(saved.items, saved.projection, saved.key_context)
+        hooks.activate(saved)
     total = torch.zeros(n, h, w, device=latents.device)
     for name, attn in hooks.layers.items():
         q, k = captured[name]["q"].float(), captured[name]["k"].float()

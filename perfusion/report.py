@@ -21,7 +21,7 @@ from .adapter import Adapter
 from .concept import Concept
 from .diffusion import q_sample
 from .generate import generate, key_words
-from .hooks import Activation, KeyContexts, attach
+from .hooks import Activation, Activations, KeyContexts, attach
 
 NEUTRAL_PROMPTS = (
     "a photo of a dog",
@@ -102,7 +102,7 @@ def drift(
         x_t = q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(x0), adapter.alphas_cumprod).to(context.dtype)
         hooks.clear()
         base = adapter.apply_model(x_t, t, context).float()
-        hooks.activate(item, key_context=key_context)
+        hooks.activate(Activations(item, key_context=key_context))
         edited = adapter.apply_model(x_t, t, context).float()
         hooks.clear()
         diff += float((edited - base).square().mean())

@@ -147,7 +147,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         for a in applied:
             _register_embedding(model, a.activation.concept)
         runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
-        hooks.activate([a.activation for a in applied], defaults.projection, runtime.key_contexts)
+        hooks.activate(engine.Activations([a.activation for a in applied], defaults.projection, runtime.key_contexts))
         runtime.applied = applied
         infotext.record(p, applied, defaults.projection)
 
@@ -197,7 +197,8 @@ def feed_global_lock(p: Any, cond: Any) -> None:
         )
         runtime.applied = [replace(a, activation=replace(a.activation, lock="local")) for a in runtime.applied]
         runtime.key_contexts = None
-        runtime.hooks.activate([a.activation for a in runtime.applied], runtime.hooks.activations.projection)
+        active = engine.Activations([a.activation for a in runtime.applied], runtime.hooks.activations.projection)
+        runtime.hooks.activate(active)
         infotext.record(p, runtime.applied, runtime.hooks.activations.projection)
         return
     for original, twin in zip(originals, copies):
