@@ -12,8 +12,6 @@ from dataclasses import asdict
 from secrets import compare_digest
 from typing import Any
 
-from modules import shared
-
 from . import host, training
 from .page import concept_metadata
 from .state import library
@@ -76,13 +74,13 @@ def _train_in_queue(form: TrainForm) -> None:
     from modules.call_queue import queue_lock
 
     with queue_lock:
-        shared.state.begin(job="perfusion_train")
+        host.job_state().begin(job="perfusion_train")
         try:
             training.train(form)
         except Exception as e:  # reported through the status route, never lost in a thread
             training.status = training.Status("failed", form.name, message=f"{type(e).__name__}: {e}")
         finally:
-            shared.state.end()
+            host.job_state().end()
 
 
 def training_status() -> dict:
@@ -92,7 +90,7 @@ def training_status() -> dict:
 
 def credentials() -> dict[str, str]:
     """{user: password} from --api-auth ("user:pass,user2:pass2"), as the WebUI's own API reads it."""
-    pairs = [item.split(":", 1) for item in (shared.cmd_opts.api_auth or "").split(",") if ":" in item]
+    pairs = [item.split(":", 1) for item in host.api_auth().split(",") if ":" in item]
     return {user: password for user, password in pairs}
 
 
@@ -110,7 +108,7 @@ def on_app_started(demo: Any, app: Any) -> None:
         )
 
     present = {getattr(r, "path", None) for r in app.routes}
-    dependencies = [Depends(authenticate)] if shared.cmd_opts.api_auth else []
+    dependencies = [Depends(authenticate)] if host.api_auth() else []
     handlers = (concepts, refresh, start_training, training_status)
     for path, fn, method in zip(ROUTES, handlers, ("GET", "POST", "POST", "GET")):
         if path not in present:

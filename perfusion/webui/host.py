@@ -75,6 +75,34 @@ def option(key: str) -> Any:
     return getattr(shared.opts, OPTION_PREFIX + key)
 
 
+def sd_model() -> Any:
+    """The loaded model (None while the WebUI has none)."""
+    from modules import shared
+
+    return shared.sd_model
+
+
+def job_state() -> Any:
+    """The WebUI's job state: progress text, interrupt flag, live preview."""
+    from modules import shared
+
+    return shared.state
+
+
+def webui_option(name: str, default: Any = None) -> Any:
+    """One of the WebUI's own settings (default when this WebUI version has no such setting)."""
+    from modules import shared
+
+    return getattr(shared.opts, name, default)
+
+
+def api_auth() -> str:
+    """--api-auth ("user:pass,user2:pass2"), empty when the API is open."""
+    from modules import shared
+
+    return shared.cmd_opts.api_auth or ""
+
+
 def clip_skip() -> int:
     """The CLIP skip generations and training use now (Settings > Stable Diffusion > Clip skip)."""
     from modules import shared

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
-from modules import extra_networks, prompt_parser, shared
+from modules import extra_networks, prompt_parser
 
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
@@ -21,6 +21,21 @@ from .log import log
 from .resolve import Defaults, ModelFacts, check_fit, resolve, whole_word
 from .state import library, runtime
 from .tags import parse_request
+
+# The accordion's values for one generation ride on the WebUI's processing object (the only thing the
+# script's process() and the extra network's activate() both see), under this attribute.
+GENERATION_DEFAULTS = "perfusion_defaults"
+
+
+def set_generation_defaults(p: Any, defaults: Defaults) -> None:
+    setattr(p, GENERATION_DEFAULTS, defaults)
+
+
+def generation_defaults(p: Any) -> Defaults:
+    """The accordion's values for this generation; the settings' where the script did not run (API callers
+    without alwayson_scripts run it too; a bare processing object does not)."""
+    d = getattr(p, GENERATION_DEFAULTS, None)
+    return d if isinstance(d, Defaults) else defaults_from_settings()
 
 
 def defaults_from_settings() -> Defaults:
@@ -50,7 +65,7 @@ def problem_of(entry: Entry) -> Optional[str]:
     loaded); None when it can. What the cards and the API show before anyone generates."""
     try:
         concept = library().load(entry)
-        model = shared.sd_model
+        model = host.sd_model()
         unet = host.diffusion_model(model)
         if unet is not None:
             check_fit(concept, model_facts(model, unet))
@@ -66,7 +81,7 @@ def switch_off() -> None:
     if runtime.hooks is not None:
         runtime.hooks.clear()
     runtime.applied, runtime.key_contexts = [], None
-    model = shared.sd_model
+    model = host.sd_model()
     for item in reversed(runtime.registered):
         if model is not None:
             try:
@@ -110,7 +125,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
             runtime.words = words
 
     def _apply(self, p: Any, params_list: list) -> None:
-        defaults = getattr(p, "perfusion_defaults", None) or defaults_from_settings()
+        defaults = generation_defaults(p)
         negatives = [n for n in (getattr(p, "negative_prompts", None) or []) if n and "<perfusion:" in n]
         if negatives:
             warn(p, "tags in the negative prompt are not applied (the WebUI reads tags from the prompt only)")
@@ -119,7 +134,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         if not defaults.enabled:
             warn(p, "disabled in the Perfusion accordion; tags ignored")
             return
-        model = shared.sd_model
+        model = host.sd_model()
         hooks = _hooks_for(model)
         if hooks is None:
             warn(p, "no model loaded (or its U-Net is replaced, e.g. by TensorRT); tags ignored")
@@ -168,7 +183,7 @@ def feed_global_lock(p: Any, cond: Any) -> None:
     replaced by its superclass, and pair every context tensor of `cond` with its twin (prompt schedules
     and AND sub-prompts line up one to one). Called right before each sampling pass."""
     contexts = runtime.key_contexts
-    if contexts is None or shared.sd_model is None:
+    if contexts is None or host.sd_model() is None:
         return
     contexts.clear()
     hires = bool(getattr(p, "is_hr_pass", False))
@@ -182,11 +197,11 @@ def feed_global_lock(p: Any, cond: Any) -> None:
     if hires:
         hires_steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * getattr(p, "step_multiplier", 1)
     twins = prompt_parser.get_multicond_learned_conditioning(
-        shared.sd_model,
+        host.sd_model(),
         prompt_parser.SdConditioning(prompts, width=p.width, height=p.height),
         steps,
         hires_steps,
-        shared.opts.use_old_scheduling,
+        host.webui_option("use_old_scheduling", False),
     )
     originals, copies = list(host.cond_tensors(cond)), list(host.cond_tensors(twins))
     if len(originals) != len(copies) or any(o.shape != c.shape for o, c in zip(originals, copies)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from modules import shared, ui_extra_networks, ui_extra_networks_user_metadata
+from modules import ui_extra_networks, ui_extra_networks_user_metadata
 
 from ..concept import ConceptError
 from . import host, network
@@ -79,7 +79,7 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
                 entry.shorthash,
             ]
             + (["unusable"] if "error" in meta else []),
-            "local_preview": f"{path}.{shared.opts.samples_format}",
+            "local_preview": f"{path}.{host.webui_option('samples_format', 'png')}",
             "metadata": meta,
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(str(entry.path))},
             "prompt": prompt,

@@ -1,7 +1,7 @@
 """The always-visible "Perfusion" accordion in txt2img/img2img: the gate defaults for tags that give none.
 
-Its values reach the generation through `p.perfusion_defaults` (set in process, read by the extra
-network's activate), are written to the infotext when the prompt has tags, and come back on paste and
+Its values reach the generation on the processing object (network.set_generation_defaults in process,
+read by the extra network's activate), are written to the infotext when the prompt has tags, and come back on paste and
 through the API's `alwayson_scripts` ({"perfusion": {"args": [enabled, beta, tau, lock, projection]}}).
 """
 
@@ -87,7 +87,7 @@ class PerfusionScript(scripts.Script):
             lock if lock in LOCKS else settings.lock,
             projection if projection in PROJECTIONS else settings.projection,
         )
-        p.perfusion_defaults = d
+        network.set_generation_defaults(p, d)
         if any("<perfusion:" in (text or "") for text in (p.all_prompts or [p.prompt])):
             p.extra_generation_params[infotext.DEFAULTS] = infotext.defaults_text(d)
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 import torch
-from modules import devices, shared
+from modules import devices
 
 from ..generate import generate
 from ..hooks import Activation
@@ -31,8 +31,8 @@ def preview(form: TrainForm):
 
     def show(concept, step: int) -> None:
         prompt = form.preview_prompt or f"a photo of {form.token}"
-        adapter = WebUIAdapter(shared.sd_model, int(form.resolution))
-        with torch.no_grad(), host.vae_on(shared.sd_model, devices.device):
+        adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
+        with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
             image = generate(
                 adapter,
                 [prompt],
@@ -45,7 +45,7 @@ def preview(form: TrainForm):
         from PIL import Image
 
         pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        shared.state.assign_current_image(Image.fromarray(pixels))
+        host.job_state().assign_current_image(Image.fromarray(pixels))
 
     return show
 
@@ -147,7 +147,7 @@ def create_tab():
         form = list(widgets.values())  # in TrainForm's field order: the handlers zip values with FIELDS
         task_id = gr.Textbox(visible=False)
         check.click(fn=check_only, inputs=form, outputs=[problems])
-        interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+        interrupt.click(fn=lambda: host.job_state().interrupt(), inputs=[], outputs=[])
         start.click(
             fn=wrap_gradio_gpu_call(run, extra_outputs=[""]),
             _js="perfusion_start_training",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from modules import devices, shared
+from modules import devices
 
 from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
@@ -182,7 +182,7 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     if form.existing not in EXISTING:
         problems.append(f"existing concept {form.existing!r}: one of {', '.join(EXISTING)}")
     problems += form_problems(form)
-    model = shared.sd_model
+    model = host.sd_model()
     if host.diffusion_model(model) is None:
         problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
     else:
@@ -279,9 +279,9 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None)
 
 def _train(form: TrainForm, dataset, preview) -> Status:
     global status
-    adapter = WebUIAdapter(shared.sd_model, int(form.resolution))
+    adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
     cfg = config(form)
-    state = shared.state
+    state = host.job_state()
     status = Status("training", form.name, 0, cfg.steps, message="text-encoding covariance (once per model)")
 
     def covariance_progress(done: int, total: int) -> None:
@@ -320,9 +320,9 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         state.job_no = p.step
         state.textinfo = f"Perfusion {form.name}: step {p.step}/{p.total}, loss {p.smoothed:.4f}"
 
-    offload = bool(getattr(shared.opts, "unload_models_when_training", False))  # the WebUI's Training option
+    offload = bool(host.webui_option("unload_models_when_training", False))  # the WebUI's Training option
     try:
-        with host.vae_on(shared.sd_model, devices.cpu if offload else None):
+        with host.vae_on(host.sd_model(), devices.cpu if offload else None):
             result = trainer.run(
                 resume=form.existing == "resume",
                 progress=progress,
@@ -348,7 +348,7 @@ def _train(form: TrainForm, dataset, preview) -> Status:
 
 def _non_finite_hint(e: NonFiniteError) -> str:
     """What to change in the WebUI for a NaN met while training."""
-    if e.where == "text encoder" and getattr(shared.opts, "emphasis", "Original") == "Original":
+    if e.where == "text encoder" and host.webui_option("emphasis", "Original") == "Original":
         return (
             ". The WebUI's emphasis mode 'Original' divides the encoding by its own mean, which is 0/0 when "
             "the text encoder's last layer norm has no bias (random or converted checkpoints): set Settings > "
