@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -69,6 +69,62 @@ TI_TEMPLATES = (
 )
 
 
+@dataclass
+class _Clock:
+    """Steps per second since the run (re)started, and the smoothed loss the progress line shows."""
+
+    first_step: int
+    smoothed: Optional[float] = None
+    started: float = field(default_factory=time.monotonic)
+
+    def smooth(self, loss: float) -> float:
+        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        return self.smoothed
+
+    def rate(self, step: int) -> float:
+        return (step - self.first_step) / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class TrainState:
+    """What a run changes: the learned tensors (values, trained keys, embedding), the EMA of i*, and the step.
+    A checkpoint holds exactly this and the optimizer's moments."""
+
+    step: int
+    i_super: torch.Tensor  # [d]
+    i_star: torch.Tensor  # [d]
+    values: dict[str, torch.Tensor]  # {layer: [d_out]}
+    keys: dict[str, torch.Tensor]  # {layer: [d_out]}, only when keys are trained
+    embedding: dict[str, torch.Tensor]  # {text encoder: [n, d_emb]}
+
+    TABLES = ("values", "keys", "embedding")
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The optimised tensors by checkpoint name ("values.<layer>", "keys.<layer>", "embedding.<encoder>")."""
+        return {f"{table}.{k}": v for table in self.TABLES for k, v in getattr(self, table).items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything but the step, detached on the CPU (a checkpoint's tensors)."""
+        out = {name: p.detach().cpu().contiguous() for name, p in self.params().items()}
+        return out | {"i_star": self.i_star.detach().cpu(), "i_super": self.i_super.detach().cpu()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], step: int, device) -> TrainState:
+        tables = {table: {} for table in cls.TABLES}
+        for name, t in tensors.items():
+            table, _, key = name.partition(".")
+            if table in tables:
+                tables[table][key] = t.to(device)
+        return cls(step, tensors["i_super"].to(device), tensors["i_star"].to(device), **tables)
+
+    def trainable(self) -> None:
+        """The optimised tensors as fp32 leaves that require gradients."""
+        for table in self.TABLES:
+            t = getattr(self, table)
+            for k in t:
+                t[k] = t[k].detach().float().requires_grad_(True)
+
+
 class TrainError(ValueError):
     """Training cannot start or resume; the message says what to change."""
 
@@ -82,24 +138,28 @@ class NonFiniteError(TrainError):
         self.where = where
 
 
+MAY_CHANGE = {"may_change_on_resume": True}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in its checkpoint)."""
 
-    name: str
+    # fields marked MAY_CHANGE can differ when a run is resumed; every other one defines the run
+    name: str = field(metadata=MAY_CHANGE)
     token: str
     superclass: str
     method: Method = "perfusion"
-    steps: int = 400
+    steps: int = field(default=400, metadata=MAY_CHANGE)
     batch_size: int = 4
     grad_accum: int = 4
-    lr_values: float = 0.03
-    lr_embedding: float = 0.006
-    warmup_steps: int = 0
-    train_beta: float = TRAIN_BETA
-    train_tau: float = TRAIN_TAU
-    beta: float = BETA  # previews
-    tau: float = TAU
+    lr_values: float = field(default=0.03, metadata=MAY_CHANGE)
+    lr_embedding: float = field(default=0.006, metadata=MAY_CHANGE)
+    warmup_steps: int = field(default=0, metadata=MAY_CHANGE)
+    train_beta: float = field(default=TRAIN_BETA, metadata=MAY_CHANGE)
+    train_tau: float = field(default=TRAIN_TAU, metadata=MAY_CHANGE)
+    beta: float = field(default=BETA, metadata=MAY_CHANGE)  # previews
+    tau: float = field(default=TAU, metadata=MAY_CHANGE)
     ema: Optional[float] = 0.99
     i_star_gradient: IStarGradient = "detach"
     # ablations (the paper's and the benchmark's baselines): trained instead of locked keys, an
@@ -107,13 +167,19 @@ class TrainConfig:
     keys: Keys = "locked"
     gated: bool = True
     edit: bool = True
-    templates: tuple[str, ...] = TI_TEMPLATES
+    templates: tuple[str, ...] = field(default=TI_TEMPLATES, metadata=MAY_CHANGE)
     flip: bool = True
-    save_every: int = 0
-    preview_every: int = 0
+    save_every: int = field(default=0, metadata=MAY_CHANGE)
+    preview_every: int = field(default=0, metadata=MAY_CHANGE)
     seed: int = 0
-    clip_skip: int = 1
-    gradient_checkpointing: bool = False  # recompute U-Net blocks in backward: less memory, ~30 % slower
+    clip_skip: int = field(default=1, metadata=MAY_CHANGE)
+    # recompute U-Net blocks in backward: less memory, ~30 % slower
+    gradient_checkpointing: bool = field(default=False, metadata=MAY_CHANGE)
+
+    @classmethod
+    def fixed_on_resume(cls) -> list[str]:
+        """The fields a resumed run must share with its checkpoint."""
+        return [f.name for f in fields(cls) if not f.metadata.get("may_change_on_resume")]
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -262,7 +328,7 @@ class Trainer:
         return x0, mask, prompts, t.to(x0.device), noise.to(x0.device)
 
     # -- state ----------------------------------------------------------------------------
-    def _init_state(self) -> dict:
+    def _init_state(self) -> TrainState:
         """Embedding, i_super, i*, and value targets from the first micro-batch, as in the paper."""
         cfg, ad = self.cfg, self.adapter
         _, _, prompts, _, _ = self._micro_batch(0, 0, word=cfg.superclass)
@@ -283,31 +349,24 @@ class Trainer:
             if cfg.method == "perfusion"
             else {k: v[:0] for k, v in ad.word_embedding(cfg.superclass).items()}
         )
-        return {
-            "i_super": i_super,
-            "i_star": i_super.clone(),
-            "values": values,
-            "keys": keys,
-            "embedding": {k: v.float() for k, v in embedding.items()},
-            "step": 0,
-        }
+        return TrainState(0, i_super, i_super.clone(), values, keys, {k: v.float() for k, v in embedding.items()})
 
-    def _concept(self, state: dict, i_star: torch.Tensor, step: int) -> Concept:
+    def _concept(self, state: TrainState, i_star: torch.Tensor, step: int) -> Concept:
         a, energy = concept_gate(self.cov, i_star.detach().float())
         cfg = self.cfg
         return Concept(
             token=self.word,
             superclass=cfg.superclass,
-            embedding=state["embedding"],
+            embedding=state.embedding,
             i_star=i_star,
             a=a,
             energy=energy,
-            i_super=state["i_super"],
-            values=state["values"],
+            i_super=state.i_super,
+            values=state.values,
             method=cfg.method,
             arch=getattr(self.adapter, "arch", "other"),
             base_model_hash=getattr(self.adapter, "model_hash", ""),
-            keys=state["keys"],
+            keys=state.keys,
             covariance_hash=self.cov.hash,
             clip_skip=cfg.clip_skip,
             train_beta=cfg.train_beta,
@@ -318,37 +377,28 @@ class Trainer:
             name=cfg.name,
         )
 
-    def _optimizer(self, state: dict) -> torch.optim.Optimizer:
-        targets = list(state["values"].values()) + list(state["keys"].values())
+    def _optimizer(self, state: TrainState) -> torch.optim.Optimizer:
+        targets = list(state.values.values()) + list(state.keys.values())
         groups = [{"params": targets, "lr": self.cfg.lr_values, "name": "values"}]
         if self.cfg.method == "perfusion":
-            groups.append(
-                {"params": list(state["embedding"].values()), "lr": self.cfg.lr_embedding, "name": "embedding"}
-            )
+            groups.append({"params": list(state.embedding.values()), "lr": self.cfg.lr_embedding, "name": "embedding"})
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _lr_scale(self, step: int) -> float:
         return min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _params(self, state: dict) -> dict[str, torch.Tensor]:
-        out = {f"values.{k}": v for k, v in state["values"].items()}
-        out.update({f"keys.{k}": v for k, v in state["keys"].items()})
-        out.update({f"embedding.{k}": v for k, v in state["embedding"].items()})
-        return out
-
-    def save_checkpoint(self, state: dict, opt: torch.optim.Optimizer, step: int) -> Path:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in self._params(state).items()}
-        tensors.update(i_star=state["i_star"].detach().cpu(), i_super=state["i_super"].detach().cpu())
-        names = {id(p): name for name, p in self._params(state).items()}
+    def save_checkpoint(self, state: TrainState, opt: torch.optim.Optimizer) -> Path:
+        tensors = state.tensors()
+        names = {id(p): name for name, p in state.params().items()}
         for p, s in opt.state.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 tensors[f"adam.{key}.{names[id(p)]}"] = s[key].detach().cpu().contiguous()
             tensors[f"adam.step.{names[id(p)]}"] = torch.as_tensor(s["step"], dtype=torch.float64).reshape(1).cpu()
-        meta = {"perfusion_checkpoint": "1", "step": str(step), "config": json.dumps(asdict(self.cfg))}
+        meta = {"perfusion_checkpoint": "1", "step": str(state.step), "config": json.dumps(asdict(self.cfg))}
         return atomic_write(self.checkpoint_path, save_bytes(tensors, metadata=meta))
 
-    def _resume(self) -> tuple[dict, dict]:
+    def _resume(self) -> tuple[TrainState, dict]:
         """(state, optimizer tensors) from the checkpoint; refuses one made with another config."""
         try:
             with safe_open(str(self.checkpoint_path), "pt") as f:
@@ -358,35 +408,14 @@ class Trainer:
         except Exception as e:
             raise TrainError(f"{self.checkpoint_path}: unreadable checkpoint ({e}); delete it to start over") from None
         ours = asdict(self.cfg)
-        fixed = (
-            "token",
-            "superclass",
-            "method",
-            "batch_size",
-            "grad_accum",
-            "seed",
-            "ema",
-            "i_star_gradient",
-            "flip",
-            "keys",
-            "gated",
-            "edit",
-        )
-        changed = [k for k in fixed if json.dumps(saved.get(k)) != json.dumps(ours[k])]
+        changed = [k for k in TrainConfig.fixed_on_resume() if json.dumps(saved.get(k)) != json.dumps(ours[k])]
         if changed:
             raise TrainError(
                 f"{self.checkpoint_path}: made with different {', '.join(changed)}; "
                 "start a new run under another name or delete the checkpoint"
             )
         dev = self.adapter.device
-        state = {
-            "i_star": tensors["i_star"].to(dev),
-            "i_super": tensors["i_super"].to(dev),
-            "step": int(meta["step"]),
-            "values": {k[7:]: v.to(dev) for k, v in tensors.items() if k.startswith("values.")},
-            "keys": {k[5:]: v.to(dev) for k, v in tensors.items() if k.startswith("keys.")},
-            "embedding": {k[10:]: v.to(dev) for k, v in tensors.items() if k.startswith("embedding.")},
-        }
+        state = TrainState.from_tensors(tensors, int(meta["step"]), dev)
         return state, {k: v.to(dev) for k, v in tensors.items() if k.startswith("adam.")}
 
     @staticmethod
@@ -412,75 +441,73 @@ class Trainer:
         """Train to `steps` (from the checkpoint if `resume`), saving atomically; returns the final concept."""
         cfg, ad = self.cfg, self.adapter
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.checkpoint_path.exists():
-            state, saved_opt = self._resume()
-        elif resume:
+        if resume and not self.checkpoint_path.exists():
             raise TrainError(f"nothing to resume: {self.checkpoint_path} does not exist")
-        else:
-            state, saved_opt = self._init_state(), {}
-        for table in (state["values"], state["keys"], state["embedding"]):
-            for k in table:
-                table[k] = table[k].detach().float().requires_grad_(True)
+        state, saved_opt = self._resume() if resume else (self._init_state(), {})
+        state.trainable()
         opt = self._optimizer(state)
-        names = {id(p): n for n, p in self._params(state).items()}
-        self._load_optimizer(opt, names, saved_opt)
-        losses = _read_losses(self.loss_path, state["step"]) if resume else []
+        self._load_optimizer(opt, {id(p): n for n, p in state.params().items()}, saved_opt)
+        losses = _read_losses(self.loss_path, state.step) if resume else []
         hooks = attach(ad.diffusion_model, context_dim=ad.context_dim)
-        step, started, smoothed = state["step"], time.monotonic(), (losses[-1] if losses else None)
-        first = step
-        interrupted = False
         scaler = loss_scaler(ad.diffusion_model)
-        checkpointing = checkpointed_blocks(ad.diffusion_model) if cfg.gradient_checkpointing else nullcontext()
+        clock = _Clock(state.step, losses[-1] if losses else None)
+        interrupted = False
         try:
-            with checkpointing:
-                while step < cfg.steps:
-                    for group in opt.param_groups:
-                        group["lr"] = (
-                            cfg.lr_values if group["name"] == "values" else cfg.lr_embedding
-                        ) * self._lr_scale(step)
-                    total, i_star_before = 0.0, state["i_star"]
-                    for k in range(cfg.grad_accum):
-                        if should_stop():
-                            interrupted = True
-                            break
-                        total += self._micro_step(state, hooks, scaler, step, k) / cfg.grad_accum
-                    if interrupted:  # back to the last whole step: what the checkpoint holds
-                        state["i_star"] = i_star_before
-                        opt.zero_grad(set_to_none=True)
+            with checkpointed_blocks(ad.diffusion_model) if cfg.gradient_checkpointing else nullcontext():
+                while state.step < cfg.steps:
+                    loss = self._step(state, opt, hooks, scaler, should_stop)
+                    if loss is None:  # interrupted mid-step: state is the last whole step, as the checkpoint
+                        interrupted = True
                         break
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    state["step"] = step
-                    losses.append(total)
-                    smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-                    self._append_loss(step, total, smoothed)
-                    if progress:
-                        rate = (step - first) / max(time.monotonic() - started, 1e-9)
-                        progress(Progress(step, cfg.steps, total, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                        self.save_checkpoint(state, opt, step)
-                        save_concept(
-                            self._concept(state, state["i_star"], step),
-                            self.work_dir / f"{cfg.name}-{step:05d}.safetensors",
-                        )
-                    if preview and cfg.preview_every and step % cfg.preview_every == 0:
-                        with torch.no_grad():
-                            concept = self._concept(state, state["i_star"], step)
-                            hooks.activate([Activation(concept, cfg.beta, cfg.tau)])
-                            preview(concept, step)
+                    losses.append(loss)
+                    self._after_step(state, opt, hooks, loss, clock, progress, preview)
         finally:
             hooks.clear()
-        self.save_checkpoint(state, opt, step)
-        concept = self._concept(state, state["i_star"].detach(), step)
-        path = save_concept(concept, self.concept_path)
-        return TrainResult(concept, path, step, interrupted, losses)
+        self.save_checkpoint(state, opt)
+        concept = self._concept(state, state.i_star.detach(), state.step)
+        return TrainResult(concept, save_concept(concept, self.concept_path), state.step, interrupted, losses)
 
-    def _micro_step(self, state: dict, hooks, scaler: torch.amp.GradScaler, step: int, k: int) -> float:
+    def _step(self, state: TrainState, opt, hooks, scaler, should_stop: Callable[[], bool]) -> Optional[float]:
+        """One optimiser step over grad_accum micro-batches; its loss, or None (nothing applied) if stopped."""
+        cfg = self.cfg
+        for group in opt.param_groups:
+            group["lr"] = (cfg.lr_values if group["name"] == "values" else cfg.lr_embedding) * self._lr_scale(
+                state.step
+            )
+        total, i_star_before = 0.0, state.i_star
+        for k in range(cfg.grad_accum):
+            if should_stop():
+                state.i_star = i_star_before
+                opt.zero_grad(set_to_none=True)
+                return None
+            total += self._micro_step(state, hooks, scaler, state.step, k) / cfg.grad_accum
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        return total
+
+    def _after_step(self, state: TrainState, opt, hooks, loss: float, clock: _Clock, progress, preview) -> None:
+        """Log the loss, report progress, save a snapshot and show a preview when they are due."""
+        cfg, step = self.cfg, state.step
+        smoothed = clock.smooth(loss)
+        self._append_loss(step, loss, smoothed)
+        if progress:
+            rate = clock.rate(step)
+            progress(Progress(step, cfg.steps, loss, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            self.save_checkpoint(state, opt)
+            save_concept(self._concept(state, state.i_star, step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
+        if preview and cfg.preview_every and step % cfg.preview_every == 0:
+            with torch.no_grad():
+                concept = self._concept(state, state.i_star, step)
+                hooks.activate([Activation(concept, cfg.beta, cfg.tau)])
+                preview(concept, step)
+
+    def _micro_step(self, state: TrainState, hooks, scaler: torch.amp.GradScaler, step: int, k: int) -> float:
         cfg, ad = self.cfg, self.adapter
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
-        embedding = state["embedding"] if cfg.method == "perfusion" else None
+        embedding = state.embedding if cfg.method == "perfusion" else None
         context, rows = ad.encode(prompts, {self.word: embedding})
         if not torch.isfinite(context).all():
             raise NonFiniteError(
@@ -489,11 +516,11 @@ class Trainer:
                 "text encoder",
             )
         rows = rows[self.word]
-        i_star = state["i_star"]
+        i_star = state.i_star
         if cfg.method == "perfusion" and cfg.ema is not None:
             m = _mean_rows(context, rows).float()
             i_star = cfg.ema * i_star + (1 - cfg.ema) * m.detach()
-            state["i_star"] = i_star
+            state.i_star = i_star
             if cfg.i_star_gradient == "straight_through":  # value of the EMA, gradient of the fresh encoding
                 i_star = i_star + (1 - cfg.ema) * (m - m.detach())
         concept = self._concept(state, i_star, step)

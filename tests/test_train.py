@@ -64,7 +64,7 @@ def test_loss_falls_and_only_the_concept_changes(world, tmp_path):
     cfg = config(steps=25, lr_values=0.3, lr_embedding=0.05)
     trainer = Trainer(adapter, cov, cfg, images, None, tmp_path, tmp_path / "hugsy.safetensors")
     state = trainer._init_state()
-    init = trainer._concept(state, state["i_star"], 0)
+    init = trainer._concept(state, state.i_star, 0)
     result = trainer.run(progress=progress.append)
     assert result.step == 25 and not result.interrupted and len(result.losses) == 25
     assert eval_loss(adapter, trainer, result.concept) < eval_loss(adapter, trainer, init) - 0.005
@@ -278,12 +278,12 @@ def test_ablations_trained_keys_ungated_and_embedding_only(world, tmp_path):
     state = trained._init_state()
     c = trained.run().concept
     assert set(c.keys) == set(c.values)
-    assert all(not torch.allclose(c.keys[k], state["keys"][k], atol=1e-4) for k in c.keys)  # keys moved
+    assert all(not torch.allclose(c.keys[k], state.keys[k], atol=1e-4) for k in c.keys)  # keys moved
     ti = Trainer(adapter, cov, config(edit=False, **base), images, None, tmp_path / "t", tmp_path / "t.safetensors")
     init = ti._init_state()
     c_ti = ti.run().concept
-    assert all(torch.equal(c_ti.values[k], init["values"][k]) for k in c_ti.values)  # no edit: values untouched
-    assert not torch.allclose(c_ti.embedding[""], init["embedding"][""])
+    assert all(torch.equal(c_ti.values[k], init.values[k]) for k in c_ti.values)  # no edit: values untouched
+    assert not torch.allclose(c_ti.embedding[""], init.embedding[""])
     c_rome = Trainer(
         adapter, cov, config(gated=False, **base), images, None, tmp_path / "r", tmp_path / "r.safetensors"
     ).run()
@@ -318,9 +318,9 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same(world, tmp
     torch.testing.assert_close(saved.concept.embedding[""], plain.concept.embedding[""], rtol=1e-4, atol=1e-6)
     assert not torch.equal(
         plain.concept.embedding[""],
-        Trainer(adapter, cov, config(steps=3), images, None, tmp_path / "c", tmp_path / "c.safetensors")._init_state()[
-            "embedding"
-        ][""],
+        Trainer(adapter, cov, config(steps=3), images, None, tmp_path / "c", tmp_path / "c.safetensors")
+        ._init_state()
+        .embedding[""],
     )
 
 
