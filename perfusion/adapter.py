@@ -28,7 +28,8 @@ class Adapter(Protocol):
 
     context_dim: width of the context rows; prediction: "eps" or "v"; alphas_cumprod: [T] on CPU.
     A U-Net that also takes one vector per prompt (SDXL: pooled text + size embedding) gets it from
-    `context.vector` [B, k], which encode attaches and the engine keeps with the rows (join_contexts).
+    the context (diffusion.with_pooled / pooled: [B, k]), which encode attaches and the engine keeps with the
+    rows (join_contexts).
     """
 
     context_dim: int

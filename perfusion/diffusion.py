@@ -10,13 +10,30 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) -> prediction
 
 
+# A U-Net that also takes one vector per prompt (SDXL: pooled clip_g text + size embedding, its "y") gets it
+# with the cross-attention rows: the vector rides on the context tensor under this attribute, so every path
+# that passes a context along (sampler, trainer, previews) keeps it without knowing about it.
+POOLED = "vector"
+
+
+def with_pooled(context: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """`context` [B, N, d] carrying `vector` [B, k] (returned for chaining)."""
+    if vector.shape[0] != context.shape[0]:
+        raise ValueError(f"pooled vector for {vector.shape[0]} prompts, context for {context.shape[0]}")
+    setattr(context, POOLED, vector)
+    return context
+
+
+def pooled(context: torch.Tensor) -> Optional[torch.Tensor]:
+    """The per-prompt vector [B, k] a context carries, or None."""
+    return getattr(context, POOLED, None)
+
+
 def join_contexts(*contexts: torch.Tensor) -> torch.Tensor:
-    """The contexts stacked along the batch, keeping a per-prompt `vector` [B, k] if every one carries it
-    (SDXL's pooled text + size embedding, attached by its adapter as the WebUI attaches `pooled`)."""
+    """The contexts stacked along the batch, keeping the pooled vector if every one carries it."""
     joined = torch.cat(contexts)
-    if all(hasattr(c, "vector") for c in contexts):
-        joined.vector = torch.cat([c.vector for c in contexts])
-    return joined
+    vectors = [pooled(c) for c in contexts]
+    return with_pooled(joined, torch.cat(vectors)) if all(v is not None for v in vectors) else joined
 
 
 def _coefficients(

@@ -20,6 +20,7 @@ import torch
 from modules import devices
 
 from ..adapter import Embedding
+from ..diffusion import pooled, with_pooled
 from ..hooks import find_cross_attention
 from ..tokens import word_rows
 from . import host
@@ -72,7 +73,7 @@ class WebUIAdapter:
         }
 
     def _condition(self, prompts: list[str]) -> torch.Tensor:
-        """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: with .vector [B, k])."""
+        """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: carrying its pooled vector [B, k])."""
         if not self.sdxl:
             return self.sd_model.cond_stage_model(list(prompts))
         from modules.prompt_parser import SdConditioning
@@ -80,9 +81,7 @@ class WebUIAdapter:
         cond = self.sd_model.get_learned_conditioning(
             SdConditioning(prompts, width=self.resolution, height=self.resolution)
         )
-        context = cond["crossattn"]
-        context.vector = cond["vector"]
-        return context
+        return with_pooled(cond["crossattn"], cond["vector"])
 
     def encode(
         self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
@@ -116,7 +115,7 @@ class WebUIAdapter:
         return [rows[-1] for rows in word_rows([c.tokens for c in chunks], ids, length)]
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        cond = {"crossattn": context, "vector": context.vector} if self.sdxl else context
+        cond = {"crossattn": context, "vector": pooled(context)} if self.sdxl else context
         with devices.autocast():
             return self.sd_model.apply_model(x, t, cond)
 
