@@ -100,9 +100,10 @@ class _PathStack:
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # value targets [n, d_out] per layer
 
     @classmethod
-    def of(cls, items: list[Activation], device: torch.device) -> _PathStack:
+    def of(cls, items: list[Activation], device: torch.device, kind: str) -> _PathStack:
         cs = [i.concept for i in items]
         on = lambda rows: torch.stack(rows).to(device)  # noqa: E731
+        ungated = [i.ungated or (kind == "k" and i.lock == "hard") for i in items]  # hard: the key edit by s
         return cls(
             cs,
             on([c.a for c in cs]),
@@ -111,7 +112,7 @@ class _PathStack:
             on([c.energy.reshape(()) for c in cs]),
             torch.tensor([i.gate[0] for i in items], device=device),
             torch.tensor([i.gate[1] for i in items], device=device),
-            torch.tensor([i.ungated for i in items], device=device) if any(i.ungated for i in items) else None,
+            torch.tensor(ungated, device=device) if any(ungated) else None,
             [p for p, c in enumerate(cs) if c.method == "perfusion"],
         )
 
@@ -200,9 +201,11 @@ class Hooks:
         if key not in self._stacks:
             items = self.activations.items
             edit = [
-                n for n, i in enumerate(items) if kind == "v" or (i.concept.method == "perfusion" and i.lock == "local")
+                n
+                for n, i in enumerate(items)
+                if kind == "v" or (i.concept.method == "perfusion" and i.lock != "global")
             ]
-            self._stacks[key] = _PathStack.of([items[n] for n in edit], device) if edit else None
+            self._stacks[key] = _PathStack.of([items[n] for n in edit], device, kind) if edit else None
         return self._stacks[key]
 
     def _key_input(self, module: nn.Module, args: tuple):

@@ -7,7 +7,11 @@ from typing import Literal, get_args
 
 Method = Literal["perfusion", "infusion"]  # key-locked rank-1 edit with a learned word; Infusion's value residual
 Arch = Literal["sd1", "sd2", "sdxl", "other"]
-Lock = Literal["local", "global"]  # key-locking at inference (PERFUSION.md)
+# Key-locking at inference (PERFUSION.md): local gates the key edit like the value edit; global feeds the
+# superclass-substituted prompt to every key; hard is local with the key edit ungated (x W i_super in place
+# of x W i*, ROME's closed form): the concept's key direction is the superclass's whatever its gate,
+# which keeps a concept that comes second in a prompt from drawing attention to itself.
+Lock = Literal["local", "global", "hard"]
 Projection = Literal["approximate", "exact"]  # how several concepts share one edit
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking

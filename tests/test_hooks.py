@@ -374,3 +374,27 @@ def test_key_contexts_work_on_inference_tensors():
         batch = torch.cat([cond, torch.randn(1, 77, 8)])
         out = contexts(batch)
         assert torch.equal(out[0], twin[0]) and torch.equal(out[1], batch[1]) and contexts(batch) is out
+
+
+def test_hard_lock_ungates_the_key_edit_only():
+    """lock="hard": K = W_K e + s (W_K i_super - W_K i*) on every row (the key direction is the superclass's
+    whatever the gate), V keeps the gated edit; against float64."""
+    d = 768
+    parent, attn = lone_cross_attention(d)
+    cov = random_covariance(d)
+    concept = make_concept({"attn2": 320}, d, cov)
+    e = encodings(77, d, 9)[None]
+    e[0, 3] = concept.i_star
+    e[0, 9] = 0.6 * concept.i_star + 0.4 * e[0, 9]  # a weakened concept row: the gate half closed, s not
+    with torch.no_grad(), attach(parent, Activations([Activation(concept, 0.7, 0.15, lock="hard")])):
+        k, v = attn.to_k(e), attn.to_v(e)
+    c_inv_i = torch.linalg.solve(cov, concept.i_star.double())
+    s = e.double() @ c_inv_i / (concept.i_star.double() @ c_inv_i)
+    Wk, Wv = attn.to_k.weight.double(), attn.to_v.weight.double()
+    k_ref = e.double() @ Wk.T + s[..., None] * (Wk @ concept.i_super.double() - Wk @ concept.i_star.double())
+    assert close(k, k_ref, 1e-4)
+    ref_v = reference(Wv, e, [(concept.i_star, concept.values["attn2"])], [(0.7, 0.15)], cov)
+    assert close(v, ref_v, 1e-4)
+    with torch.no_grad(), attach(parent, Activations([Activation(concept, 0.7, 0.15)])):
+        k_local = attn.to_k(e)
+    assert not close(k_local, k_ref, 1e-4)  # the paper's local lock gates the key edit: it differs
