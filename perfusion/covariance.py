@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -35,29 +36,36 @@ class CovarianceError(ValueError):
 class Covariance:
     """C [d, d] float64 (ridge included) with where it came from."""
 
-    matrix: torch.Tensor
+    matrix: torch.Tensor  # never changed after construction: what is derived from it is cached
     rows: int
     prompts: int
     encoder_hash: str
     clip_skip: int
     positions: str
     ridge: float
+    _inverse: dict = field(default_factory=dict, repr=False, compare=False)  # device -> C^-1 float64
 
-    @property
+    @cached_property
     def hash(self) -> str:
-        """Short content hash, recorded in concept files as covariance_hash."""
+        """Short content hash, recorded in concept files as covariance_hash (computed once)."""
         return short_hash(self.matrix.double().contiguous().numpy().tobytes())
 
+    @cached_property
+    def _cholesky(self) -> torch.Tensor:
+        return torch.linalg.cholesky(self.matrix.double())
+
     def solve(self, x: torch.Tensor) -> torch.Tensor:
-        """C^-1 x for x [..., d] (float64 Cholesky solve), returned in x's dtype and device."""
-        chol = self._cholesky()
-        y = torch.cholesky_solve(x.detach().double().cpu().reshape(-1, x.shape[-1]).T, chol).T
+        """C^-1 x for x [..., d] (float64 Cholesky solve on the CPU), returned in x's dtype and device."""
+        y = torch.cholesky_solve(x.detach().double().cpu().reshape(-1, x.shape[-1]).T, self._cholesky).T
         return y.reshape(x.shape).to(x.dtype).to(x.device)
 
-    def _cholesky(self) -> torch.Tensor:
-        if getattr(self, "_chol", None) is None:
-            self._chol = torch.linalg.cholesky(self.matrix.double())
-        return self._chol
+    def inverse(self, device: torch.device) -> torch.Tensor:
+        """C^-1 [d, d] float64 on `device`, from the Cholesky factor once per device: a gate direction is
+        then one mat-vec where i* lives, with no copy to the CPU and no sync."""
+        key = str(device)
+        if key not in self._inverse:
+            self._inverse[key] = torch.cholesky_inverse(self._cholesky).to(device)
+        return self._inverse[key]
 
 
 def build_covariance(
@@ -192,6 +200,11 @@ def cached_covariance(
 
 
 def concept_gate(cov: Covariance, i_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a [d], energy [1]) for target input i* [d] under covariance C (float64 inside, i*'s dtype out)."""
-    a, energy = gate_direction(i_star.double().cpu(), cov.solve(i_star.double().cpu()))
+    """(a [d], energy [1]) for target input i* [d] under covariance C (float64 inside, i*'s dtype out), on
+    i*'s device (devices without float64, such as Apple's MPS, solve on the CPU)."""
+    if i_star.device.type == "mps":
+        a, energy = gate_direction(i_star.double().cpu(), cov.solve(i_star.double().cpu()))
+    else:
+        i64 = i_star.double()
+        a, energy = gate_direction(i64, cov.inverse(i_star.device) @ i64)
     return a.to(i_star.dtype).to(i_star.device), energy.to(i_star.dtype).to(i_star.device)

@@ -37,24 +37,34 @@ def gate(s: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor
     return torch.sigmoid((s - beta) / tau)
 
 
+def exact_mix(a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """M [n, n] float64 with x = s @ M the exact projection's coefficients: x = G^-1 b, b_c = energy_c s_c,
+    G_cd = energy_c a_c . i*_d, so M = (G^-1 diag(energy))^T (float64 inside). Constant for a set of
+    concepts: compute it once per activation, not per call. The pseudo-inverse keeps concepts with the
+    same (or dependent) i* from failing the whole image."""
+    a64, i64, en64 = a.double(), i_star.double(), energy.double().reshape(-1)
+    gram = en64[:, None] * (a64 @ i64.T)
+    return (torch.linalg.pinv(gram, hermitian=True) @ torch.diag(en64)).T
+
+
 def projection_coefficients(
-    s: torch.Tensor, a: torch.Tensor, i_star: torch.Tensor, energy: torch.Tensor, projection: str = "approximate"
+    s: torch.Tensor,
+    a: torch.Tensor,
+    i_star: torch.Tensor,
+    energy: torch.Tensor,
+    projection: str = "approximate",
+    mix: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x [..., n]: how much of each W i*_c to remove from W e.
 
-    s [..., n] similarities; a, i_star [n, d]; energy [n]. The exact form solves the n x n Gram
-    system of the C^-1 inner product in float64; for one concept both forms equal s.
+    s [..., n] similarities; a, i_star [n, d]; energy [n]; mix: exact_mix of these concepts if already
+    known. For one concept both forms equal s.
     """
     if projection == "approximate" or a.shape[0] == 1:
         return s
     if projection != "exact":
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    a64, i64, en64 = a.double(), i_star.double(), energy.double().reshape(-1)
-    gram = en64[:, None] * (a64 @ i64.T)
-    # x = G^-1 b with b_c = energy_c s_c, written as s @ (diag(energy) G^-T) for batched rows. The
-    # pseudo-inverse keeps concepts with the same (or dependent) i* from failing the whole image.
-    mix = (torch.linalg.pinv(gram, hermitian=True) @ torch.diag(en64)).T
-    return s @ mix.to(s.dtype)
+    return s @ (exact_mix(a, i_star, energy) if mix is None else mix).to(s.dtype)
 
 
 def edited_output(
@@ -70,13 +80,15 @@ def edited_output(
     projected: Optional[Sequence[int]] = None,
     projection: str = "approximate",
     ungated: Optional[torch.Tensor] = None,
+    mix: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The edited projection output.
 
     y [..., d_out] = W e (any dtype); e [..., d_in]; a, i_star [n, d_in]; energy, beta, tau [n];
     w_i_star [n, d_out] = W i*_c; targets [n, d_out] = o*_c; projected: indices of the concepts whose
     W i*_c is projected out (default all: Perfusion; the others are additive, like Infusion residuals);
-    ungated [n] bool: concepts whose gate is replaced by s itself (ROME's closed form, an ablation).
+    ungated [n] bool: concepts whose gate is replaced by s itself (ROME's closed form, an ablation);
+    mix: exact_mix of the projected concepts, when the caller keeps it.
     Gate and similarity are fp32; the whole update is one fused product [g, -x] @ [o*; W i*] added to
     y in fp32; the result has y's dtype.
     """
@@ -94,6 +106,7 @@ def edited_output(
             i_star if full else i_star[projected],
             energy if full else energy[projected],
             projection,
+            mix,
         )
         coef = torch.cat([coef, -x], -1)
         rows = torch.cat([rows, (w_i_star if full else w_i_star[projected]).float()])

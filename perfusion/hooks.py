@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .concept import Concept, ConceptError
-from .edit import edited_output
+from .edit import edited_output, exact_mix
 from .options import LOCKS, PROJECTIONS, Lock, Projection
 
 _HANDLE_ATTR = "_perfusion_hooks"
@@ -98,6 +98,19 @@ class _PathStack:
     ungated: Optional[torch.Tensor]  # [n] bool, None when every concept is gated
     projected: list[int]  # positions of the Perfusion concepts (projected out of e; Infusion's are not)
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # value targets [n, d_out] per layer
+    # W i* and W i_super [n, d_out] per layer: constant while the activation lasts (frozen weights); kept
+    # at inference only, so a training step's graph is always its own
+    projected_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    _mix: Optional[torch.Tensor] = None
+
+    def mix(self, projection: str) -> Optional[torch.Tensor]:
+        """The exact projection's mixing matrix of the projected concepts, computed once (None: approximate)."""
+        if projection != "exact" or len(self.projected) < 2:
+            return None
+        if self._mix is None:
+            p = self.projected
+            self._mix = exact_mix(self.a[p], self.i_star[p], self.energy[p])
+        return self._mix
 
     @classmethod
     def of(cls, items: list[Activation], device: torch.device, kind: str) -> _PathStack:
@@ -215,6 +228,15 @@ class Hooks:
         replaced = acts.key_context(args[0])
         return None if replaced is None else (replaced.to(args[0].dtype),) + tuple(args[1:])
 
+    def _projected(self, path: _PathStack, layer: str, module: nn.Module, x: torch.Tensor, dtype) -> torch.Tensor:
+        """module(x) for this layer's concept rows, kept for the activation's later calls at inference (while
+        a graph is built, e.g. in training, every call projects afresh)."""
+        if torch.is_grad_enabled():
+            return self._project(module, x, dtype)
+        if layer not in path.projected_rows:
+            path.projected_rows[layer] = self._project(module, x, dtype)
+        return path.projected_rows[layer]
+
     def _project(self, module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """module(x) in fp32, called under the re-entrancy guard (weights may be patched or quantized)."""
         self._busy = True
@@ -231,15 +253,16 @@ class Hooks:
             if path is None:
                 return None
             e = args[0]
+            n = len(path.concepts)
             if kind == "v":
-                w_i_star = self._project(module, path.i_star, e.dtype)
+                w_i_star = self._projected(path, layer, module, path.i_star, e.dtype)
                 if layer not in path.targets:
                     path.targets[layer] = torch.stack([c.values[layer] for c in path.concepts]).to(y.device)
                 targets = path.targets[layer]
             else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
                 missing = [p for p, c in enumerate(path.concepts) if layer not in c.keys]
-                both = self._project(module, torch.cat([path.i_star, path.i_super[missing]]), e.dtype)
-                w_i_star, w_i_super = both[: len(path.concepts)], both[len(path.concepts) :]
+                both = self._projected(path, layer, module, torch.cat([path.i_star, path.i_super[missing]]), e.dtype)
+                w_i_star, w_i_super = both[:n], both[n:]
                 rows = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in path.concepts]
                 for p, row in zip(missing, w_i_super):
                     rows[p] = row
@@ -257,6 +280,7 @@ class Hooks:
                 projected=path.projected,
                 projection=self.activations.projection,
                 ungated=path.ungated,
+                mix=path.mix(self.activations.projection),
             )
 
         return hook

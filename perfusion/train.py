@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -509,12 +510,6 @@ class Trainer:
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
         embedding = state.embedding if cfg.method == "perfusion" else None
         context, rows = ad.encode(prompts, {self.word: embedding})
-        if not torch.isfinite(context).all():
-            raise NonFiniteError(
-                f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
-                "stopped before applying the step",
-                "text encoder",
-            )
         rows = rows[self.word]
         i_star = state.i_star
         if cfg.method == "perfusion" and cfg.ema is not None:
@@ -530,14 +525,21 @@ class Trainer:
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)
         per_pixel = (pred - target).square().mean(1)  # [B, h, w]
         loss = (per_pixel * mask).mean()
-        if not torch.isfinite(loss):
+        value = float(loss.detach())  # the step's one device sync (the loss is logged anyway)
+        if not math.isfinite(value):  # only now look for where it came from (a second sync, on the way out)
+            if not torch.isfinite(context).all():
+                raise NonFiniteError(
+                    f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
+                    "stopped before applying the step",
+                    "text encoder",
+                )
             raise NonFiniteError(
-                f"step {step + 1}: the loss is {float(loss.detach())} (NaN or Inf in the U-Net's prediction); "
+                f"step {step + 1}: the loss is {value} (NaN or Inf in the U-Net's prediction); "
                 "stopped before applying the step",
                 "loss",
             )
         scaler.scale(loss / cfg.grad_accum).backward()
-        return float(loss.detach())
+        return value
 
     def _append_loss(self, step: int, loss: float, smoothed: float) -> None:
         new = not self.loss_path.exists()
