@@ -92,16 +92,19 @@ def build_covariance(
     for start in range(0, total, batch_size):
         with torch.no_grad():
             context, lengths = encode(list(prompts[start : start + batch_size]))
-        e = context.detach().double().cpu()
+        # accumulated in float64 where the encoder ran (one copy to the CPU at the end, no per-batch sync);
+        # a device without float64 (Apple's MPS) accumulates on the CPU
+        where = context.device if context.device.type != "mps" else torch.device("cpu")
+        e = context.detach().to(where).double()
         if positions == "tokens":
-            keep = torch.arange(e.shape[1])[None, :] < lengths.cpu()[:, None]
+            keep = torch.arange(e.shape[1], device=where)[None, :] < lengths.to(where)[:, None]
             e = e[keep]
         e = e.reshape(-1, e.shape[-1])
         outer = e.T @ e if outer is None else outer + e.T @ e
         rows += e.shape[0]
         if progress:
             progress(min(start + batch_size, total), total)
-    c = outer / rows
+    c = outer.cpu() / rows
     c = c + torch.eye(c.shape[0], dtype=c.dtype) * (ridge * c.trace() / c.shape[0])
     return Covariance(c, rows, total, encoder_hash, clip_skip, positions, ridge)
 
@@ -171,7 +174,10 @@ def cached_covariance(
 
     An unreadable cache file is rebuilt (and replaced atomically), never trusted.
     """
-    name = f"covariance-{encoder_hash[:16] or 'unknown'}-skip{clip_skip}-{positions}-{len(prompts)}.safetensors"
+    if not encoder_hash:  # a constant would let two models share one file: key by the corpus at least
+        raise ValueError("cached_covariance needs the encoder's hash (the model's, or its weights')")
+    corpus = short_hash("\n".join(prompts).encode(), 8)
+    name = f"covariance-{encoder_hash[:16]}-skip{clip_skip}-{positions}-{len(prompts)}-{corpus}.safetensors"
     path = Path(cache_dir) / name
     if path.exists():
         try:

@@ -510,6 +510,12 @@ class Trainer:
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
         embedding = state.embedding if cfg.method == "perfusion" else None
         context, rows = ad.encode(prompts, {self.word: embedding})
+        if not torch.isfinite(context).all():  # before the gate is computed from it (and from C)
+            raise NonFiniteError(
+                f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
+                "stopped before applying the step",
+                "text encoder",
+            )
         rows = rows[self.word]
         i_star = state.i_star
         if cfg.method == "perfusion" and cfg.ema is not None:
@@ -525,14 +531,8 @@ class Trainer:
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)
         per_pixel = (pred - target).square().mean(1)  # [B, h, w]
         loss = (per_pixel * mask).mean()
-        value = float(loss.detach())  # the step's one device sync (the loss is logged anyway)
-        if not math.isfinite(value):  # only now look for where it came from (a second sync, on the way out)
-            if not torch.isfinite(context).all():
-                raise NonFiniteError(
-                    f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
-                    "stopped before applying the step",
-                    "text encoder",
-                )
+        value = float(loss.detach())  # one sync for the loss: its value is logged anyway
+        if not math.isfinite(value):
             raise NonFiniteError(
                 f"step {step + 1}: the loss is {value} (NaN or Inf in the U-Net's prediction); "
                 "stopped before applying the step",

@@ -84,3 +84,12 @@ def test_bad_arguments(encoder):
         perfusion.build_covariance(encoder, [])
     with pytest.raises(ValueError, match="positions"):
         perfusion.build_covariance(encoder, ["a cat"], positions="bos")
+
+
+def test_cache_key_cannot_collide(tmp_path, encoder):
+    a, b = prompt_corpus(70, seed=4), prompt_corpus(70, seed=5)
+    perfusion.cached_covariance(tmp_path, encoder, a, encoder_hash="abc123", batch_size=64)
+    perfusion.cached_covariance(tmp_path, encoder, b, encoder_hash="abc123", batch_size=64)
+    assert len(list(tmp_path.iterdir())) == 2  # same model and size, other corpus: another file
+    with pytest.raises(ValueError, match="hash"):
+        perfusion.cached_covariance(tmp_path, encoder, a, encoder_hash="")

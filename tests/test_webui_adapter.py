@@ -81,3 +81,20 @@ def test_a_short_training_run_in_the_webui_gives_a_concept_that_generates(webui,
     assert "Perfusion: hugsy" in out.infotexts[0] and out.comments == ""
     assert seen[0] > 0.5  # the gate direction fits the word as generation encodes it
     assert errors.exception_records == []
+
+
+def test_covariance_key_is_the_model_hash_or_a_fingerprint_of_the_text_encoder(webui, monkeypatch):
+    model = shared.sd_model
+    monkeypatch.setattr(model, "sd_model_hash", "", raising=False)
+    fingerprint = WebUIAdapter(model).encoder_hash
+    assert fingerprint.startswith("weights-") and fingerprint == WebUIAdapter(model).encoder_hash
+    weight = next(model.model.diffusion_model.parameters())
+    with torch.no_grad():
+        weight.add_(1.0)  # another model's weights
+    try:
+        assert WebUIAdapter(model).encoder_hash != fingerprint
+    finally:
+        with torch.no_grad():
+            weight.sub_(1.0)
+    monkeypatch.setattr(model, "sd_model_hash", "6ce0161689", raising=False)
+    assert WebUIAdapter(model).encoder_hash == "6ce0161689"

@@ -13,6 +13,7 @@ embedding, at the training resolution) for the U-Net. The refiner (clip_g only) 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -51,6 +52,20 @@ class WebUIAdapter:
         self.context_dim = next(iter(find_cross_attention(self.diffusion_model).values())).to_k.in_features
         self.arch = "sdxl" if self.sdxl else {768: "sd1", 1024: "sd2"}.get(self.context_dim, "other")
         self.model_hash = str(getattr(sd_model, "sd_model_hash", "") or "")
+
+    @property
+    def encoder_hash(self) -> str:
+        """What the text-encoding covariance is cached under: the WebUI's model hash, or (when the WebUI has
+        none, e.g. a checkpoint loaded without hashing) a fingerprint of the model's own weights (text encoders
+        and U-Net, a sample of each tensor), so two models never share one covariance."""
+        if self.model_hash:
+            return self.model_hash
+        h = hashlib.sha256()
+        for module in (*self.encoders, self.diffusion_model):
+            for name, tensor in module.state_dict().items():
+                h.update(name.encode())
+                h.update(tensor.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+        return "weights-" + h.hexdigest()[:12]
 
     @property
     def device(self) -> torch.device:

@@ -295,7 +295,7 @@ def _train(form: TrainForm, dataset, preview) -> Status:
             host.work_folder() / "cache",
             adapter_encoder(adapter),
             prompt_corpus(int(host.option("covariance_prompts"))),
-            encoder_hash=adapter.model_hash or "webui-model",
+            encoder_hash=adapter.encoder_hash,
             clip_skip=cfg.clip_skip,
             progress=covariance_progress,
         )
