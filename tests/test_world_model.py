@@ -36,3 +36,23 @@ def test_world2_run_resumes_from_a_carried_checkpoint_and_exports(tmp_path, monk
         torch.equal(a, b)
         for a, b in zip(probe.diffusion_model.state_dict().values(), adapter.diffusion_model.state_dict().values())
     )
+
+
+def test_a_run_that_blows_up_goes_back_to_a_checkpoint_at_half_the_learning_rate(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from perfusion.world import train_model
+
+    real = train_model.training_target
+    steps_seen = []
+
+    def poisoned(x0, t, noise, alphas, kind):  # from the 60th call on, targets far off: the loss jumps
+        steps_seen.append(1)
+        target = real(x0, t, noise, alphas, kind)
+        return target + 10.0 if len(steps_seen) > 60 else target
+
+    monkeypatch.setattr(train_model, "training_target", poisoned)
+    with pytest.raises(SystemExit, match="diverged again"):
+        train_model.train(200, 5, tmp_path / "w", tmp_path / "m.safetensors", world=1, batch=2)
+    out = capsys.readouterr().out
+    assert out.count("diverged; back to step") == 3 and "learning rate x0.125" in out

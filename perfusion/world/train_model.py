@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ WORLDS = {
         world2,
         mini.UNET_W2,
         mini.TEXT_W2,
-        dict(DEFAULTS, steps=12000, lr=1.5e-3, warmup=200, two_objects=0.3, three_objects=0.2, world=2),
+        dict(DEFAULTS, steps=12000, lr=1e-3, warmup=300, two_objects=0.3, three_objects=0.2, world=2),
         Path("cache/world2"),
     ),
 }
@@ -60,6 +61,7 @@ WORLDS = {
 
 # A run longer than a session is carried to the next in git: its checkpoint is committed here at the end
 # of a session (copied from the work folder) and picked up when the work folder has none.
+DIVERGED = 0.15  # a 25-step mean loss above this and 3x the recent best means the run blew up
 CARRIED = {2: Path(__file__).with_name("weights") / "mini2.checkpoint.safetensors"}
 
 
@@ -81,8 +83,11 @@ def debiased_ema(ema: torch.nn.Module, init: torch.nn.Module, decay: float, step
     return ema
 
 
-def save_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer, step: int, cfg: dict, log: list) -> None:
-    """Everything that changes while training, atomically (a frozen text encoder is rebuilt from its seed)."""
+def save_checkpoint(
+    path: Path, models: dict, opt: torch.optim.Optimizer, step: int, cfg: dict, log: list, lr_scale: float = 1.0
+) -> None:
+    """Everything that changes while training, atomically (a frozen text encoder is rebuilt from its seed);
+    lr_scale: what the divergence guard has cut the learning rate to."""
     tensors = {
         f"{name}.{k}": v.detach().contiguous()
         for name, m in models.items()
@@ -93,11 +98,11 @@ def save_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer, step: 
     for idx, s in state["state"].items():
         for key, value in s.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).reshape(-1) if key == "step" else value.contiguous()
-    meta = {"step": str(step), "config": json.dumps(cfg), "log": json.dumps(log[-200:])}
+    meta = {"step": str(step), "config": json.dumps(cfg), "log": json.dumps(log[-200:]), "lr_scale": repr(lr_scale)}
     atomic_write(path, save_bytes(tensors, metadata=meta))
 
 
-def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tuple[int, dict, list]:
+def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tuple[int, dict, list, float]:
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -111,7 +116,7 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
             _, idx, field = key.split(".", 2)
             state["state"].setdefault(int(idx), {})[field] = value[0] if field == "step" else value
     opt.load_state_dict(state)
-    return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"])
+    return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"]), float(meta.get("lr_scale", 1.0))
 
 
 def _models(cfg: dict, unet_config: dict, text_config: dict) -> tuple[dict, list, torch.optim.Optimizer]:
@@ -150,7 +155,7 @@ def export_checkpoint(work: Path, out: Path, world: int) -> int:
     _, unet_config, text_config, defaults, _ = WORLDS[world]
     ckpt = work / "mini.checkpoint.safetensors"
     models, _, opt = _models(defaults, unet_config, text_config)
-    step, cfg, log = load_checkpoint(ckpt, models, opt)
+    step, cfg, log, _ = load_checkpoint(ckpt, models, opt)
     export(models, cfg, (unet_config, text_config), step, log, out)
     return step
 
@@ -162,14 +167,15 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
     models, params, opt = _models(cfg, unet_config, text_config)
     unet, text = models["unet"], models["text"]
     ckpt = work / "mini.checkpoint.safetensors"
-    step, log = 0, []
+    previous = work / "mini.checkpoint.prev.safetensors"  # the one before: where the divergence guard goes back to
+    step, log, lr_scale = 0, [], 1.0
     carried = CARRIED.get(world)
     if not ckpt.exists() and carried is not None and carried.exists():  # a run that a session carried over in git
         work.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(carried, ckpt)
         print(f"continuing the run carried in {carried}", flush=True)
     if ckpt.exists():
-        step, saved, log = load_checkpoint(ckpt, models, opt)
+        step, saved, log, lr_scale = load_checkpoint(ckpt, models, opt)
         if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in cfg.items() if k != "steps"}:
             raise SystemExit(
                 f"{ckpt} was made with another configuration ({saved}); delete it or pass the same options"
@@ -194,7 +200,7 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
         pred = unet(q_sample(x0, t, noise, alphas), t, context=context)
         loss = (pred - training_target(x0, t, noise, alphas, "v")).square().mean()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * lr_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -207,11 +213,30 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
         window.append(loss.item())
         if step % 25 == 0 or step == steps:
             rate = (time.monotonic() - started) / len(window) if window else 0
-            log.append([step, sum(window[-25:]) / len(window[-25:])])
-            print(f"step {step}/{steps} loss {log[-1][1]:.4f} ({rate:.2f} s/step)", flush=True)
+            mean = sum(window[-25:]) / len(window[-25:])
+            recent = [m for _, m in log[-4:]]
+            if recent and mean > max(DIVERGED, 3 * min(recent)):
+                # diverged (seen once: a 5.4M U-Net at lr 1.5e-3 fell back to its initial loss within 25 steps
+                # and stayed): back to the checkpoint before the last one, at half the learning rate
+                back = previous if previous.exists() else ckpt
+                cut = lr_scale * 0.5  # the cut so far, whatever the checkpoint gone back to was saved with
+                step, _, log, _ = load_checkpoint(back, models, opt)
+                lr_scale = cut
+                if lr_scale < 0.1:  # not the learning rate, then: stop rather than go round for ever
+                    raise SystemExit(f"diverged again at step {step} with the learning rate cut to x{lr_scale * 2:g}")
+                print(
+                    f"loss {mean:.4f} after {min(recent):.4f}: diverged; back to step {step}, learning rate "
+                    f"x{lr_scale:g}",
+                    flush=True,
+                )
+                continue
+            log.append([step, mean])
+            print(f"step {step}/{steps} loss {mean:.4f} ({rate:.2f} s/step)", flush=True)
         if step % 50 == 0:
-            save_checkpoint(ckpt, models, opt, step, cfg, log)
-    save_checkpoint(ckpt, models, opt, step, cfg, log)
+            if ckpt.exists():
+                os.replace(ckpt, previous)
+            save_checkpoint(ckpt, models, opt, step, cfg, log, lr_scale)
+    save_checkpoint(ckpt, models, opt, step, cfg, log, lr_scale)
     if step >= steps:
         export(models, cfg, (unet_config, text_config), step, log, out)
         print(f"wrote {out}", flush=True)
