@@ -56,8 +56,15 @@ def warn(p: Any, message: str) -> None:
 
 
 def model_facts(model: Any, unet: Any) -> ModelFacts:
-    """What concepts must fit in the loaded model."""
-    return ModelFacts(engine.find_cross_attention(unet), host.embedding_width(model), host.clip_skip())
+    """What concepts must fit in the loaded model (its cross-attention layers found once per U-Net: a cards
+    page of many concepts asks for every card)."""
+    if runtime.hooks is not None and runtime.hooks.model is unet:
+        layers = runtime.hooks.layers
+    else:
+        if runtime.layers is None or runtime.layers[0] is not unet:
+            runtime.layers = (unet, engine.find_cross_attention(unet))
+        layers = runtime.layers[1]
+    return ModelFacts(layers, host.embedding_width(model), host.clip_skip())
 
 
 def problem_of(entry: Entry) -> Optional[str]:

@@ -33,6 +33,7 @@ class Runtime:
     key_contexts: Optional[engine.KeyContexts] = None
     registered: list[tuple[Any, str, Any]] = field(default_factory=list)  # (db, word, embedding it replaced)
     words: tuple = ()  # (name, token, file stamp) of the embeddings the last conditioning was made with
+    layers: Optional[tuple[Any, dict]] = None  # (U-Net, its cross-attention layers) for checks without hooks
 
 
 runtime = Runtime()
