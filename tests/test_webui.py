@@ -304,3 +304,12 @@ def test_retrained_concept_file_invalidates_cached_conditioning(folder):
     host.make_concept(folder, seed=2)
     changed = images(host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy"))
     assert (changed - first).abs().max() > 1e-4
+
+
+def test_defaults_reach_the_infotext_only_when_a_concept_applies(folder):
+    host.make_concept(folder)
+    applied = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    assert "Perfusion defaults: beta=0.7 tau=0.15" in applied.infotexts[0]
+    skipped = host.txt2img("a photo of <perfusion:nobody:0.15> teddy")
+    assert "Perfusion" not in skipped.infotexts[0].replace("Perfusion: no concept", "")
+    assert "Perfusion defaults" not in skipped.infotexts[0]

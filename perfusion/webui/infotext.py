@@ -23,13 +23,14 @@ DEFAULTS = "Perfusion defaults"
 _TAG = re.compile(r"<perfusion:([^:>]+)((?::[^:>]*)*)>")
 
 
-def record(p: Any, applied: list[Applied], projection: str) -> None:
-    """What was applied, and the files' hashes, into the image's parameters."""
+def record(p: Any, applied: list[Applied], defaults: Defaults) -> None:
+    """What was applied, the files' hashes and the accordion's values, into the image's parameters."""
     text = "; ".join(a.describe() for a in applied)
     if len(applied) > 1:
-        text += f"; projection={projection}"
+        text += f"; projection={defaults.projection}"
     p.extra_generation_params[CONCEPTS] = text
     p.extra_generation_params[HASHES] = ", ".join(f"{a.entry.name}: {a.entry.shorthash}" for a in applied)
+    p.extra_generation_params[DEFAULTS] = defaults_text(defaults)
 
 
 def defaults_text(d: Defaults) -> str:

@@ -171,7 +171,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
         hooks.activate(engine.Activations([a.activation for a in applied], defaults.projection, runtime.key_contexts))
         runtime.applied = applied
-        infotext.record(p, applied, defaults.projection)
+        infotext.record(p, applied, defaults)
 
     def deactivate(self, p: Any) -> None:
         switch_off()
@@ -221,7 +221,7 @@ def feed_global_lock(p: Any, cond: Any) -> None:
         runtime.key_contexts = None
         active = engine.Activations([a.activation for a in runtime.applied], runtime.hooks.activations.projection)
         runtime.hooks.activate(active)
-        infotext.record(p, runtime.applied, runtime.hooks.activations.projection)
+        infotext.record(p, runtime.applied, generation_defaults(p))
         return
     for original, twin in zip(originals, copies):
         contexts.add(original, twin)

@@ -36,7 +36,6 @@ def concept_metadata(entry) -> dict:
         "trained gate": f"beta {c.train_beta:g}, tau {c.train_tau:g}",
         "suggested gate": f"beta {c.beta:g}, tau {c.tau:g}",
         "created": c.created,
-        "file size": f"{entry.stamp[0]:,} bytes",
         "sha256": entry.sha256,
     }
 

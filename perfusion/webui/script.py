@@ -87,9 +87,7 @@ class PerfusionScript(scripts.Script):
             lock if lock in LOCKS else settings.lock,
             projection if projection in PROJECTIONS else settings.projection,
         )
-        network.set_generation_defaults(p, d)
-        if any("<perfusion:" in (text or "") for text in (p.all_prompts or [p.prompt])):
-            p.extra_generation_params[infotext.DEFAULTS] = infotext.defaults_text(d)
+        network.set_generation_defaults(p, d)  # written to the infotext only when a concept is applied
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         network.feed_global_lock(p, kwargs.get("c"))

@@ -343,6 +343,7 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         f"{'Interrupted at' if result.interrupted else 'Finished'} step {result.step} "
         f"in {time.monotonic() - started:.0f} s; saved {result.path}"
     )
+    state.textinfo = f"Perfusion {form.name}: {status.message}"  # the progress line ends on the outcome
     return status
 
 
