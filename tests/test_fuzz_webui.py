@@ -355,3 +355,25 @@ def test_templates_file_that_is_not_a_small_text_file(folder, tmp_path, kind):
         path.write_text("a photo of [name]\n" * 20_000)
     problems, _ = training.check(TrainForm(**_form(_photos(tmp_path / "photos"), templates_file=str(path))))
     assert any("templates" in p and "cannot read it" in p for p in problems), problems
+
+
+def test_card_preferences_are_read_again_only_when_their_file_changes(folder, monkeypatch):
+    import json as _json
+
+    from modules import extra_networks
+
+    from perfusion.webui import host as host_layer
+
+    host.make_concept(folder)
+    (folder / "hugsy.json").write_text(_json.dumps({"preferred_beta": 0.55}))
+    reads = []
+    real = extra_networks.get_user_metadata
+    monkeypatch.setattr(extra_networks, "get_user_metadata", lambda path: reads.append(path) or real(path))
+    for _ in range(3):
+        assert host_layer.card_preferences(folder / "hugsy.safetensors") == {"beta": 0.55}
+    assert len(reads) == 1
+    (folder / "hugsy.json").write_text(_json.dumps({"preferred_beta": 0.65, "preferred_tau": 0.2}))
+    st = os.stat(folder / "hugsy.json")
+    os.utime(folder / "hugsy.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert host_layer.card_preferences(folder / "hugsy.safetensors") == {"beta": 0.65, "tau": 0.2}
+    assert len(reads) == 2

@@ -93,3 +93,20 @@ def test_word_vectors_and_clip_skip_are_checked_against_the_model(tmp_path):
         [Request("hugsy")], lib, Defaults(), ModelFacts(FACTS.layers, None, 2), ["hugsy"], lambda e: {}
     )
     assert len(applied) == 1 and "CLIP skip 1" in warnings[0]  # applied, with the advice
+
+
+def test_an_unknown_name_rescans_only_when_a_folder_changed(tmp_path, monkeypatch):
+    import os
+
+    lib = library(tmp_path, hugsy={})
+    scans = []
+    real = Library.refresh
+    monkeypatch.setattr(Library, "refresh", lambda self: scans.append(1) or real(self))
+    for _ in range(5):
+        assert lib.find("boxy") is None
+    assert scans == []  # nothing changed on disk: no walk per generation
+    library(tmp_path, boxy={})  # a new file: its folder's mtime moves
+    st = os.stat(tmp_path)
+    os.utime(tmp_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # (coarse clocks)
+    before = len(scans)  # (the helper's own Library scanned once)
+    assert lib.find("boxy") is not None and len(scans) == before + 1

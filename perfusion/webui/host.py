@@ -7,6 +7,7 @@ imported (and its pure helpers tested) without the WebUI.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,10 +111,22 @@ def clip_skip() -> int:
     return int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
 
 
+_preferences: dict[str, tuple[Optional[int], dict[str, float]]] = {}  # json path -> (its mtime, values)
+
+
 def card_preferences(path: Path) -> dict[str, float]:
-    """Preferred tau/beta from a card's user metadata (`NAME.json` beside the file), numbers only."""
+    """Preferred tau/beta from a card's user metadata (`NAME.json` beside the file), numbers only; read again
+    only when that file changes."""
     from modules import extra_networks
 
+    json_path = str(Path(path).with_suffix(".json"))
+    try:
+        stamp = os.stat(json_path).st_mtime_ns
+    except OSError:
+        stamp = None
+    cached = _preferences.get(json_path)
+    if cached is not None and cached[0] == stamp:
+        return dict(cached[1])
     meta = extra_networks.get_user_metadata(str(path))
     out = {}
     for key in ("tau", "beta"):
@@ -121,7 +134,8 @@ def card_preferences(path: Path) -> dict[str, float]:
             out[key] = float(meta[f"preferred_{key}"])
         except (KeyError, TypeError, ValueError):
             pass
-    return out
+    _preferences[json_path] = (stamp, out)
+    return dict(out)
 
 
 def text_engines(sd_model: Any) -> list[Any]:

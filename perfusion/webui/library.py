@@ -49,6 +49,14 @@ class Entry:
         return self.sha256[:12]
 
 
+def _folder_stamp(folder: Path) -> Optional[int]:
+    """A folder's mtime (ns), None when it is not there."""
+    try:
+        return folder.stat().st_mtime_ns
+    except (OSError, ValueError):
+        return None
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
@@ -62,13 +70,16 @@ class Library:
         self.entries: dict[str, Entry] = {}
         self.clashes: list[str] = []
         self._loaded: dict[Path, tuple[tuple[int, int], Concept]] = {}
+        self._folder_stamps: dict[str, Optional[int]] = {}  # every folder walked: its mtime at the last scan
         self.refresh()
 
     def refresh(self) -> None:
         """Rescan the folders (hashes of unchanged files are kept)."""
         old = {e.path: e for e in self.entries.values()}
         self.entries, self.clashes = {}, []
+        self._folder_stamps = {}
         for folder in self.folders:
+            self._folder_stamps[str(folder)] = _folder_stamp(folder)
             if not folder.is_dir():
                 continue
             seen, scanned = set(), 0  # real paths of the folders walked: a symlink loop is walked once
@@ -85,6 +96,7 @@ class Library:
                     dirs[:] = []
                     continue
                 seen.add(real)
+                self._folder_stamps[root] = _folder_stamp(Path(root))
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for file in sorted(files):
                     if not is_concept_file(file):
@@ -107,7 +119,9 @@ class Library:
                     self.entries[name] = keep if keep is not None and keep.stamp == stamp else Entry(name, path, stamp)
 
     def find(self, name: str) -> Optional[Entry]:
-        """The entry named `name` (exact, then case-insensitive); rescans once if it is unknown."""
+        """The entry named `name` (exact, then case-insensitive); rescans once if it is unknown and a folder
+        changed since the last scan (a file added or renamed changes its folder's mtime; an unknown tag in
+        every generation then costs one stat per folder, not a walk of them all)."""
         for attempt in range(2):
             if name in self.entries:
                 return self.entries[name]
@@ -115,8 +129,13 @@ class Library:
             if len(folded) == 1:
                 return folded[0]
             if attempt == 0:
+                if not self._folders_changed():
+                    return None
                 self.refresh()
         return None
+
+    def _folders_changed(self) -> bool:
+        return any(_folder_stamp(Path(f)) != stamp for f, stamp in self._folder_stamps.items())
 
     def by_hash(self, shorthash: str) -> Optional[Entry]:
         """The entry whose sha256 starts with `shorthash` (hashes every file once if needed)."""
