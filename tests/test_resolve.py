@@ -110,3 +110,15 @@ def test_an_unknown_name_rescans_only_when_a_folder_changed(tmp_path, monkeypatc
     os.utime(tmp_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # (coarse clocks)
     before = len(scans)  # (the helper's own Library scanned once)
     assert lib.find("boxy") is not None and len(scans) == before + 1
+
+
+def test_loaded_concepts_are_bounded_and_most_recent_kept(tmp_path):
+    from perfusion.webui import library as library_module
+
+    lib = library(tmp_path, **{f"c{k:03d}": {"token": f"w{k}"} for k in range(library_module.MAX_LOADED + 6)})
+    first = lib.load(lib.find("c000"))
+    for name in sorted(lib.entries):
+        lib.load(lib.entries[name])
+        lib.load(lib.find("c000"))  # kept hot
+    assert len(lib._loaded) == library_module.MAX_LOADED
+    assert lib.load(lib.find("c000")) is first  # still the same parsed object: never evicted

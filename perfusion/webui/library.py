@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ from ..concept import MAX_FILE_BYTES, Concept, ConceptError, load_concept
 from ..files import is_regular, read_regular
 
 SKIPPED_SUFFIXES = (".resume.safetensors", ".covariance.safetensors")
+MAX_LOADED = 64  # concepts kept parsed (a prompt uses a few; the cards page walks them all once)
 MAX_SCANNED = 20_000  # files looked at per refresh: a concepts folder set to "/" must not walk the whole disk
 
 
@@ -69,7 +71,7 @@ class Library:
         self.folders = [Path(f) for f in folders]
         self.entries: dict[str, Entry] = {}
         self.clashes: list[str] = []
-        self._loaded: dict[Path, tuple[tuple[int, int], Concept]] = {}
+        self._loaded: OrderedDict[Path, tuple[tuple[int, int], Concept]] = OrderedDict()  # least recent first
         self._folder_stamps: dict[str, Optional[int]] = {}  # every folder walked: its mtime at the last scan
         self.refresh()
 
@@ -149,6 +151,8 @@ class Library:
         except OSError as e:
             raise ConceptError(f"{entry.path}: cannot read ({e.strerror}); refresh the Perfusion cards") from None
         cached = self._loaded.get(entry.path)
+        if cached is not None:
+            self._loaded.move_to_end(entry.path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         concept = load_concept(entry.path)
@@ -156,4 +160,6 @@ class Library:
         if stamp != entry.stamp:
             entry.stamp, entry._hash = stamp, None
         self._loaded[entry.path] = (stamp, concept)
+        while len(self._loaded) > MAX_LOADED:  # a cards page of 1,000 concepts must not keep them all in memory
+            self._loaded.popitem(last=False)
         return concept
