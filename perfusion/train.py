@@ -330,12 +330,24 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
     def _init_state(self) -> TrainState:
-        """Embedding, i_super, i*, and value targets from the first micro-batch, as in the paper."""
+        """Embedding, i_super, i*, and value targets. i_super (the locked key's input, and i*'s start) is the
+        superclass word's encoding averaged over every template with every image's caption: one micro-batch
+        (one prompt at batch size 1) would lock the keys to one template's wording."""
         cfg, ad = self.cfg, self.adapter
-        _, _, prompts, _, _ = self._micro_batch(0, 0, word=cfg.superclass)
+        prompts = sorted(
+            {
+                " ".join(t.replace("[name]", cfg.superclass).replace("[filewords]", c).split())
+                for t in cfg.templates
+                for c in self.captions
+            }
+        )
         with torch.no_grad():
-            context, rows = ad.encode(prompts, {cfg.superclass: None})
-            i_super = _mean_rows(context, rows[cfg.superclass]).float()
+            means = []  # (prompts in the chunk, their mean superclass encoding)
+            for start in range(0, len(prompts), 64):
+                chunk = prompts[start : start + 64]
+                context, rows = ad.encode(chunk, {cfg.superclass: None})
+                means.append((len(chunk), _mean_rows(context, rows[cfg.superclass]).double()))
+            i_super = (sum(n * m for n, m in means) / len(prompts)).float()
         hooks = attach(ad.diffusion_model, context_dim=ad.context_dim)
         hooks.clear()  # the base model's W_V, whatever the host had switched on
         with torch.no_grad():

@@ -105,12 +105,18 @@ def test_keys_stay_locked_to_the_superclass(world, tmp_path):
             g1 = torch.sigmoid(torch.tensor((1 - 0.75) / 0.10))
             assert torch.allclose(k_at_star, g1 * k_super, atol=1e-4)
     hooks.clear()
-    # i_super: the superclass word's encoding, averaged over the first batch's prompts written with it
-    _, _, prompts, _, _ = trainer._micro_batch(0, 0, word="toy")
+    # i_super: the superclass word's encoding, averaged over every template written with it (issue 16: one
+    # micro-batch, a single prompt at batch size 1, used to decide it)
+    prompts = sorted({t.replace("[name]", "toy").replace("[filewords]", "").strip() for t in trainer.cfg.templates})
     with torch.no_grad():
         ctx, rows = adapter.encode(prompts, {"toy": None})
         rows = rows["toy"]
     assert torch.allclose(concept.i_super, torch.stack([ctx[b, r[0]] for b, r in enumerate(rows)]).mean(0), atol=1e-5)
+    one_batch = trainer._micro_batch(0, 0, word="toy")[2]
+    with torch.no_grad():
+        ctx1, rows1 = adapter.encode(one_batch, {"toy": None})
+    first = torch.stack([ctx1[b, r[0]] for b, r in enumerate(rows1["toy"])]).mean(0)
+    assert not torch.allclose(concept.i_super, first, atol=1e-3)  # not the first micro-batch's any more
 
 
 def test_interrupt_and_resume_equals_an_uninterrupted_run(world, tmp_path):
