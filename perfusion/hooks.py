@@ -228,13 +228,15 @@ class Hooks:
         replaced = acts.key_context(args[0])
         return None if replaced is None else (replaced.to(args[0].dtype),) + tuple(args[1:])
 
-    def _projected(self, path: _PathStack, layer: str, module: nn.Module, x: torch.Tensor, dtype) -> torch.Tensor:
-        """module(x) for this layer's concept rows, kept for the activation's later calls at inference (while
-        a graph is built, e.g. in training, every call projects afresh)."""
+    def _projected(
+        self, path: _PathStack, layer: str, module: nn.Module, rows: Callable[[], torch.Tensor], dtype
+    ) -> torch.Tensor:
+        """module(rows()) for this layer's concept rows, kept for the activation's later calls at inference
+        (rows() is then built once too); while a graph is built, e.g. in training, every call projects afresh."""
         if torch.is_grad_enabled():
-            return self._project(module, x, dtype)
+            return self._project(module, rows(), dtype)
         if layer not in path.projected_rows:
-            path.projected_rows[layer] = self._project(module, x, dtype)
+            path.projected_rows[layer] = self._project(module, rows(), dtype)
         return path.projected_rows[layer]
 
     def _project(self, module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -255,13 +257,15 @@ class Hooks:
             e = args[0]
             n = len(path.concepts)
             if kind == "v":
-                w_i_star = self._projected(path, layer, module, path.i_star, e.dtype)
+                w_i_star = self._projected(path, layer, module, lambda: path.i_star, e.dtype)
                 if layer not in path.targets:
                     path.targets[layer] = torch.stack([c.values[layer] for c in path.concepts]).to(y.device)
                 targets = path.targets[layer]
             else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
                 missing = [p for p, c in enumerate(path.concepts) if layer not in c.keys]
-                both = self._projected(path, layer, module, torch.cat([path.i_star, path.i_super[missing]]), e.dtype)
+                both = self._projected(
+                    path, layer, module, lambda: torch.cat([path.i_star, path.i_super[missing]]), e.dtype
+                )
                 w_i_star, w_i_super = both[:n], both[n:]
                 rows = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in path.concepts]
                 for p, row in zip(missing, w_i_super):
