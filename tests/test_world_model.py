@@ -19,6 +19,7 @@ def test_world2_run_resumes_from_a_carried_checkpoint_and_exports(tmp_path, monk
 
     from perfusion.world import train_model
 
+    monkeypatch.setitem(train_model.CARRIED, 2, tmp_path / "none")  # not the committed run's checkpoint
     small = dict(batch=2)
     assert train_model.train(2, 5, tmp_path / "a", tmp_path / "a.safetensors", world=2, **small) == 2
     carried = tmp_path / "carried.safetensors"

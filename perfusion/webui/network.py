@@ -64,7 +64,15 @@ def model_facts(model: Any, unet: Any) -> ModelFacts:
         if runtime.layers is None or runtime.layers[0] is not unet:
             runtime.layers = (unet, engine.find_cross_attention(unet))
         layers = runtime.layers[1]
-    return ModelFacts(layers, host.embedding_width(model), host.clip_skip())
+    return ModelFacts(layers, embedding_width(model), host.clip_skip())
+
+
+def embedding_width(model: Any) -> Optional[int]:
+    """host.embedding_width, asked once per loaded model (it runs the text encoder: a cards page or an API
+    listing must not run it once per concept, nor beside a generation)."""
+    if runtime.width is None or runtime.width[0] is not model:
+        runtime.width = (model, host.embedding_width(model))
+    return runtime.width[1]
 
 
 def problem_of(entry: Entry) -> Optional[str]:
@@ -153,7 +161,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
                 warn(p, problem)
             if request is not None:
                 requests.append(request)
-        facts = ModelFacts(hooks.layers, host.embedding_width(model), host.clip_skip())
+        facts = ModelFacts(hooks.layers, embedding_width(model), host.clip_skip())
         applied, warnings = resolve(
             requests,
             library(),

@@ -34,6 +34,7 @@ class Runtime:
     registered: list[tuple[Any, str, Any]] = field(default_factory=list)  # (db, word, embedding it replaced)
     words: tuple = ()  # (name, token, file stamp) of the embeddings the last conditioning was made with
     layers: Optional[tuple[Any, dict]] = None  # (U-Net, its cross-attention layers) for checks without hooks
+    width: Optional[tuple[Any, Optional[int]]] = None  # (model, the width its text encoder's word vectors take)
 
 
 runtime = Runtime()
