@@ -14,7 +14,7 @@ from .covariance import (
     save_covariance,
 )
 from .edit import edited_output, gate, gate_direction, projection_coefficients, similarity
-from .hooks import Activation, Activations, ConceptMismatch, Hooks, KeyContexts, attach, find_cross_attention
+from .hooks import Activation, Activations, ConceptMismatch, Editor, Hooks, KeyContexts, attach, find_cross_attention
 from .tokens import concept_rows, word_rows
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ConceptMismatch",
     "Covariance",
     "CovarianceError",
+    "Editor",
     "Hooks",
     "KeyContexts",
     "attach",

@@ -156,20 +156,22 @@ def check_fit(concept: Concept, layers: dict[str, nn.Module]) -> None:
             )
 
 
-class Hooks:
-    """Hooks on one U-Net. A context manager; `detach()` removes them. Use `attach()` to make one."""
+class Editor:
+    """The active concepts and the edit they make to one U-Net's cross-attention, with no attachment of its
+    own: a host calls `key_input` on what a `to_k` receives and `edit` on what a `to_k`/`to_v` returned.
+    `Hooks` drives one through forward hooks; a host whose model patcher swaps module forwards (ComfyUI)
+    calls it from the swapped forward.
 
-    def __init__(self, diffusion_model: nn.Module, layers: dict[str, nn.Module], activations: Activations):
-        self.model = diffusion_model
+    cache_rows: keep each layer's W i* / W_K i_super for the activation's later calls (valid while the
+    layer's weights stay what they were at the first call; a host that patches weights per clone says False).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], activations: Activations, cache_rows: bool = True):
         self.layers = layers
         self.context_dim = next(iter(layers.values())).to_k.in_features
+        self.cache_rows = cache_rows
         self.activations = Activations()
         self._busy = False
-        self._handles = []
-        for name, attn in layers.items():
-            self._handles.append(attn.to_k.register_forward_pre_hook(self._key_input))
-            self._handles.append(attn.to_k.register_forward_hook(self._hook(name, "k")))
-            self._handles.append(attn.to_v.register_forward_hook(self._hook(name, "v")))
         self.activate(activations)
 
     # -- what is active -------------------------------------------------------------------
@@ -206,7 +208,7 @@ class Hooks:
         """Switch every concept off (outputs become the bare model's again)."""
         self.activate([])
 
-    # -- the hooks ------------------------------------------------------------------------
+    # -- the edit -------------------------------------------------------------------------
     def _path(self, kind: str, device: torch.device) -> Optional[_PathStack]:
         """The active concepts one path (to_k "k" or to_v "v") edits, stacked on `device`; None when it
         edits none. Cached until the next activate (Python lists inside: no device sync in the hooks)."""
@@ -221,71 +223,97 @@ class Hooks:
             self._stacks[key] = _PathStack.of([items[n] for n in edit], device, kind) if edit else None
         return self._stacks[key]
 
-    def _key_input(self, module: nn.Module, args: tuple):
+    def key_input(self, e: torch.Tensor) -> Optional[torch.Tensor]:
+        """What a `to_k` should read instead of `e` [B, N, d] (global locking), or None to keep `e`."""
         acts = self.activations
         if self._busy or acts.key_context is None or not any(i.lock == "global" for i in acts.items):
             return None
-        replaced = acts.key_context(args[0])
-        return None if replaced is None else (replaced.to(args[0].dtype),) + tuple(args[1:])
+        replaced = acts.key_context(e)
+        return None if replaced is None else replaced.to(e.dtype)
 
     def _projected(
-        self, path: _PathStack, layer: str, module: nn.Module, rows: Callable[[], torch.Tensor], dtype
+        self, path: _PathStack, layer: str, project: Callable, rows: Callable[[], torch.Tensor], dtype
     ) -> torch.Tensor:
-        """module(rows()) for this layer's concept rows, kept for the activation's later calls at inference
+        """project(rows()) for this layer's concept rows, kept for the activation's later calls at inference
         (rows() is then built once too); while a graph is built, e.g. in training, every call projects afresh."""
-        if torch.is_grad_enabled():
-            return self._project(module, rows(), dtype)
+        if torch.is_grad_enabled() or not self.cache_rows:
+            return self._project(project, rows(), dtype)
         if layer not in path.projected_rows:
-            path.projected_rows[layer] = self._project(module, rows(), dtype)
+            path.projected_rows[layer] = self._project(project, rows(), dtype)
         return path.projected_rows[layer]
 
-    def _project(self, module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """module(x) in fp32, called under the re-entrancy guard (weights may be patched or quantized)."""
+    def _project(self, project: Callable, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """project(x) in fp32, called under the re-entrancy guard (weights may be patched or quantized)."""
         self._busy = True
         try:
-            return module(x.to(dtype)).float()
+            return project(x.to(dtype)).float()
         finally:
             self._busy = False
 
+    def edit(
+        self, layer: str, kind: str, project: Callable, e: torch.Tensor, y: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The edited output of layer `layer`'s to_k ("k") or to_v ("v"), y = project(e) [B, N, d_out], or None
+        when nothing applies. `project` is the layer's own projection (called on the concept rows: never its
+        `.weight`, which a host may stream or quantize)."""
+        if self._busy or not self.activations.items:
+            return None
+        path = self._path(kind, y.device)
+        if path is None:
+            return None
+        n = len(path.concepts)
+        if kind == "v":
+            w_i_star = self._projected(path, layer, project, lambda: path.i_star, e.dtype)
+            if layer not in path.targets:
+                path.targets[layer] = torch.stack([c.values[layer] for c in path.concepts]).to(y.device)
+            targets = path.targets[layer]
+        else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
+            missing = [p for p, c in enumerate(path.concepts) if layer not in c.keys]
+            both = self._projected(
+                path, layer, project, lambda: torch.cat([path.i_star, path.i_super[missing]]), e.dtype
+            )
+            w_i_star, w_i_super = both[:n], both[n:]
+            rows = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in path.concepts]
+            for p, row in zip(missing, w_i_super):
+                rows[p] = row
+            targets = torch.stack(rows)
+        return edited_output(
+            y,
+            e,
+            path.a,
+            path.i_star,
+            path.energy,
+            w_i_star,
+            targets,
+            path.beta,
+            path.tau,
+            projected=path.projected,
+            projection=self.activations.projection,
+            ungated=path.ungated,
+            mix=path.mix(self.activations.projection),
+        )
+
+
+class Hooks(Editor):
+    """An Editor driven by forward hooks on one U-Net's to_k/to_v. A context manager; `detach()` removes
+    them. Use `attach()` to make one."""
+
+    def __init__(self, diffusion_model: nn.Module, layers: dict[str, nn.Module], activations: Activations):
+        super().__init__(layers, activations)
+        self.model = diffusion_model
+        self._handles = []
+        for name, attn in layers.items():
+            self._handles.append(attn.to_k.register_forward_pre_hook(self._key_input))
+            self._handles.append(attn.to_k.register_forward_hook(self._hook(name, "k")))
+            self._handles.append(attn.to_v.register_forward_hook(self._hook(name, "v")))
+
+    def _key_input(self, module: nn.Module, args: tuple):
+        replaced = self.key_input(args[0])
+        return None if replaced is None else (replaced,) + tuple(args[1:])
+
     def _hook(self, layer: str, kind: str):
         def hook(module: nn.Module, args: tuple, y: torch.Tensor):
-            if self._busy or not self.activations.items:
-                return None
-            path = self._path(kind, y.device)
-            if path is None:
-                return None
-            e = args[0]
-            n = len(path.concepts)
-            if kind == "v":
-                w_i_star = self._projected(path, layer, module, lambda: path.i_star, e.dtype)
-                if layer not in path.targets:
-                    path.targets[layer] = torch.stack([c.values[layer] for c in path.concepts]).to(y.device)
-                targets = path.targets[layer]
-            else:  # keys: local-locked Perfusion concepts; o*_K stored, or W_K i_super
-                missing = [p for p, c in enumerate(path.concepts) if layer not in c.keys]
-                both = self._projected(
-                    path, layer, module, lambda: torch.cat([path.i_star, path.i_super[missing]]), e.dtype
-                )
-                w_i_star, w_i_super = both[:n], both[n:]
-                rows = [c.keys[layer].to(y.device).float() if layer in c.keys else None for c in path.concepts]
-                for p, row in zip(missing, w_i_super):
-                    rows[p] = row
-                targets = torch.stack(rows)
-            return edited_output(
-                y,
-                e,
-                path.a,
-                path.i_star,
-                path.energy,
-                w_i_star,
-                targets,
-                path.beta,
-                path.tau,
-                projected=path.projected,
-                projection=self.activations.projection,
-                ungated=path.ungated,
-                mix=path.mix(self.activations.projection),
-            )
+            return self.edit(layer, kind, module, args[0], y)
 
         return hook
 

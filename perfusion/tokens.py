@@ -7,9 +7,16 @@ chunk k is row k * chunk_length + p.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
+MAX_EMBEDDING_ROWS = 75  # a prompt is split into chunks of 75 tokens; a word's vectors must fit in one
+
+
+def whole_word(word: str) -> re.Pattern:
+    """`word` as a whole word, any case (as a concept's word is matched in prompts)."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
 
 
 def content_positions(chunk: Sequence[int], bos: int = CLIP_BOS, eos: int = CLIP_EOS) -> range:

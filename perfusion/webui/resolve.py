@@ -6,7 +6,6 @@ layers, the width its text encoder takes, its CLIP skip): no WebUI import, teste
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -17,11 +16,10 @@ from .. import hooks as engine
 from ..concept import Concept, ConceptError
 from ..hooks import ConceptMismatch
 from ..options import BETA, TAU, Lock, Projection
+from ..tokens import MAX_EMBEDDING_ROWS, whole_word
 from .library import Entry, Library
 from .state import Applied
 from .tags import Request
-
-MAX_EMBEDDING_ROWS = 75  # the WebUI splits a prompt into chunks of 75 tokens; a word's vectors must fit in one
 
 
 @dataclass
@@ -65,11 +63,6 @@ def check_fit(concept: Concept, facts: ModelFacts) -> None:
     """Raise ConceptMismatch unless the concept fits the model (layers, context width, word vectors)."""
     engine.check_fit(concept, facts.layers)
     check_embedding(concept, facts.embedding_width)
-
-
-def whole_word(word: str) -> re.Pattern:
-    """`word` as a whole word, any case (as the concept's word is matched in prompts)."""
-    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
 
 
 def resolve(
