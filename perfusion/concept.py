@@ -38,6 +38,14 @@ _NUMERIC_FIELDS = {
 _INTEGER_FIELDS = ("context_dim", "clip_skip", "steps")
 
 
+SKIPPED_SUFFIXES = (".resume.safetensors", ".covariance.safetensors")  # a run's checkpoint, a covariance cache
+
+
+def is_concept_file(filename: str) -> bool:
+    """A file name hosts list as a concept (training checkpoints and caches are not)."""
+    return filename.endswith(".safetensors") and not filename.endswith(SKIPPED_SUFFIXES)
+
+
 class ConceptError(ValueError):
     """A concept file or concept that cannot be used; the message names the file and the problem."""
 

@@ -291,3 +291,24 @@ def test_info_node_and_change_detection(world):
     finally:
         c.beta = 0.7
         save_concept(c, folder / "hugsy.safetensors", dtype=torch.float32)
+
+
+def test_committed_workflows_match_the_nodes():
+    """docs/comfyui's example workflows use the nodes' names and the loader's inputs as they are now."""
+    import json
+
+    required = nodes.PerfusionConceptLoader.INPUT_TYPES()
+    widgets = [k for k in list(required["required"]) + list(required["optional"]) if k not in ("model", "clip")]
+    api = json.load(open(os.path.join(REPO, "docs", "comfyui", "perfusion.api.json")))
+    loaders = [n for n in api.values() if n["class_type"] == "PerfusionConceptLoader"]
+    assert len(loaders) == 1 and set(required["required"]) <= set(loaders[0]["inputs"])
+    seen = set()
+    for name in ("perfusion", "beta-sweep", "concept-info"):
+        graph = json.load(open(os.path.join(REPO, "docs", "comfyui", f"{name}.json")))
+        for node in graph["nodes"]:
+            if node["type"].startswith("Perfusion"):
+                seen.add(node["type"])
+                assert node["type"] in nodes.NODE_CLASS_MAPPINGS
+                if node["type"] == "PerfusionConceptLoader":
+                    assert len(node["widgets_values"]) == len(widgets), name
+    assert seen == set(nodes.NODE_CLASS_MAPPINGS)

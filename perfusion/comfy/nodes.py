@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from ..concept import Concept, ConceptError, load_concept
+from ..concept import Concept, ConceptError, is_concept_file, load_concept
 from ..hooks import Activation
 from ..options import BETA_RANGE, PROJECTIONS, TAU_RANGE
 from . import patch, text
@@ -33,7 +33,7 @@ def concept_names() -> list[str]:
     import folder_paths
 
     register_folder()
-    return folder_paths.get_filename_list(FOLDER)
+    return [n for n in folder_paths.get_filename_list(FOLDER) if is_concept_file(os.path.basename(n))]
 
 
 def concept_path(name: str) -> str:

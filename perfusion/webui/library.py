@@ -14,17 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..concept import MAX_FILE_BYTES, Concept, ConceptError, load_concept
+from ..concept import MAX_FILE_BYTES, Concept, ConceptError, is_concept_file, load_concept
 from ..files import is_regular, read_regular
 
-SKIPPED_SUFFIXES = (".resume.safetensors", ".covariance.safetensors")
 MAX_LOADED = 64  # concepts kept parsed (a prompt uses a few; the cards page walks them all once)
 MAX_SCANNED = 20_000  # files looked at per refresh: a concepts folder set to "/" must not walk the whole disk
-
-
-def is_concept_file(filename: str) -> bool:
-    """A file name the library lists as a concept (training checkpoints and caches are not)."""
-    return filename.endswith(".safetensors") and not filename.endswith(SKIPPED_SUFFIXES)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from modules import devices
 
+from ..concept import is_concept_file
 from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
@@ -29,7 +30,6 @@ from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
 from .adapter import WebUIAdapter
-from .library import is_concept_file
 
 MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none", "auto": "auto"}
 EXISTING = ("ask", "overwrite", "resume")
