@@ -1,8 +1,10 @@
 """Pure parts of the WebUI glue: tag parsing, the concepts library, conditioning walks, Forge's DB signature."""
 
 import os
+import sys
 from collections import namedtuple
 
+import pytest
 import torch
 
 from perfusion.webui import host
@@ -86,23 +88,47 @@ def test_register_embedding_speaks_both_database_signatures():
     assert calls == [("a1111", "vec", "model", "hugsy"), ("forge", "vec", "hugsy")]
 
 
-def test_embedding_vector_and_forge_unet_lookup():
+def test_embedding_vector_and_forge_unet_lookup(monkeypatch):
     assert torch.equal(host.embedding_vector({"": torch.ones(1, 4, dtype=torch.float16)}), torch.ones(1, 4))
     sdxl = {"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)}
     assert set(host.embedding_vector(sdxl)) == {"clip_l", "clip_g"}
     assert host.embedding_size(sdxl) == (2, 2048) and host.embedding_size({"": torch.ones(3, 768)}) == (3, 768)
-    unet = torch.nn.Linear(2, 2)
+    unet, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     forge = type("Forge", (), {})()
     forge.forge_objects = type("O", (), {"unet": type("P", (), {"model": type("M", (), {"diffusion_model": unet})})})
-    assert host.is_forge(forge) and host.diffusion_model(forge) is unet and host.diffusion_model(None) is None
+    forge.model = type("M", (), {"diffusion_model": other})()
+    assert host.kind() == "a1111" and host.diffusion_model(forge) is other  # A1111/reForge: sd_model.model's
+    monkeypatch.setattr(host, "kind", lambda: "neo")
+    assert host.diffusion_model(forge) is unet and host.diffusion_model(None) is None
 
 
-def test_forge_install_is_told_by_its_package(monkeypatch, tmp_path):
-    assert not host.forge_installed()
-    (tmp_path / "modules_forge").mkdir()
-    (tmp_path / "modules_forge" / "__init__.py").write_text("")
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        ({}, "a1111"),
+        (
+            {"modules_forge/forge_version.py": "version = '1.0.0v2-v1.10.1RC'\n", "ldm_patched/__init__.py": ""},
+            "reforge",
+        ),
+        ({"modules_forge/forge_version.py": "version = 'f2.0.1v1.10.1'\n", "backend/__init__.py": ""}, "forge"),
+        ({"modules_forge/forge_version.py": "version = 'neo'\n", "backend/__init__.py": ""}, "neo"),
+        ({"modules_forge/initialization.py": "", "backend/__init__.py": ""}, "forge"),
+    ],
+)
+def test_the_host_is_told_by_its_packages(monkeypatch, tmp_path, layout, expected):
+    """reForge has modules_forge too (over A1111's conditioning): it must not be taken for Forge."""
+    for path, text in layout.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert host.forge_installed()
+    for name in ("modules_forge", "modules_forge.forge_version", "backend", "ldm_patched"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    host.kind.cache_clear()
+    try:
+        assert host.kind() == expected
+        assert (host.training_unsupported() is None) == (expected in ("a1111", "reforge"))
+    finally:
+        host.kind.cache_clear()
 
 
 def test_loss_curve_png(tmp_path):

@@ -1,4 +1,12 @@
-"""What the extension needs from the running WebUI (A1111 v1.10.x or Forge), in one place.
+"""What the extension needs from the running WebUI, in one place: AUTOMATIC1111 v1.10.x, reForge, Forge and
+Forge Neo. Which one runs is told once (`kind()`, from its packages, before any model loads); every function
+below that differs between them asks it.
+
+| kind | U-Net | textual-inversion vectors | training |
+|---|---|---|---|
+| a1111 | `sd_model.model.diffusion_model` (ldm/sgm) | `sd_hijack.model_hijack.embedding_db` | yes |
+| reforge | the same object as `forge_objects.unet.model.diffusion_model` (ldm_patched) | A1111's database | yes |
+| forge, neo | `forge_objects.unet.model.diffusion_model` (backend/) | each text engine's `.embeddings` | not yet |
 
 Every function takes the WebUI's own objects; `modules` is imported lazily so this module can be
 imported (and its pure helpers tested) without the WebUI.
@@ -6,37 +14,61 @@ imported (and its pure helpers tested) without the WebUI.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
 OPTION_PREFIX = "perfusion_"
+HostKind = Literal["a1111", "reforge", "forge", "neo"]
 
 
-def is_forge(sd_model: Any) -> bool:
-    return hasattr(sd_model, "forge_objects")
+@functools.cache
+def kind() -> HostKind:
+    """Which WebUI this is. A1111 has no `modules_forge`; Forge Neo says "neo" in modules_forge.forge_version;
+    lllyasviel's Forge has the `backend` package; reForge has modules_forge over A1111's conditioning and an
+    ldm_patched U-Net, and no `backend`."""
+    if importlib.util.find_spec("modules_forge") is None:
+        return "a1111"
+    try:
+        from modules_forge import forge_version
+
+        version = str(getattr(forge_version, "version", ""))
+    except Exception:  # an older Forge without the module
+        version = ""
+    if version == "neo":
+        return "neo"
+    return "forge" if importlib.util.find_spec("backend") is not None else "reforge"
 
 
-def forge_installed() -> bool:
-    """Running inside Forge (its own package sits beside `modules`), whether or not a model is loaded."""
-    import importlib.util
+def forge_backend() -> bool:
+    """The U-Net and text engines are Forge's `backend` (Forge, Neo), not A1111's (A1111, reForge)."""
+    return kind() in ("forge", "neo")
 
-    return importlib.util.find_spec("modules_forge") is not None
+
+def training_unsupported() -> Optional[str]:
+    """Why this WebUI cannot train concepts (None where it can)."""
+    if forge_backend():
+        return (
+            f"training needs AUTOMATIC1111's WebUI or reForge; on {'Forge Neo' if kind() == 'neo' else 'Forge'} "
+            "concepts can be used, not trained (its backend keeps the model's weights as inference tensors)"
+        )
+    return None
 
 
 def diffusion_model(sd_model: Any) -> Optional[torch.nn.Module]:
-    """The U-Net whose attn2 layers get the hooks (A1111: sd_model.model.diffusion_model; Forge: the
-    patcher's model), or None when the WebUI has no model (yet)."""
+    """The U-Net whose attn2 layers get the hooks, or None when the WebUI has no model (yet)."""
     if sd_model is None:
         return None
-    if is_forge(sd_model):
+    if forge_backend() and hasattr(sd_model, "forge_objects"):
         return sd_model.forge_objects.unet.model.diffusion_model
-    inner = getattr(sd_model, "model", None)
+    inner = getattr(sd_model, "model", None)  # reForge: the same module as forge_objects' U-Net
     return getattr(inner, "diffusion_model", None)
 
 
@@ -148,8 +180,8 @@ def text_engines(sd_model: Any) -> list[Any]:
 
 
 def embedding_databases(sd_model: Any) -> list[Any]:
-    """Where textual-inversion vectors are looked up: the hijack's DB (A1111) or each Forge engine's."""
-    if is_forge(sd_model):
+    """Where textual-inversion vectors are looked up: the hijack's DB (A1111, reForge) or each Forge engine's."""
+    if forge_backend():
         return [e.embeddings for e in text_engines(sd_model) if hasattr(e, "embeddings")]
     from modules import sd_hijack
 
@@ -169,12 +201,15 @@ def register_word(sd_model: Any, word: str, vec: Any, size: tuple[int, int], fil
     """`vec` as the textual-inversion vectors of `word` in every embedding database of the model (size:
     (vectors, shape) as embedding_size gives). Returns [(db, word, the embedding it replaced)] for
     restore_words."""
-    try:
-        from modules.textual_inversion.textual_inversion import Embedding
-    except ImportError:  # Forge keeps it with its text engines
+    databases = embedding_databases(sd_model)
+    if not databases:
+        return []
+    if forge_backend():  # its text engines' own class (Neo also keeps an unconnected A1111 one)
         from backend.text_processing.textual_inversion import Embedding
+    else:
+        from modules.textual_inversion.textual_inversion import Embedding
     replaced = []
-    for db in embedding_databases(sd_model):
+    for db in databases:
         item = Embedding(vec, word)
         item.vectors, item.shape = size
         item.filename = filename
@@ -205,7 +240,13 @@ def embedding_size(concept_embedding: dict[str, torch.Tensor]) -> tuple[int, int
 
 def embedding_width(sd_model: Any) -> Optional[int]:
     """The width a textual-inversion vector must have for this model's text encoder(s) (SDXL: clip_l +
-    clip_g), found as the WebUI finds it (the encoding of one token); None where the host does not say."""
+    clip_g), found as the WebUI finds it (the encoding of one token; Forge: what its engines' databases expect);
+    None where the host does not say."""
+    if forge_backend():
+        shapes = {
+            getattr(e.embeddings, "expected_shape", None) for e in text_engines(sd_model) if hasattr(e, "embeddings")
+        }
+        return int(shapes.pop()) if len(shapes) == 1 and isinstance(next(iter(shapes)), int) else None
     encoder = getattr(sd_model, "cond_stage_model", None)
     if encoder is None or not hasattr(encoder, "encode_embedding_init_text"):
         return None
@@ -218,7 +259,7 @@ def embedding_width(sd_model: Any) -> Optional[int]:
 
 def text_device(sd_model: Any) -> Any:
     """Where the WebUI keeps textual-inversion vectors (devices.device; Forge moves them itself)."""
-    if is_forge(sd_model):
+    if forge_backend():
         return "cpu"
     from modules import devices
 

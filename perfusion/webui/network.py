@@ -117,14 +117,17 @@ def _hooks_for(model: Any) -> Optional[engine.Hooks]:
     return runtime.hooks
 
 
-def _register_embedding(model: Any, concept: Concept) -> None:
-    runtime.registered += host.register_word(
+def _register_embedding(p: Any, model: Any, concept: Concept) -> None:
+    added = host.register_word(
         model,
         concept.token,
         host.embedding_vector(concept.embedding, host.text_device(model)),
         host.embedding_size(concept.embedding),
         filename=f"perfusion:{concept.name}",
     )
+    if not added:  # the word would be read as plain text: the concept's gate would hardly open
+        warn(p, f"{concept.name}: this WebUI ({host.kind()}) has no textual-inversion database for its word's vectors")
+    runtime.registered += added
 
 
 class PerfusionNetwork(extra_networks.ExtraNetwork):
@@ -175,7 +178,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         if not applied:
             return
         for a in applied:
-            _register_embedding(model, a.activation.concept)
+            _register_embedding(p, model, a.activation.concept)
         runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
         hooks.activate(engine.Activations([a.activation for a in applied], defaults.projection, runtime.key_contexts))
         runtime.applied = applied

@@ -121,11 +121,15 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
 
 
 def create_tab():
-    """on_ui_tabs callback (no tab on Forge: training there is not supported)."""
-    if host.forge_installed():
-        log.warning("training is available on AUTOMATIC1111's WebUI; on Forge, concepts can be used, not trained")
-        return []
+    """on_ui_tabs callback; where the WebUI cannot train (Forge, Neo) the tab says why."""
     import gradio as gr
+
+    why = host.training_unsupported()
+    if why is not None:
+        log.warning(why)
+        with gr.Blocks(analytics_enabled=False) as tab:
+            gr.Markdown(f"**Perfusion training is not available here:** {why}.", elem_id="perfusion_train_unavailable")
+        return [(tab, "Perfusion", "perfusion_train")]
     from modules.call_queue import wrap_gradio_gpu_call
 
     with gr.Blocks(analytics_enabled=False) as tab:
