@@ -147,3 +147,11 @@ def test_loss_curve_png(tmp_path):
     image = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].rstrip('">'))))
     pixels = image.convert("RGB").getdata()
     assert image.size == (480, 160) and (30, 90, 200) in set(pixels)
+
+
+def test_cond_caches_are_cleared_in_place_on_every_host():
+    """The WebUI shares the cache lists between jobs: they must be emptied in place (A1111: 2 items, Neo: 3)."""
+    shared_two, shared_three = ["key", "cond"], ["key", "cond", "extra"]
+    p = namedtuple("P", "cached_c cached_uc cached_hr_c cached_hr_uc")(shared_two, shared_three, None, [1])
+    host.clear_cond_caches(p)
+    assert shared_two == [None, None] and shared_three == [None, None, None] and p.cached_hr_uc == [1]

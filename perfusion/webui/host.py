@@ -285,11 +285,12 @@ def vae_on(sd_model: Any, device: Any) -> Iterator[None]:
 
 
 def clear_cond_caches(p: Any) -> None:
-    """Forget the conditioning the WebUI cached for unchanged prompts (the lists are shared by all jobs)."""
+    """Forget the conditioning the WebUI cached for unchanged prompts (the lists are shared by all jobs:
+    A1111 keeps [key, cond], Forge Neo [key, cond, extra])."""
     for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
         cache = getattr(p, name, None)
-        if isinstance(cache, list) and len(cache) == 2:
-            cache[0] = cache[1] = None
+        if isinstance(cache, list) and len(cache) >= 2:
+            cache[:] = [None] * len(cache)
 
 
 def cond_tensors(cond: Any) -> Iterator[torch.Tensor]:
