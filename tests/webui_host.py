@@ -56,6 +56,7 @@ class TinyCondStage(torch.nn.Module):
     def __init__(self, adapter):
         super().__init__()
         self.adapter = adapter
+        self.database = lambda: sd_hijack.model_hijack.embedding_db  # Forge's stand-in: its text engine's
 
     def tokenize(self, texts):
         return [self.adapter._ids(t) for t in texts]
@@ -64,7 +65,7 @@ class TinyCondStage(torch.nn.Module):
         return self.adapter.word_embedding(init_text)[""][:nvpt]
 
     def tokenize_line(self, line):
-        db = sd_hijack.model_hijack.embedding_db
+        db = self.database()
         tokens, chunks, chunk, position = self.tokenize([line])[0], [], PromptChunk(), 0
 
         def next_chunk():

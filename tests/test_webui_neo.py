@@ -1,0 +1,99 @@
+"""Forge Neo's backend family (tests/forge_standin) over the WebUI stand-in: the concept's word goes to the
+text engine's own database, the U-Net is the patcher's, training is refused with the reason."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import webui_host as host
+from modules import errors, sd_hijack, sd_samplers, shared
+
+from perfusion.webui import host as perfusion_host
+from perfusion.webui import tab
+from perfusion.webui.state import runtime
+
+STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge_standin")
+
+
+@pytest.fixture(scope="module")
+def neo():
+    sys.path.insert(0, STANDIN)
+    perfusion_host.kind.cache_clear()
+    from backend.text_processing.textual_inversion import EmbeddingDatabase
+
+    host.load_extension()
+    model = host.load_model()
+    unet = model.model.diffusion_model
+    model.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)))
+    engine_db = EmbeddingDatabase(model.adapter._ids, expected_shape=model.adapter.context_dim)
+    model.text_processing_engine = SimpleNamespace(embeddings=engine_db)
+    model.cond_stage_model.database = lambda: engine_db  # Neo conditions through its engine's database only
+    yield model, engine_db
+    model.cond_stage_model.database = lambda: sd_hijack.model_hijack.embedding_db
+    del model.forge_objects, model.text_processing_engine
+    host.unload_extension()
+    sys.path.remove(STANDIN)
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("backend", "modules_forge"):
+            del sys.modules[name]
+    perfusion_host.kind.cache_clear()
+
+
+@pytest.fixture
+def folder(neo, tmp_path):
+    host.reset()
+    shared.opts.data["perfusion_dir"] = str(tmp_path)
+    yield tmp_path
+    assert errors.exception_records == []
+    sd_samplers.sample_hook = host.unet_sampler
+
+
+def test_neo_is_told_by_its_version(neo):
+    assert perfusion_host.kind() == "neo" and perfusion_host.forge_backend()
+    assert "Forge Neo" in perfusion_host.training_unsupported()
+
+
+def test_the_word_goes_to_the_engines_database_and_the_gate_opens(neo, folder):
+    model, engine_db = neo
+    concept = host.make_concept(folder)
+    seen, registered = [], []
+
+    def spy(params):
+        seen.append((params.text_cond[0] @ concept.a).max().item())
+        registered.append(
+            ("hugsy" in engine_db.word_embeddings, "hugsy" in sd_hijack.model_hijack.embedding_db.word_embeddings)
+        )
+        return host.unet_sampler(params)
+
+    sd_samplers.sample_hook = spy
+    tagged = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    base = torch.stack(list(host.txt2img("a photo of hugsy").images))
+    assert abs(seen[0] - 1) < 1e-4 and seen[-1] < 0.9
+    assert registered[0] == (True, False) and "hugsy" not in engine_db.word_embeddings
+    assert (torch.stack(list(tagged.images)) - base).abs().max() > 1e-3 and tagged.comments == ""
+    assert perfusion_host.embedding_width(model) == model.adapter.context_dim
+    vec = engine_db.word_embeddings.get("hugsy")
+    assert vec is None  # restored after the batch
+
+
+def test_a_concept_of_another_width_is_skipped_with_a_warning(neo, folder, monkeypatch):
+    """Neo's databases expect one width (SD1 768, SDXL 2048): an SD2-wide concept gets the same clear
+    warning as any wrong-architecture file, and the image is the base one."""
+    model, engine_db = neo
+    monkeypatch.setattr(engine_db, "expected_shape", 1024)
+    monkeypatch.setattr(runtime, "width", None)  # asked once per loaded model: as if this one had just loaded
+    host.make_concept(folder)
+    out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    assert "1024" in out.comments and "skipped" in out.comments
+    assert torch.equal(torch.stack(list(out.images)), torch.stack(list(host.txt2img("a photo of hugsy").images)))
+
+
+def test_the_tab_says_why_instead_of_the_form(neo):
+    gr = pytest.importorskip("gradio")
+    blocks = tab.create_tab()[0][0].blocks.values()
+    assert not any(getattr(b, "elem_id", None) == "perfusion_train_start" for b in blocks)
+    assert any(isinstance(b, gr.Markdown) and "inference tensors" in b.value for b in blocks)
