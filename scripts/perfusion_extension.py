@@ -3,7 +3,7 @@ perfusion/webui/ (extra network, cards, accordion, infotext, API, settings)."""
 
 from modules import extra_networks, script_callbacks, ui_extra_networks
 
-from perfusion.webui import api, infotext, network, page, settings, tab
+from perfusion.webui import api, infotext, network, page, settings, tab, xyz
 from perfusion.webui.script import PerfusionScript  # noqa: F401  (the WebUI collects Script classes from here)
 
 settings.register()
@@ -15,6 +15,7 @@ def register_network_and_page() -> None:
 
 
 script_callbacks.on_before_ui(register_network_and_page)
+script_callbacks.on_before_ui(xyz.add_axes)
 script_callbacks.on_ui_tabs(tab.create_tab)
 script_callbacks.on_infotext_pasted(infotext.on_infotext_pasted)
 script_callbacks.on_app_started(api.on_app_started)

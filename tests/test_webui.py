@@ -313,3 +313,58 @@ def test_defaults_reach_the_infotext_only_when_a_concept_applies(folder):
     skipped = host.txt2img("a photo of <perfusion:nobody:0.15> teddy")
     assert "Perfusion" not in skipped.infotexts[0].replace("Perfusion: no concept", "")
     assert "Perfusion defaults" not in skipped.infotexts[0]
+
+
+def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
+    """The X/Y/Z script's axes (scripts/xyz_grid.py's AxisOption/axis_options, found in scripts_data by its
+    module name): added once, their values win over a tag's and apply to every concept; a bad value warns."""
+    from collections import namedtuple
+
+    from modules import scripts
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    xyz = type("xyz_grid", (), {"AxisOption": AxisOption, "axis_options": []})
+    script_class = type(
+        "Script",
+        (scripts.Script,),
+        {"__module__": "xyz_grid.py", "title": lambda s: "X/Y/Z plot", "show": lambda s, i: False},
+    )
+    Data = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
+    monkeypatch.setattr(scripts, "scripts_data", [*scripts.scripts_data, Data(script_class, "xyz_grid.py", ".", xyz)])
+    from perfusion.webui import xyz as axes
+
+    axes.add_axes()
+    axes.add_axes()  # "Reload UI" calls on_before_ui again
+    labels = [o.label for o in xyz.axis_options]
+    assert labels == ["[Perfusion] beta", "[Perfusion] tau", "[Perfusion] lock", "[Perfusion] projection"]
+    options = {o.label.split()[-1]: o for o in xyz.axis_options}
+    assert options["lock"].choices() == ["local", "global", "hard"]
+    host.make_concept(folder)
+    results = []
+    for beta in (0.4, 0.9):
+        r, _ = host.runner()
+        from modules import processing
+
+        p = processing.StableDiffusionProcessingTxt2Img(
+            prompt="a photo of <perfusion:hugsy:0.15:beta=0.7> hugsy", seed=1, steps=3, width=64, height=64
+        )
+        p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate")
+        options["beta"].apply(p, beta, [0.4, 0.9])
+        options["lock"].apply(p, "hard", ["hard"])
+        results.append(processing.process_images(p))
+    assert "hugsy tau=0.15 beta=0.4 lock=hard" in results[0].infotexts[0]
+    assert "hugsy tau=0.15 beta=0.9 lock=hard" in results[1].infotexts[0]
+    assert (images(results[0]) - images(results[1])).abs().max() > 1e-4
+    tag_only = host.txt2img("a photo of <perfusion:hugsy:0.15:beta=0.4:lock=hard> hugsy")
+    assert torch.equal(images(tag_only), images(results[0]))  # the axis value is exactly that gate
+    r, _ = host.runner()
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt="a photo of <perfusion:hugsy> hugsy", seed=1, steps=3, width=64, height=64
+    )
+    p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate")
+    options["tau"].apply(p, -1.0, [-1.0])
+    bad = processing.process_images(p)
+    assert "X/Y/Z plot: tau -1.0 is out of range" in bad.comments and "hugsy tau=0.15 beta=0.7" in bad.infotexts[0]

@@ -15,16 +15,48 @@ from modules import extra_networks, prompt_parser
 
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
+from ..options import BETA_RANGE, LOCKS, PROJECTIONS, TAU_RANGE
 from . import host, infotext
 from .library import Entry
 from .log import log
 from .resolve import Defaults, ModelFacts, check_fit, resolve, whole_word
-from .state import library, runtime
+from .state import Applied, library, runtime
 from .tags import parse_request
 
 # The accordion's values for one generation ride on the WebUI's processing object (the only thing the
 # script's process() and the extra network's activate() both see), under this attribute.
 GENERATION_DEFAULTS = "perfusion_defaults"
+OVERRIDES = "perfusion_xyz"  # {field: value} from the X/Y/Z plot's axes
+
+
+def override(p: Any, field: str, value: Any) -> None:
+    """An X/Y/Z axis value for this generation: applies to every concept, over the tags' own values."""
+    overrides = dict(getattr(p, OVERRIDES, None) or {})
+    overrides[field] = value
+    setattr(p, OVERRIDES, overrides)
+
+
+def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple[list[Applied], Defaults]:
+    """The X/Y/Z axes' values on every applied concept (an invalid one warns and is ignored)."""
+    given = getattr(p, OVERRIDES, None) or {}
+    gate, rest = {}, {}
+    for field, value in given.items():
+        ranges = {"beta": BETA_RANGE, "tau": TAU_RANGE}
+        if field in ranges and isinstance(value, (int, float)) and ranges[field][0] <= value <= ranges[field][1]:
+            gate[field] = float(value)
+        elif (field, value) in {("lock", v) for v in LOCKS} | {("projection", v) for v in PROJECTIONS}:
+            (gate if field == "lock" else rest)[field] = value
+        else:
+            warn(p, f"X/Y/Z plot: {field} {value!r} is out of range or unknown; the tags' and sliders' value is used")
+    applied = [replace(a, activation=replace(a.activation, **gate)) for a in applied]
+    if gate.get("lock") == "global":
+        applied = [
+            a
+            if a.activation.concept.method == "perfusion"
+            else replace(a, activation=replace(a.activation, lock="local"))
+            for a in applied
+        ]
+    return applied, replace(defaults, **rest)
 
 
 def set_generation_defaults(p: Any, defaults: Defaults) -> None:
@@ -177,6 +209,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
             warn(p, warning)
         if not applied:
             return
+        applied, defaults = _with_overrides(p, applied, defaults)
         for a in applied:
             _register_embedding(p, model, a.activation.concept)
         runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
