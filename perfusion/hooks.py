@@ -369,8 +369,8 @@ class KeyContexts:
     answer is cached for the same input tensor, so all layers of one forward share one lookup.
     """
 
-    def __init__(self, atol: float = 1e-3):
-        self.atol = atol
+    def __init__(self, atol: float = 1e-3, limit: Optional[int] = None):
+        self.atol, self.limit = atol, limit  # limit: keep the newest pairs only (a long-lived host)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._last = None
 
@@ -379,6 +379,8 @@ class KeyContexts:
             raise ValueError(f"key context {list(key_context.shape)} is not row-aligned with {list(context.shape)}")
         for c, k in zip(context.reshape(-1, *context.shape[-2:]), key_context.reshape(-1, *context.shape[-2:])):
             self.pairs.append((c.detach(), k.detach()))
+        if self.limit is not None:
+            del self.pairs[: max(0, len(self.pairs) - self.limit)]
         self._last = None
 
     def clear(self) -> None:
@@ -391,7 +393,7 @@ class KeyContexts:
             return self._last[2]
         out, hit = e, False
         for b in range(e.shape[0]):
-            for c, k in self.pairs:
+            for c, k in reversed(self.pairs):  # the newest pair of a context wins
                 if c.shape == e.shape[1:] and torch.allclose(
                     e[b].float(), c.to(e.device).float(), atol=self.atol, rtol=1e-3
                 ):

@@ -312,3 +312,34 @@ def test_committed_workflows_match_the_nodes():
                 if node["type"] == "PerfusionConceptLoader":
                     assert len(node["widgets_values"]) == len(widgets), name
     assert seen == set(nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_global_lock_pairs_the_prompt_with_its_superclass_twin_as_the_engine_does(world):
+    """lock=global: the loader's CLIP encodes the prompt and its twin (hugsy -> teddy) and the MODEL's keys
+    read the twin; the result equals the engine's global locking with the same pair."""
+    from perfusion.hooks import KeyContexts
+
+    adapter, model, clip, _, concepts = world
+    m, c = load(model, clip, "hugsy.safetensors", lock="global")
+    tokens = c.tokenize("a photo of hugsy on the moon")
+    assert isinstance(tokens, text.TwinTokens) and tokens.twin is not None
+    assert not isinstance(c.tokenize("a photo of a cat"), text.TwinTokens)  # no word, no twin
+    chained = denoise(m, c, "a photo of hugsy on the moon")
+    local = denoise(load(model, clip, "hugsy.safetensors")[0], c, "a photo of hugsy on the moon")
+    assert (chained - local).abs().max() > 1e-4
+    model_management.load_models_gpu([model])
+    context, _ = adapter.encode(["a photo of hugsy on the moon"], {"hugsy": concepts["hugsy"].embedding})
+    twin, _ = adapter.encode(["a photo of teddy on the moon"])
+    pairs = KeyContexts()
+    pairs.add(context, twin)
+    acts = Activations([Activation(concepts["hugsy"], lock="global")], key_context=pairs)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    with attach(adapter.diffusion_model, acts), torch.no_grad():
+        reference = adapter.diffusion_model(x, torch.tensor([500]), context=context)
+    torch.testing.assert_close(chained, reference, rtol=1e-5, atol=1e-5)
+    # a later local loader in the chain keeps the global concept's pairing
+    m2, c2 = load(m, c, "boxy.safetensors")
+    assert patch.key_contexts(m2) is patch.key_contexts(m)
+    assert isinstance(c2.tokenize("a photo of hugsy and boxy"), text.TwinTokens)
+    assert torch.equal(denoise(model, clip), denoise(model, clip))  # the inputs untouched

@@ -11,12 +11,13 @@ import os
 from typing import Any
 
 from ..concept import Concept, ConceptError, is_concept_file, load_concept
-from ..hooks import Activation
+from ..hooks import Activation, KeyContexts
 from ..options import BETA_RANGE, PROJECTIONS, TAU_RANGE
 from . import patch, text
 
 FOLDER = "perfusion"  # folder_paths name; ComfyUI/models/perfusion by default
-LOCKS = ("local", "hard")  # global locking needs the superclass prompt at every key: not offered here (docs/comfyui.md)
+LOCKS = ("local", "global", "hard")
+MAX_PAIRS = 64  # (prompt, twin) encodings kept for global locking: the prompts of recent workflows
 log = logging.getLogger("perfusion")
 
 
@@ -112,7 +113,14 @@ class PerfusionConceptLoader:
                 ),
             },
             "optional": {
-                "lock": (list(LOCKS), {"default": "local", "tooltip": "Key-locking: local (the paper's) or hard."}),
+                "lock": (
+                    list(LOCKS),
+                    {
+                        "default": "local",
+                        "tooltip": "Key-locking: local (the paper's), global (keys read the prompt with the superclass; "
+                        "use this loader's CLIP to encode) or hard.",
+                    },
+                ),
                 "projection": (
                     list(PROJECTIONS),
                     {"default": "approximate", "tooltip": "How the concepts of a chain share one edit."},
@@ -144,9 +152,13 @@ class PerfusionConceptLoader:
                     "in this chain; use one of them, or retrain one with another word"
                 )
         activation = Activation(concept, beta=beta or None, tau=tau or None, lock=lock)
+        contexts = patch.key_contexts(model)
+        if contexts is None and lock == "global":
+            contexts = KeyContexts(limit=MAX_PAIRS)
+        words = frozenset({concept.token.lower()} if lock == "global" else ())
         try:
-            patched = patch.with_concepts(model, [activation], projection)
-            taught = text.with_words(clip, [concept])
+            patched = patch.with_concepts(model, [activation], projection, contexts)
+            taught = text.with_words(clip, [concept], words, contexts)
         except ConceptError as e:
             raise type(e)(f"{path}: {e}") from None
         skip = 1 if clip.layer_idx is None else -int(clip.layer_idx)

@@ -8,11 +8,11 @@ module's own forward (ComfyUI's cast or offloaded Linear, weight patches include
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from ..hooks import Activation, Activations, Editor, find_cross_attention
+from ..hooks import Activation, Activations, Editor, KeyContexts, find_cross_attention
 from ..options import Projection
 
 UNET = "diffusion_model"  # the U-Net's attribute on the patcher's model (comfy.model_base.BaseModel)
@@ -50,14 +50,27 @@ def applied(model: Any) -> list[Activation]:
     return []
 
 
-def with_concepts(model: Any, added: list[Activation], projection: Projection = "approximate") -> Any:
+def key_contexts(model: Any) -> Optional[KeyContexts]:
+    """The (prompt, superclass twin) pairs the MODEL's globally locked concepts read, if any."""
+    for value in getattr(model, "object_patches", {}).values():
+        if isinstance(value, PatchedForward):
+            return value.editor.activations.key_context
+    return None
+
+
+def with_concepts(
+    model: Any, added: list[Activation], projection: Projection = "approximate", contexts: Optional[KeyContexts] = None
+) -> Any:
     """A clone of `model` applying its concepts and `added` in one edit (an added concept whose word is
     already applied replaces it). Validated first: ConceptMismatch names a concept that does not fit, and
     nothing is cloned. `model` itself is not changed."""
     found = layers(model)
     words = {a.concept.token.lower() for a in added}
     prior = [a for a in applied(model) if a.concept.token.lower() not in words]
-    editor = Editor(found, Activations(prior + list(added), projection), cache_rows=False)
+    items = prior + list(added)
+    if not any(a.lock == "global" for a in items):
+        contexts = None
+    editor = Editor(found, Activations(items, projection, contexts), cache_rows=False)
     clone = model.clone()
     for layer in found:
         for kind, attr in (("k", "to_k"), ("v", "to_v")):

@@ -8,14 +8,17 @@ tokenizers; the input CLIP's tokenizer is never changed.
 from __future__ import annotations
 
 import copy
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
 from ..concept import Concept
-from ..hooks import ConceptMismatch
+from ..hooks import ConceptMismatch, KeyContexts
 from ..tokens import MAX_EMBEDDING_ROWS, whole_word
 
+log = logging.getLogger("perfusion")
 IDENTIFIER = "embedding:"  # SDTokenizer.embedding_identifier
 _KEY = "perfusion.{}"  # the embedding name a concept word is rewritten to (a name no file can have: no extension)
 
@@ -62,11 +65,20 @@ def _taught_encoder(encoder: Any, table: dict[str, torch.Tensor]) -> Any:
     return taught
 
 
-class TaughtTokenizer:
-    """A CLIP tokenizer that knows concept words, over the untaught `base` (which stays as it was)."""
+class TwinTokens(dict):
+    """Tokens (the host's dict) that also carry `twin`: the same prompt with each globally locked concept's
+    word replaced by its superclass, for the keys to read (global key-locking)."""
 
-    def __init__(self, base: Any, concepts: list[Concept]):
-        self.base, self.concepts = base, list(concepts)
+    twin: Any = None
+
+
+class TaughtTokenizer:
+    """A CLIP tokenizer that knows concept words, over the untaught `base` (which stays as it was).
+
+    global_words: the words whose concepts lock globally; prompts holding one also get the twin tokens."""
+
+    def __init__(self, base: Any, concepts: list[Concept], global_words: frozenset[str] = frozenset()):
+        self.base, self.concepts, self.global_words = base, list(concepts), frozenset(global_words)
         self._patterns = [(whole_word(c.token), _KEY.format(n)) for n, c in enumerate(self.concepts)]
         subs = encoders(base)
         if "" in subs:
@@ -86,7 +98,16 @@ class TaughtTokenizer:
         return text
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
-        return self._taught.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)
+        tokens = self._taught.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)
+        locked = [c for c in self.concepts if c.token.lower() in self.global_words and whole_word(c.token).search(text)]
+        if not locked or not isinstance(tokens, dict):
+            return tokens
+        twin_text = text
+        for c in locked:
+            twin_text = whole_word(c.token).sub(c.superclass, twin_text)
+        out = TwinTokens(tokens)
+        out.twin = self._taught.tokenize_with_weights(self.rewrite(twin_text), return_word_ids, **kwargs)
+        return out
 
     def __getattr__(self, name: str):  # untokenize, state_dict, the sub-tokenizers ...
         return getattr(self._taught, name)
@@ -106,12 +127,46 @@ def taught_concepts(clip: Any) -> list[Concept]:
     return tok.concepts if isinstance(tok, TaughtTokenizer) else []
 
 
-def with_words(clip: Any, added: list[Concept]) -> Any:
+def with_words(
+    clip: Any,
+    added: list[Concept],
+    global_words: frozenset[str] = frozenset(),
+    key_contexts: Optional[KeyContexts] = None,
+) -> Any:
     """A clone of `clip` whose tokenizer knows the words of its concepts and of `added` (a concept whose word
-    is already taught replaces it). Raises ConceptMismatch before cloning when a word's vectors do not fit."""
+    is already taught replaces it). Raises ConceptMismatch before cloning when a word's vectors do not fit.
+
+    global_words + key_contexts: prompts with those words are encoded twice, and each encoding is paired in
+    `key_contexts` with its superclass twin (the MODEL's keys read the twin: global key-locking)."""
     tokens = {c.token.lower() for c in added}
     concepts = [c for c in taught_concepts(clip) if c.token.lower() not in tokens] + list(added)
-    tokenizer = TaughtTokenizer(untaught(clip.tokenizer), concepts)
+    old = clip.tokenizer.global_words if isinstance(clip.tokenizer, TaughtTokenizer) else frozenset()
+    words = (old - tokens) | frozenset(w.lower() for w in global_words)
+    tokenizer = TaughtTokenizer(untaught(clip.tokenizer), concepts, words if key_contexts is not None else frozenset())
     clone = clip.clone()
     clone.tokenizer = tokenizer
+    if key_contexts is not None and words:
+        clone.encode_from_tokens = _pairing(type(clone).encode_from_tokens.__get__(clone), key_contexts)
     return clone
+
+
+def _pairing(encode: Callable, key_contexts: KeyContexts) -> Callable:
+    """CLIP.encode_from_tokens that also encodes TwinTokens' twin and registers the (prompt, twin) pair."""
+
+    def encode_from_tokens(tokens, return_pooled=False, return_dict=False):
+        out = encode(tokens, return_pooled=return_pooled, return_dict=return_dict)
+        twin_tokens = getattr(tokens, "twin", None)
+        if twin_tokens is not None:
+            cond = out["cond"] if return_dict else out[0] if return_pooled else out
+            twin = encode(twin_tokens)
+            if twin.shape == cond.shape:  # else the words' token counts differ: the keys keep the prompt (local)
+                key_contexts.add(cond, twin)
+            else:
+                log.warning(
+                    "Perfusion: global locking could not pair the prompt with its superclass twin (%s vs %s rows)",
+                    list(cond.shape),
+                    list(twin.shape),
+                )
+        return out
+
+    return encode_from_tokens
