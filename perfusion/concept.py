@@ -5,6 +5,7 @@ A concept file never holds code: it is parsed from its JSON header and raw tenso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,8 @@ class Concept:
     steps: int = 0
     created: str = ""
     name: str = ""
+    # keys other tools read (`modelspec.*`, kohya-style `ss_*`: training summary), kept through load and save
+    shared_metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def context_dim(self) -> int:
@@ -103,9 +106,44 @@ def _tensors(concept: Concept) -> dict[str, torch.Tensor]:
     return out
 
 
-def _metadata(concept: Concept) -> dict[str, str]:
-    created = concept.created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+SHARED_PREFIXES = ("modelspec.", "ss_")
+# modelspec.architecture per arch (Stability's model spec: "<base model>/<kind of add-on>")
+_SPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "other": "other",
+}
+
+
+def _standard_metadata(concept: Concept, created: str, tensors_sha256: str) -> dict[str, str]:
+    """What model managers and sites read: the modelspec keys (title, architecture, trigger phrase, hash of
+    the tensors) and kohya's identifying ss_ keys; the training summary comes in `shared_metadata`."""
     return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{_SPEC_ARCH.get(concept.arch, 'other')}/{concept.method}",
+        "modelspec.implementation": "sd-webui-perfusion",
+        "modelspec.title": concept.name or concept.token,
+        "modelspec.date": created,
+        "modelspec.trigger_phrase": concept.token,
+        "modelspec.description": (
+            f"{concept.method.capitalize()} concept: write '{concept.token}' (a {concept.superclass}) in the prompt"
+        ),
+        "modelspec.hash_sha256": "0x" + tensors_sha256,
+        "ss_network_module": f"perfusion.{concept.method}",
+        "ss_output_name": concept.name or concept.token,
+    }
+
+
+def _metadata(concept: Concept, tensors_sha256: str = "") -> dict[str, str]:
+    created = concept.created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    shared = {  # the computed keys win over ones read from an earlier save (a stale hash, an old title)
+        **{k: str(v) for k, v in concept.shared_metadata.items() if k.startswith(SHARED_PREFIXES)},
+        **_standard_metadata(concept, created, tensors_sha256),
+    }
+    if not tensors_sha256:
+        shared.pop("modelspec.hash_sha256")
+    return shared | {
         "perfusion_format": FORMAT_VERSION,
         "method": concept.method,
         "token": concept.token,
@@ -137,7 +175,10 @@ def save_concept(concept: Concept, path: str | os.PathLike, dtype: torch.dtype =
         name: t.detach().to("cpu", torch.float32 if name in _FP32_TENSORS else dtype).contiguous()
         for name, t in _tensors(concept).items()
     }
-    return atomic_write(path, _save_safetensors_bytes(tensors, metadata=_metadata(concept)))
+    body = _save_safetensors_bytes(tensors)  # the tensor bytes after the header do not depend on the metadata
+    (header_len,) = struct.unpack("<Q", body[:8])
+    digest = hashlib.sha256(body[8 + header_len :]).hexdigest()
+    return atomic_write(path, _save_safetensors_bytes(tensors, metadata=_metadata(concept, digest)))
 
 
 def _read_header(data: bytes, source: str) -> dict:
@@ -271,6 +312,7 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
         base_model_hash=meta.get("base_model_hash", ""),
         covariance_hash=meta.get("covariance_hash", ""),
         created=meta.get("created", ""),
+        shared_metadata={k: v for k, v in meta.items() if k.startswith(SHARED_PREFIXES)},
         **kwargs,
     )
     if concept.context_dim != int(numbers["context_dim"]):

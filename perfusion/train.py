@@ -284,6 +284,7 @@ class Trainer:
         self.adapter, self.cov, self.cfg = adapter, covariance, config
         self.work_dir, self.concept_path = Path(work_dir), Path(concept_path)
         self.captions = captions or [""] * len(images)
+        self.resolution = int(images.shape[-1])
         self.word = config.token if config.method == "perfusion" else config.superclass
         self.latents, self.masks = self._cache(images, masks)
         self.checkpoint_path = self.work_dir / f"{config.name}.resume.safetensors"
@@ -388,7 +389,36 @@ class Trainer:
             tau=cfg.tau,
             steps=step,
             name=cfg.name,
+            shared_metadata=self._summary(step),
         )
+
+    def _summary(self, step: int) -> dict[str, str]:
+        """The run in the keys LoRA managers and model sites read (modelspec, kohya's ss_*)."""
+        cfg, arch = self.cfg, getattr(self.adapter, "arch", "other")
+        tags: dict[str, int] = {}
+        for caption in self.captions:
+            for tag in (t.strip() for t in caption.split(",")):
+                if tag:
+                    tags[tag] = tags.get(tag, 0) + 1
+        return {
+            "modelspec.resolution": f"{self.resolution}x{self.resolution}",
+            "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(arch, arch),
+            "ss_sd_model_hash": str(getattr(self.adapter, "model_hash", "")),
+            "ss_resolution": f"({self.resolution}, {self.resolution})",
+            "ss_steps": str(step),
+            "ss_max_train_steps": str(cfg.steps),
+            "ss_num_train_images": str(len(self.captions)),
+            "ss_batch_size_per_device": str(cfg.batch_size),
+            "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+            "ss_learning_rate": repr(cfg.lr_values),
+            "ss_text_encoder_lr": repr(cfg.lr_embedding),
+            "ss_seed": str(cfg.seed),
+            "ss_tag_frequency": json.dumps({cfg.name: tags}),
+            "ss_training_comment": (
+                f"{cfg.method} concept '{cfg.token}' (superclass '{cfg.superclass}'), keys {cfg.keys}, "
+                f"trained at gate beta {cfg.train_beta:g} tau {cfg.train_tau:g}"
+            ),
+        }
 
     def _optimizer(self, state: TrainState) -> torch.optim.Optimizer:
         targets = list(state.values.values()) + list(state.keys.values())

@@ -180,3 +180,27 @@ def test_infusion_file_has_no_embedding_rows_and_its_size(tmp_path):
     back = load_concept(path)
     assert back.method == "infusion" and back.embedding[""].shape == (0, 768)
     assert path.stat().st_size <= 34_000  # measured 33,460 bytes: see docs/concept-format.md
+
+
+def test_metadata_other_tools_read(tmp_path):
+    """modelspec keys (title, architecture, trigger phrase, the tensors' sha256) and ss_ keys: written on save,
+    kept through load, the computed ones recomputed (a re-saved file never carries a stale hash)."""
+    import hashlib
+
+    c = make_concept(SD1_LAYERS, 768, random_covariance(768), arch="sd1")
+    c.shared_metadata = {"ss_steps": "400", "modelspec.hash_sha256": "0xstale", "other": "dropped"}
+    path = save_concept(c, tmp_path / "hugsy.safetensors")
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data[8 + n :]).hexdigest()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/perfusion"
+    assert meta["modelspec.trigger_phrase"] == "hugsy" and meta["modelspec.title"] == "hugsy"
+    assert meta["ss_steps"] == "400" and "other" not in meta and meta["ss_network_module"] == "perfusion.perfusion"
+    loaded = load_concept(path)
+    assert loaded.shared_metadata["ss_steps"] == "400"
+    loaded.values = {k: v * 2 for k, v in loaded.values.items()}
+    again = save_concept(loaded, tmp_path / "again.safetensors").read_bytes()
+    (m,) = struct.unpack("<Q", again[:8])
+    new_hash = json.loads(again[8 : 8 + m])["__metadata__"]["modelspec.hash_sha256"]
+    assert new_hash == "0x" + hashlib.sha256(again[8 + m :]).hexdigest() != meta["modelspec.hash_sha256"]

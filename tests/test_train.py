@@ -80,6 +80,13 @@ def test_loss_falls_and_only_the_concept_changes(world, tmp_path):
     assert [p.step for p in progress] == list(range(1, 26)) and progress[-1].eta_s == 0
     rows = list(csv.reader(open(tmp_path / "hugsy.loss.csv")))
     assert rows[0][:3] == ["step", "loss", "smoothed_loss"] and len(rows) == 26
+    # the run's summary in the keys other tools read
+    meta = c.shared_metadata
+    assert (
+        meta["ss_steps"] == "25" and meta["ss_max_train_steps"] == "25" and meta["modelspec.trigger_phrase"] == "hugsy"
+    )
+    assert meta["ss_num_train_images"] == str(len(images)) and meta["ss_learning_rate"] == "0.3"
+    assert meta["modelspec.resolution"] == f"{images.shape[-1]}x{images.shape[-1]}"
 
 
 def test_keys_stay_locked_to_the_superclass(world, tmp_path):
