@@ -261,8 +261,9 @@ def loss_scaler(unet: torch.nn.Module) -> torch.amp.GradScaler:
 
 
 class Trainer:
-    """One run. `images` [N, 3, R, R] in [-1, 1]; `masks`: per image an [R, R] weight in [0, 1] or None,
-    or "attention" (the model's own cross-attention on the superclass word), or None for no mask."""
+    """One run. `images` [N, 3, R, R] in [-1, 1]; `masks`: per image an [R, R] weight in [0, 1], None (no
+    mask) or "attention" (the model's own cross-attention on the superclass word, the paper's zero-shot
+    object mask); or "attention" for every image, or None for no mask at all."""
 
     def __init__(
         self,
@@ -270,12 +271,13 @@ class Trainer:
         covariance: Covariance,
         config: TrainConfig,
         images: torch.Tensor,
-        masks: Union[None, str, list[Optional[torch.Tensor]]],
+        masks: Union[None, str, list[Union[None, str, torch.Tensor]]],
         work_dir: str | Path,
         concept_path: str | Path,
         captions: Optional[list[str]] = None,
     ):
-        if isinstance(masks, str) and masks != "attention":
+        per_image = masks if isinstance(masks, list) else [masks]
+        if any(isinstance(m, str) and m != "attention" for m in per_image):
             raise TrainError(f"masks must be a list of masks, 'attention' or None, got {masks!r}")
         config.check()
         check_superclass(adapter, config.superclass)
@@ -299,7 +301,10 @@ class Trainer:
         latents = torch.stack([self.adapter.encode_images(v.to(dev)).float() for v in variants])  # [F, N, C, h, w]
         h, w = latents.shape[-2:]
         if masks == "attention":
-            masks = list(attention_masks(self.adapter, latents[0], self.cfg.superclass, seed=self.cfg.seed))
+            masks = ["attention"] * images.shape[0]
+        if masks is not None and any(isinstance(m, str) for m in masks):
+            found = list(attention_masks(self.adapter, latents[0], self.cfg.superclass, seed=self.cfg.seed))
+            masks = [found[i] if isinstance(m, str) else m for i, m in enumerate(masks)]
         grid = torch.stack(
             [
                 soft_mask(m.cpu(), (h, w)) if m is not None else torch.ones(h, w)

@@ -343,3 +343,22 @@ def test_gradient_checkpointing_refuses_an_unknown_unet_layout():
     with pytest.raises(TypeError, match="ldm-style U-Net"):
         with checkpointed_blocks(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_masks_mix_files_none_and_the_models_attention(world, tmp_path):
+    """Per image: a given mask is used as given, None trains unmasked, "attention" takes the model's own
+    cross-attention on the superclass word (the tab's auto fallback); a bad entry is refused."""
+    from perfusion.dataset import soft_mask
+
+    adapter, cov, images = world
+    given = torch.zeros(images.shape[-2:])
+    given[:, : images.shape[-1] // 2] = 1
+    trainer = Trainer(
+        adapter, cov, config(flip=False), images, [given, None, "attention"], tmp_path, tmp_path / "m.safetensors"
+    )
+    grid = trainer.masks[0]  # [N, h, w] loss weights on the latent grid
+    assert torch.allclose(grid[0], soft_mask(given, grid.shape[-2:]))
+    assert torch.equal(grid[1], torch.ones_like(grid[1]))
+    assert grid[2].std() > 0.01 and abs(grid[2].mean() - 1) < 1e-4  # a real mask, mean 1
+    with pytest.raises(perfusion.train.TrainError, match="masks must be"):
+        Trainer(adapter, cov, config(), images, [None, "alpha", None], tmp_path, tmp_path / "x.safetensors")

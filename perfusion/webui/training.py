@@ -308,11 +308,19 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         )
         return status
     state.job_count, state.job_no = cfg.steps, 0
-    masks = "attention" if form.mask_source == "attention" else [s.mask for s in dataset.samples]
+    # auto: each image's mask file or alpha channel, else (the paper's zero-shot mask) the model's own
+    # cross-attention on the superclass word
+    fallback = "attention" if form.mask_source in ("auto", "attention") else None
+    masks = [s.mask if s.mask is not None and form.mask_source != "attention" else fallback for s in dataset.samples]
     images = torch.stack([s.image for s in dataset.samples])
     captions = [s.caption for s in dataset.samples]
     trainer = Trainer(adapter, cov, cfg, images, masks, work_dir(form), concept_path(form), captions=captions)
-    status = Status("training", form.name, 0, cfg.steps, message=dataset.summary())
+    given, attention = (
+        sum(torch.is_tensor(m) for m in masks),
+        sum(m == "attention" for m in masks if isinstance(m, str)),
+    )
+    mask_note = f"masks: {given} from files or alpha, {attention} from the model's attention on {form.superclass!r}"
+    status = Status("training", form.name, 0, cfg.steps, message=f"{dataset.summary()}; {mask_note}")
     started = time.monotonic()
 
     def progress(p) -> None:
