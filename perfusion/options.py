@@ -16,6 +16,7 @@ Projection = Literal["approximate", "exact"]  # how several concepts share one e
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
 IStarGradient = Literal["detach", "straight_through"]  # how the EMA of i* meets the gradient
+LrSchedule = Literal["constant", "cosine", "linear"]  # after the warm-up: kept, cosine or linear decay to 0
 
 METHODS: tuple[str, ...] = get_args(Method)
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -24,6 +25,7 @@ PROJECTIONS: tuple[str, ...] = get_args(Projection)
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)
 I_STAR_GRADIENTS: tuple[str, ...] = get_args(IStarGradient)
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 # The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
 BETA, TAU = 0.7, 0.15

@@ -36,7 +36,19 @@ from .diffusion import q_sample, training_target
 from .files import atomic_write, read_regular
 from .hooks import Activation, attach
 from .masks import attention_masks
-from .options import BETA, I_STAR_GRADIENTS, METHODS, TAU, TRAIN_BETA, TRAIN_TAU, IStarGradient, Keys, Method
+from .options import (
+    BETA,
+    I_STAR_GRADIENTS,
+    LR_SCHEDULES,
+    METHODS,
+    TAU,
+    TRAIN_BETA,
+    TRAIN_TAU,
+    IStarGradient,
+    Keys,
+    LrSchedule,
+    Method,
+)
 
 MAX_TEMPLATES_BYTES = 256 * 2**10
 TI_TEMPLATES = (
@@ -157,6 +169,7 @@ class TrainConfig:
     lr_values: float = field(default=0.03, metadata=MAY_CHANGE)
     lr_embedding: float = field(default=0.006, metadata=MAY_CHANGE)
     warmup_steps: int = field(default=0, metadata=MAY_CHANGE)
+    lr_schedule: LrSchedule = field(default="constant", metadata=MAY_CHANGE)
     train_beta: float = field(default=TRAIN_BETA, metadata=MAY_CHANGE)
     train_tau: float = field(default=TRAIN_TAU, metadata=MAY_CHANGE)
     beta: float = field(default=BETA, metadata=MAY_CHANGE)  # previews
@@ -185,6 +198,10 @@ class TrainConfig:
     def check(self) -> None:
         if self.method not in METHODS:
             raise TrainError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise TrainError("warmup_steps must be 0 or more")
         if self.i_star_gradient not in I_STAR_GRADIENTS:
             raise TrainError(f"i_star_gradient must be one of {', '.join(I_STAR_GRADIENTS)}")
         if min(self.steps, self.batch_size, self.grad_accum) < 1:
@@ -433,7 +450,16 @@ class Trainer:
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _lr_scale(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+        """The learning rates' factor at optimiser step `step` (0-based): linear warm-up, then the schedule
+        from 1 towards 0 (cosine or linear; 0 would be the step after the last), or 1 (constant)."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        done = min(1.0, (step - cfg.warmup_steps) / span)  # 0 at the first step after warm-up, < 1 at the last
+        return 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState, opt: torch.optim.Optimizer) -> Path:

@@ -362,3 +362,25 @@ def test_masks_mix_files_none_and_the_models_attention(world, tmp_path):
     assert grid[2].std() > 0.01 and abs(grid[2].mean() - 1) < 1e-4  # a real mask, mean 1
     with pytest.raises(perfusion.train.TrainError, match="masks must be"):
         Trainer(adapter, cov, config(), images, [None, "alpha", None], tmp_path, tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "schedule, warmup, expected",
+    [
+        ("constant", 0, [1, 1, 1, 1, 1]),
+        ("constant", 2, [0.5, 1, 1, 1, 1]),
+        ("linear", 0, [1, 0.8, 0.6, 0.4, 0.2]),
+        ("linear", 1, [1, 1, 0.75, 0.5, 0.25]),
+        ("cosine", 1, [1, 1, 0.8535534, 0.5, 0.1464466]),
+    ],
+)
+def test_learning_rate_schedules(world, tmp_path, schedule, warmup, expected):
+    adapter, cov, images = world
+    cfg = config(steps=5, warmup_steps=warmup, lr_schedule=schedule)
+    trainer = Trainer(adapter, cov, cfg, images, None, tmp_path, tmp_path / "s.safetensors")
+    assert [trainer._lr_scale(s) for s in range(5)] == pytest.approx(expected)
+
+
+def test_a_bad_schedule_is_refused():
+    with pytest.raises(perfusion.train.TrainError, match="lr_schedule must be one of constant, cosine, linear"):
+        config(lr_schedule="exponential").check()

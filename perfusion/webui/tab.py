@@ -16,7 +16,7 @@ from modules import devices
 
 from ..generate import generate
 from ..hooks import Activation
-from ..options import METHODS
+from ..options import LR_SCHEDULES, METHODS
 from . import host, training
 from .adapter import WebUIAdapter
 from .log import log
@@ -99,6 +99,8 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
     with gr.Row():
         w["lr_values"] = gr.Number(value=d.lr_values, label="Learning rate (values)")
         w["lr_embedding"] = gr.Number(value=d.lr_embedding, label="Learning rate (embedding)")
+        w["lr_schedule"] = gr.Dropdown(list(LR_SCHEDULES), value=d.lr_schedule, label="Learning-rate schedule")
+        w["warmup_steps"] = gr.Number(value=d.warmup_steps, precision=0, label="Warm-up steps")
         w["flip"] = gr.Checkbox(value=d.flip, label="Flip")
     with gr.Row():
         w["train_beta"] = gr.Number(value=d.train_beta, label="Train gate beta")

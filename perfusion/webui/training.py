@@ -25,7 +25,7 @@ from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
-from ..options import BETA, BETA_RANGE, METHODS, TAU, TAU_RANGE
+from ..options import BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
@@ -68,6 +68,8 @@ class TrainForm:
     steps: int = TrainConfig.steps
     lr_values: float = TrainConfig.lr_values
     lr_embedding: float = TrainConfig.lr_embedding
+    lr_schedule: str = TrainConfig.lr_schedule
+    warmup_steps: int = TrainConfig.warmup_steps
     batch_size: int = 1  # the memory of one image per micro-step (8 GB cards)
     grad_accum: int = 4  # an effective batch of 4 at the memory of 1
     resolution: int = 512
@@ -128,6 +130,7 @@ RANGES = {
     "report_samples": (0, 256),
     "lr_values": (1e-7, 10.0),
     "lr_embedding": (1e-7, 10.0),
+    "warmup_steps": (0, 100_000),
     "train_beta": BETA_RANGE,
     "train_tau": TAU_RANGE,
     "preview_beta": BETA_RANGE,
@@ -177,6 +180,8 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append("token word: one word that will stand for the concept in prompts (e.g. 'hugsy')")
     if form.method not in METHODS:
         problems.append(f"method {form.method!r}: one of {', '.join(METHODS)}")
+    if form.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"learning-rate schedule {form.lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
     if form.mask_source not in MASK_SOURCES:
         problems.append(f"mask source {form.mask_source!r}: one of {', '.join(MASK_SOURCES)}")
     if form.existing not in EXISTING:
@@ -227,6 +232,8 @@ def config(form: TrainForm) -> TrainConfig:
         grad_accum=int(form.grad_accum),
         lr_values=float(form.lr_values),
         lr_embedding=float(form.lr_embedding),
+        lr_schedule=form.lr_schedule,
+        warmup_steps=int(form.warmup_steps),
         train_beta=float(form.train_beta),
         train_tau=float(form.train_tau),
         beta=float(form.preview_beta),
