@@ -527,6 +527,8 @@ class Trainer:
         clock = _Clock(state.step, losses[-1] if losses else None)
         interrupted = False
         try:
+            if preview and cfg.preview_every and state.step == 0:  # the starting point, to compare with
+                self._preview(state, hooks, preview)
             with checkpointed_blocks(ad.diffusion_model) if cfg.gradient_checkpointing else nullcontext():
                 while state.step < cfg.steps:
                     loss = self._step(state, opt, hooks, scaler, should_stop)
@@ -535,6 +537,8 @@ class Trainer:
                         break
                     losses.append(loss)
                     self._after_step(state, opt, hooks, loss, clock, progress, preview)
+            if preview and cfg.preview_every and not interrupted and state.step % cfg.preview_every:
+                self._preview(state, hooks, preview)  # the end, when it was not a preview step
         finally:
             hooks.clear()
         self.save_checkpoint(state, opt)
@@ -573,10 +577,13 @@ class Trainer:
             self.save_checkpoint(state, opt)
             save_concept(self._concept(state, state.i_star, step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
         if preview and cfg.preview_every and step % cfg.preview_every == 0:
-            with torch.no_grad():
-                concept = self._concept(state, state.i_star, step)
-                hooks.activate([Activation(concept, cfg.beta, cfg.tau)])
-                preview(concept, step)
+            self._preview(state, hooks, preview)
+
+    def _preview(self, state: TrainState, hooks, preview: Callable[[Concept, int], None]) -> None:
+        with torch.no_grad():
+            concept = self._concept(state, state.i_star, state.step)
+            hooks.activate([Activation(concept, self.cfg.beta, self.cfg.tau)])
+            preview(concept, state.step)
 
     def _micro_step(self, state: TrainState, hooks, scaler: torch.amp.GradScaler, step: int, k: int) -> float:
         cfg, ad = self.cfg, self.adapter

@@ -260,7 +260,8 @@ def test_preview_and_snapshots_every_n_steps(world, tmp_path):
 
     cfg = config(steps=4, grad_accum=1, save_every=2, preview_every=2, beta=0.6, tau=0.2)
     Trainer(adapter, cov, cfg, images, None, tmp_path, tmp_path / "p.safetensors").run(preview=preview)
-    assert seen == [(2, [(0.6, 0.2)], 2), (4, [(0.6, 0.2)], 4)]  # the concept is on, at the inference gate
+    # step 0 (the starting point), then every 2: the concept is on, at the inference gate
+    assert seen == [(0, [(0.6, 0.2)], 0), (2, [(0.6, 0.2)], 2), (4, [(0.6, 0.2)], 4)]
     snap = perfusion.load_concept(tmp_path / "hugsy-00002.safetensors")
     assert snap.steps == 2 and not (tmp_path / "hugsy-00004.safetensors").exists()  # the last one is the final file
 

@@ -85,12 +85,14 @@ def test_vae_in_ram_while_training_and_back_for_each_preview(env, monkeypatch, o
     run = form(photos, preview_every=2, gradient_checkpointing=True)
     result = training.train(run, tab.preview(run))
     assert result.state == "done" and result.step == 4, result.message
-    preview_moves = [devices.device, torch.device("cpu")] * 2  # to the GPU for each preview, then back
+    preview_moves = [devices.device, torch.device("cpu")] * 3  # to the GPU for each preview (steps 0, 2, 4), back
     if offload:  # to RAM after the latents are cached, back at the end
         assert vae.moves == [devices.cpu, *preview_moves, torch.device("cpu")]
     else:
         assert vae.moves == preview_moves
     assert load_concept(concepts / "hugsy.safetensors").steps == 4
+    samples = sorted(p.name for p in (training.work_dir(run) / "samples").iterdir())
+    assert samples == ["hugsy-00000.png", "hugsy-00002.png", "hugsy-00004.png"]
 
 
 def test_interrupt_during_the_covariance_stops_before_training(env):
@@ -257,3 +259,19 @@ def test_the_tab_has_one_widget_per_form_field_in_field_order(webui, monkeypatch
     monkeypatch.setattr(tab, "FIELDS", [*tab.FIELDS, "new_field"])  # a field without its widget
     with gr.Blocks(), pytest.raises(RuntimeError, match="no widget for \\['new_field'\\]"):
         tab.form_widgets(gr, defaults)
+
+
+def test_several_preview_prompts_make_one_row_and_the_end_is_previewed(env):
+    """One preview image per prompt line, side by side; a run whose last step is not a preview step still
+    shows (and saves) its end."""
+    from PIL import Image
+
+    concepts, photos = env
+    run = form(photos, steps=3, preview_every=2, preview_prompt="a photo of hugsy\n\na hugsy on the moon\n")
+    assert tab.preview_prompts(run) == ["a photo of hugsy", "a hugsy on the moon"]
+    result = training.train(run, tab.preview(run))
+    assert result.state == "done", result.message
+    folder = training.work_dir(run) / "samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["hugsy-00000.png", "hugsy-00002.png", "hugsy-00003.png"]
+    width, height = Image.open(folder / "hugsy-00003.png").size
+    assert width == 2 * height

@@ -26,16 +26,22 @@ from .training import MASK_SOURCES, TrainForm
 FIELDS = [f.name for f in fields(TrainForm)]
 
 
+def preview_prompts(form: TrainForm) -> list[str]:
+    """The preview prompts: one per line of the field, else 'a photo of TOKEN'."""
+    return [line.strip() for line in form.preview_prompt.splitlines() if line.strip()] or [f"a photo of {form.token}"]
+
+
 def preview(form: TrainForm):
-    """The trainer's preview callback: one image of the preview prompt with the training edit on."""
+    """The trainer's preview callback (step 0, every N steps, the end): one image per preview prompt with the
+    training edit on, side by side as the live preview and saved as the run's sample grid."""
 
     def show(concept, step: int) -> None:
-        prompt = form.preview_prompt or f"a photo of {form.token}"
+        prompts = preview_prompts(form)
         adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
         with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
-            image = generate(
+            images = generate(
                 adapter,
-                [prompt],
+                prompts,
                 [Activation(concept, form.preview_beta, form.preview_tau)],
                 latent_shape=adapter.latent_shape(form.resolution),
                 seed=step,
@@ -44,8 +50,13 @@ def preview(form: TrainForm):
             )
         from PIL import Image
 
-        pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        host.job_state().assign_current_image(Image.fromarray(pixels))
+        row = torch.cat(list(images.float().clamp(-1, 1)), dim=-1)  # [3, R, n R]
+        pixels = ((row + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        picture = Image.fromarray(pixels)
+        samples = training.work_dir(form) / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        picture.save(samples / f"{form.name}-{step:05d}.png")
+        host.job_state().assign_current_image(picture)
 
     return show
 
@@ -107,7 +118,11 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
         w["train_tau"] = gr.Number(value=d.train_tau, label="Train gate tau")
         w["save_every"] = gr.Number(value=d.save_every, precision=0, label="Save every N steps")
         w["preview_every"] = gr.Number(value=d.preview_every, precision=0, label="Preview every N steps")
-    w["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: 'a photo of TOKEN')", value=d.preview_prompt)
+    w["preview_prompt"] = gr.Textbox(
+        label="Preview prompts, one per line (empty: 'a photo of TOKEN'); also saved as sample grids in the run's folder",
+        value=d.preview_prompt,
+        lines=2,
+    )
     with gr.Row():
         w["preview_beta"] = gr.Number(value=d.preview_beta, label="Preview beta")
         w["preview_tau"] = gr.Number(value=d.preview_tau, label="Preview tau")
