@@ -368,3 +368,19 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     options["tau"].apply(p, -1.0, [-1.0])
     bad = processing.process_images(p)
     assert "X/Y/Z plot: tau -1.0 is out of range" in bad.comments and "hugsy tau=0.15 beta=0.7" in bad.infotexts[0]
+
+
+def test_hashes_come_from_the_webuis_cached_machinery(folder):
+    """As Lora and embeddings do: the file's sha256 is computed once by modules.hashes (cache.json, title
+    "perfusion/NAME"), its first 12 digits in the infotext."""
+    import hashlib
+
+    from modules import hashes
+
+    host.make_concept(folder)
+    out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
+    cached = hashes.cache("hashes")["perfusion/hugsy"]["sha256"]
+    assert cached == hashlib.sha256((folder / "hugsy.safetensors").read_bytes()).hexdigest()
+    assert (
+        f'Perfusion hashes: "hugsy: {cached[:12]}"' in out.infotexts[0] or f"hugsy: {cached[:12]}" in out.infotexts[0]
+    )

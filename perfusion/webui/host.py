@@ -146,6 +146,16 @@ def clip_skip() -> int:
 _preferences: dict[str, tuple[Optional[int], dict[str, float]]] = {}  # json path -> (its mtime, values)
 
 
+def file_sha256(path: Path, name: str) -> str:
+    """A concept file's sha256 by the WebUI's own machinery (cached in its cache.json under
+    "perfusion/NAME", as Lora and textual inversion cache theirs); empty where the host has none."""
+    try:
+        from modules import hashes
+    except ImportError:
+        return ""
+    return hashes.sha256(str(path), f"perfusion/{name}") or ""
+
+
 def card_preferences(path: Path) -> dict[str, float]:
     """Preferred tau/beta from a card's user metadata (`NAME.json` beside the file), numbers only; read again
     only when that file changes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,13 +29,19 @@ class Entry:
     name: str
     path: Path
     stamp: tuple[int, int]  # (size, mtime_ns)
+    hasher: Optional[Callable[[Path, str], str]] = field(default=None, repr=False)  # the host's cached sha256
     _hash: Optional[str] = field(default=None, repr=False)
 
     @property
     def sha256(self) -> str:
+        """The file's sha256: the host's (cached across restarts, as for Lora and embeddings) when it has one."""
         if self._hash is None:
+            self._hash = ""
             try:
-                self._hash = hashlib.sha256(read_regular(self.path, MAX_FILE_BYTES)).hexdigest()
+                if self.hasher is not None and is_regular(self.path):
+                    self._hash = self.hasher(self.path, self.name) or ""
+                if not self._hash:
+                    self._hash = hashlib.sha256(read_regular(self.path, MAX_FILE_BYTES)).hexdigest()
             except OSError:  # gone, replaced by a special file, or too large: no hash matches it
                 self._hash = ""
         return self._hash
@@ -61,8 +68,9 @@ def _stamp(path: Path) -> tuple[int, int]:
 class Library:
     """Concept files under `folders` (searched recursively, first folder wins on a name clash)."""
 
-    def __init__(self, folders: list[Path]):
+    def __init__(self, folders: list[Path], hasher: Optional[Callable[[Path, str], str]] = None):
         self.folders = [Path(f) for f in folders]
+        self.hasher = hasher
         self.entries: dict[str, Entry] = {}
         self.clashes: list[str] = []
         self._loaded: OrderedDict[Path, tuple[tuple[int, int], Concept]] = OrderedDict()  # least recent first
@@ -112,7 +120,9 @@ class Library:
                         )
                         continue
                     keep = old.get(path)
-                    self.entries[name] = keep if keep is not None and keep.stamp == stamp else Entry(name, path, stamp)
+                    self.entries[name] = (
+                        keep if keep is not None and keep.stamp == stamp else Entry(name, path, stamp, self.hasher)
+                    )
 
     def find(self, name: str) -> Optional[Entry]:
         """The entry named `name` (exact, then case-insensitive); rescans once if it is unknown and a folder

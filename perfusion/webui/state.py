@@ -44,5 +44,5 @@ def library() -> Library:
     """The library of the concepts folder the settings name now (a new one when the setting changed)."""
     folder = host.concepts_folder()
     if runtime.library is None or runtime.library.folders != [folder]:
-        runtime.library = Library([folder])
+        runtime.library = Library([folder], host.file_sha256)
     return runtime.library
