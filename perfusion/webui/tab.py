@@ -95,14 +95,20 @@ def check_only(*values: Any) -> str:
 def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
     """One widget per TrainForm field, laid out as the tab shows them, keyed and ordered by field."""
     w: dict[str, Any] = {}
-    w["name"] = gr.Textbox(label="Concept name (file and tag)", elem_id="perfusion_train_name")
-    w["token"] = gr.Textbox(label="Token word (write it in prompts)", elem_id="perfusion_train_token")
-    w["superclass"] = gr.Textbox(label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass")
-    w["folder"] = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder")
-    w["mask_source"] = gr.Dropdown(list(MASK_SOURCES), value=d.mask_source, label="Masks")
-    w["templates_file"] = gr.Textbox(label="Templates file (empty: built-in)", value=d.templates_file)
-    w["method"] = gr.Radio(list(METHODS), value=d.method, label="Method")
-    with gr.Row():
+    with gr.Group():  # the concept
+        with gr.Row():
+            w["name"] = gr.Textbox(label="Concept name (file and tag)", elem_id="perfusion_train_name")
+            w["token"] = gr.Textbox(label="Token word (write it in prompts)", elem_id="perfusion_train_token")
+            w["superclass"] = gr.Textbox(
+                label="Superclass word (one token, e.g. teddy)", elem_id="perfusion_train_superclass"
+            )
+    with gr.Group():  # the images
+        with gr.Row():
+            w["folder"] = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder", scale=3)
+            w["mask_source"] = gr.Dropdown(
+                list(MASK_SOURCES), value=d.mask_source, label="Masks (auto: files/alpha, else the model's attention)"
+            )
+    with gr.Row():  # the run
         w["steps"] = gr.Number(value=d.steps, precision=0, label="Steps")
         w["batch_size"] = gr.Number(value=d.batch_size, precision=0, label="Batch size")
         w["grad_accum"] = gr.Number(value=d.grad_accum, precision=0, label="Gradient accumulation")
@@ -110,26 +116,31 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
     with gr.Row():
         w["lr_values"] = gr.Number(value=d.lr_values, label="Learning rate (values)")
         w["lr_embedding"] = gr.Number(value=d.lr_embedding, label="Learning rate (embedding)")
-        w["lr_schedule"] = gr.Dropdown(list(LR_SCHEDULES), value=d.lr_schedule, label="Learning-rate schedule")
-        w["warmup_steps"] = gr.Number(value=d.warmup_steps, precision=0, label="Warm-up steps")
-        w["flip"] = gr.Checkbox(value=d.flip, label="Flip")
-    with gr.Row():
-        w["train_beta"] = gr.Number(value=d.train_beta, label="Train gate beta")
-        w["train_tau"] = gr.Number(value=d.train_tau, label="Train gate tau")
+        w["existing"] = gr.Radio(list(training.EXISTING), value=d.existing, label="If the concept exists")
+    with gr.Row():  # previews, snapshots and the report
         w["save_every"] = gr.Number(value=d.save_every, precision=0, label="Save every N steps")
         w["preview_every"] = gr.Number(value=d.preview_every, precision=0, label="Preview every N steps")
+        w["report_samples"] = gr.Number(value=d.report_samples, precision=0, label="Overfitting report: images per set")
     w["preview_prompt"] = gr.Textbox(
         label="Preview prompts, one per line (empty: 'a photo of TOKEN'); also saved as sample grids in the run's folder",
         value=d.preview_prompt,
         lines=2,
     )
-    with gr.Row():
-        w["preview_beta"] = gr.Number(value=d.preview_beta, label="Preview beta")
-        w["preview_tau"] = gr.Number(value=d.preview_tau, label="Preview tau")
-        w["existing"] = gr.Radio(list(training.EXISTING), value=d.existing, label="If the concept exists")
-        w["report_samples"] = gr.Number(value=d.report_samples, precision=0, label="Overfitting report: images per set")
+    with gr.Accordion("Advanced: method, schedule, gates, templates", open=False):
+        with gr.Row():
+            w["method"] = gr.Radio(list(METHODS), value=d.method, label="Method")
+            w["lr_schedule"] = gr.Dropdown(list(LR_SCHEDULES), value=d.lr_schedule, label="Learning-rate schedule")
+            w["warmup_steps"] = gr.Number(value=d.warmup_steps, precision=0, label="Warm-up steps")
+            w["flip"] = gr.Checkbox(value=d.flip, label="Flip")
+        with gr.Row():
+            w["train_beta"] = gr.Number(value=d.train_beta, label="Train gate beta")
+            w["train_tau"] = gr.Number(value=d.train_tau, label="Train gate tau")
+            w["preview_beta"] = gr.Number(value=d.preview_beta, label="Preview beta")
+            w["preview_tau"] = gr.Number(value=d.preview_tau, label="Preview tau")
+        w["templates_file"] = gr.Textbox(label="Templates file (empty: built-in)", value=d.templates_file)
+    with gr.Accordion("Memory", open=False):
         w["gradient_checkpointing"] = gr.Checkbox(
-            value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)"
+            value=d.gradient_checkpointing, label="Gradient checkpointing (less VRAM, about 30 % slower)"
         )
     missing, extra = sorted(set(FIELDS) - set(w)), sorted(set(w) - set(FIELDS))
     if missing or extra:  # a field added to TrainForm needs its widget here (and the reverse)
