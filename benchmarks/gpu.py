@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 from concepts import layer_widths, make_concept, random_covariance  # noqa: E402
-from models import _build_unet, sd15_unet, small_text_encoder, small_unet  # noqa: E402
+from models import sd15_unet, sdxl_shaped_unet, small_text_encoder, small_unet  # noqa: E402
 
 import perfusion  # noqa: E402
 from perfusion.adapter import LdmClipAdapter  # noqa: E402
@@ -79,27 +79,6 @@ def rotated(variants: dict, rounds: int, clock: Clock, prepare: dict | None = No
 
 def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[base]))
-
-
-def sdxl_shaped_unet(seed: int = 0):
-    return _build_unet(
-        seed,
-        True,
-        image_size=32,
-        in_channels=4,
-        out_channels=4,
-        model_channels=320,
-        num_res_blocks=2,
-        attention_resolutions=(2, 4),
-        channel_mult=(1, 2, 4),
-        num_head_channels=64,
-        use_spatial_transformer=True,
-        transformer_depth=6,
-        context_dim=2048,
-        use_linear_in_transformer=True,
-        use_checkpoint=False,
-        legacy=False,
-    )
 
 
 def concepts_for(unet, d: int, n: int) -> list[perfusion.Concept]:

@@ -124,6 +124,32 @@ def sd15_unet(seed: int = 0, *, reinit_zero: bool = True) -> UNetModel:
     )
 
 
+def sdxl_shaped_unet(seed: int = 0, *, reinit_zero: bool = True) -> UNetModel:
+    """An SDXL-shaped UNet in ldm's UNetModel (~2.4B params), random init, eval(). For benchmarks only.
+
+    SDXL's widths (320, 640, 1280), a 2048-wide context, linear projections and six transformer blocks at
+    both attention levels (ldm takes one depth): 66 ``attn2`` layers against SDXL's 70; no adm vector.
+    """
+    return _build_unet(
+        seed,
+        reinit_zero,
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        num_res_blocks=2,
+        attention_resolutions=(2, 4),
+        channel_mult=(1, 2, 4),
+        num_head_channels=64,
+        use_spatial_transformer=True,
+        transformer_depth=6,
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        use_checkpoint=False,
+        legacy=False,
+    )
+
+
 def attn2_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` for every cross-attention layer (name ending in ``attn2``)."""
     return [(name, m) for name, m in unet.named_modules() if name.endswith("attn2")]

@@ -29,11 +29,8 @@ def world():
 
 @pytest.fixture
 def folder(world, tmp_path):
-    host.reset()
-    shared.opts.data["perfusion_dir"] = str(tmp_path)
-    yield tmp_path
-    assert errors.exception_records == []
-    sd_samplers.sample_hook = host.unet_sampler
+    with host.concepts_folder(tmp_path) as f:
+        yield f
 
 
 def images(processed):
@@ -65,13 +62,7 @@ def test_tag_applies_the_concept_and_a_tag_free_prompt_is_the_base_model_again(f
 def test_the_concept_word_reaches_the_text_encoder_as_its_learned_embedding(folder):
     """The tagged prompt's conditioning holds i* at the word's row (so the gate opens there: s = 1)."""
     concept = host.make_concept(folder)
-    seen = []
-
-    def spy(params):
-        seen.append((params.text_cond[0] @ concept.a).max().item())
-        return host.unet_sampler(params)
-
-    sd_samplers.sample_hook = spy
+    seen = host.spy_on_gate(concept)
     host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     host.txt2img("a photo of hugsy")
     assert abs(seen[0] - 1) < 1e-4 and seen[-1] < 0.9

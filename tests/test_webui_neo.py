@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webui_host as host
-from modules import errors, sd_hijack, sd_samplers, shared
+from modules import sd_hijack, sd_samplers
 
 from perfusion.webui import host as perfusion_host
 from perfusion.webui import tab
@@ -45,11 +45,8 @@ def neo():
 
 @pytest.fixture
 def folder(neo, tmp_path):
-    host.reset()
-    shared.opts.data["perfusion_dir"] = str(tmp_path)
-    yield tmp_path
-    assert errors.exception_records == []
-    sd_samplers.sample_hook = host.unet_sampler
+    with host.concepts_folder(tmp_path) as f:
+        yield f
 
 
 def test_neo_is_told_by_its_version(neo):

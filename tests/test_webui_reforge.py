@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webui_host as host
-from modules import errors, processing, sd_hijack, sd_samplers, shared
+from modules import processing, sd_hijack
 
 from perfusion.webui import host as perfusion_host
 from perfusion.webui import tab
@@ -56,11 +56,8 @@ def _in_inference_mode(process, p):
 
 @pytest.fixture
 def folder(reforge, tmp_path):
-    host.reset()
-    shared.opts.data["perfusion_dir"] = str(tmp_path)
-    yield tmp_path
-    assert errors.exception_records == []
-    sd_samplers.sample_hook = host.unet_sampler
+    with host.concepts_folder(tmp_path) as f:
+        yield f
 
 
 def test_reforge_is_told_apart_from_forge(reforge):
@@ -70,13 +67,7 @@ def test_reforge_is_told_apart_from_forge(reforge):
 
 def test_the_word_is_registered_in_a1111s_database_and_the_gate_opens(folder):
     concept = host.make_concept(folder)
-    seen = []
-
-    def spy(params):
-        seen.append((params.text_cond[0] @ concept.a).max().item())
-        return host.unet_sampler(params)
-
-    sd_samplers.sample_hook = spy
+    seen = host.spy_on_gate(concept)
     tagged = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     base = torch.stack(list(host.txt2img("a photo of hugsy").images))
     assert abs(seen[0] - 1) < 1e-4 and seen[-1] < 0.9  # the word's row is i* only with its vectors registered
@@ -109,13 +100,7 @@ def test_taken_for_forge_the_word_would_be_lost_and_the_image_says_so(folder, mo
     """The negative control of the test above: with the old guess (forge_objects = Forge) no database takes
     the word's vectors, its row is not i*, and the image's comments say why instead of passing silently."""
     concept = host.make_concept(folder)
-    seen = []
-
-    def spy(params):
-        seen.append((params.text_cond[0] @ concept.a).max().item())
-        return host.unet_sampler(params)
-
-    sd_samplers.sample_hook = spy
+    seen = host.spy_on_gate(concept)
     monkeypatch.setattr(perfusion_host, "kind", lambda: "forge")
     out = host.txt2img("a photo of <perfusion:hugsy:0.15> hugsy")
     assert seen[0] < 0.9

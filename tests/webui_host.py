@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import namedtuple
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_standin"))
 
@@ -275,3 +276,26 @@ def reset() -> None:
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc[:] = [None, None]
     shared.state.interrupted = False
     shared.opts.data.pop("perfusion_dir", None)
+
+
+@contextmanager
+def concepts_folder(folder):
+    """A test's concepts folder on a clean host; afterwards no exception was recorded and the sampler is back."""
+    reset()
+    shared.opts.data["perfusion_dir"] = str(folder)
+    yield folder
+    assert errors.exception_records == []
+    sd_samplers.sample_hook = unet_sampler
+
+
+def spy_on_gate(concept) -> list[float]:
+    """Record, at every sampler call, the highest similarity a . e over the cond rows (1 at the word's row
+    when its learned vectors reached the text encoder)."""
+    seen = []
+
+    def spy(params):
+        seen.append((params.text_cond[0] @ concept.a).max().item())
+        return unet_sampler(params)
+
+    sd_samplers.sample_hook = spy
+    return seen
