@@ -113,6 +113,10 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
         w["batch_size"] = gr.Number(value=d.batch_size, precision=0, label="Batch size")
         w["grad_accum"] = gr.Number(value=d.grad_accum, precision=0, label="Gradient accumulation")
         w["resolution"] = gr.Number(value=d.resolution, precision=0, label="Resolution")
+    gr.Markdown(
+        "Effective batch = batch size x accumulation. The paper trains with 16; the default 1 x 16 needs the "
+        "memory of one image (raise the batch size and lower the accumulation on a large card: faster, the same)."
+    )
     with gr.Row():
         w["lr_values"] = gr.Number(value=d.lr_values, label="Learning rate (values)")
         w["lr_embedding"] = gr.Number(value=d.lr_embedding, label="Learning rate (embedding)")

@@ -71,7 +71,7 @@ class TrainForm:
     lr_schedule: str = TrainConfig.lr_schedule
     warmup_steps: int = TrainConfig.warmup_steps
     batch_size: int = 1  # the memory of one image per micro-step (8 GB cards)
-    grad_accum: int = 4  # an effective batch of 4 at the memory of 1
+    grad_accum: int = 16  # the paper's effective batch of 16 (4 x 4) at the memory of one image
     resolution: int = 512
     flip: bool = TrainConfig.flip
     train_beta: float = TrainConfig.train_beta
