@@ -21,12 +21,12 @@ def test_world2_run_resumes_from_a_carried_checkpoint_and_exports(tmp_path, monk
 
     monkeypatch.setitem(train_model.CARRIED, 2, tmp_path / "none")  # not the committed run's checkpoint
     small = dict(batch=2)
-    assert train_model.train(2, 5, tmp_path / "a", tmp_path / "a.safetensors", world=2, **small) == 2
+    assert train_model.train(2, 600, tmp_path / "a", tmp_path / "a.safetensors", world=2, **small) == 2
     carried = tmp_path / "carried.safetensors"
     shutil.copyfile(tmp_path / "a" / "mini.checkpoint.safetensors", carried)
     monkeypatch.setitem(train_model.CARRIED, 2, carried)
     out = tmp_path / "mini2.safetensors"
-    assert train_model.train(3, 5, tmp_path / "b", out, world=2, **small) == 3  # went on from step 2
+    assert train_model.train(3, 600, tmp_path / "b", out, world=2, **small) == 3  # went on from step 2
     meta = mini.weights_meta(out)
     assert meta["steps"] == 3 and meta["config"]["text"]["max_position_embeddings"] == 48
     adapter = mini.load(out)
@@ -54,6 +54,7 @@ def test_a_run_that_blows_up_goes_back_to_a_checkpoint_at_half_the_learning_rate
 
     monkeypatch.setattr(train_model, "training_target", poisoned)
     with pytest.raises(SystemExit, match="diverged again"):
-        train_model.train(200, 5, tmp_path / "w", tmp_path / "m.safetensors", world=1, batch=2)
+        # a budget no loaded machine reaches (5 minutes ran out here at 2.5 s/step before the third cut)
+        train_model.train(200, 600, tmp_path / "w", tmp_path / "m.safetensors", world=1, batch=2)
     out = capsys.readouterr().out
     assert out.count("diverged; back to step") == 3 and "learning rate x0.125" in out
