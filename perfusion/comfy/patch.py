@@ -42,20 +42,22 @@ def layers(model: Any) -> dict[str, torch.nn.Module]:
     return find_cross_attention(model.get_model_object(UNET))
 
 
-def applied(model: Any) -> list[Activation]:
-    """The concepts a MODEL already applies (put there by earlier loaders), in order."""
+def _activations(model: Any) -> Activations:
+    """What the MODEL's patched forwards apply (earlier loaders put one Editor on all of them)."""
     for value in getattr(model, "object_patches", {}).values():
         if isinstance(value, PatchedForward):
-            return list(value.editor.activations.items)
-    return []
+            return value.editor.activations
+    return Activations()
+
+
+def applied(model: Any) -> list[Activation]:
+    """The concepts a MODEL already applies (put there by earlier loaders), in order."""
+    return list(_activations(model).items)
 
 
 def key_contexts(model: Any) -> Optional[KeyContexts]:
     """The (prompt, superclass twin) pairs the MODEL's globally locked concepts read, if any."""
-    for value in getattr(model, "object_patches", {}).values():
-        if isinstance(value, PatchedForward):
-            return value.editor.activations.key_context
-    return None
+    return _activations(model).key_context
 
 
 def with_concepts(

@@ -99,12 +99,16 @@ class TaughtTokenizer:
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         tokens = self._taught.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)
-        locked = [c for c in self.concepts if c.token.lower() in self.global_words and whole_word(c.token).search(text)]
+        locked = [
+            (pattern, c)
+            for c, (pattern, _) in zip(self.concepts, self._patterns)
+            if c.token.lower() in self.global_words and pattern.search(text)
+        ]
         if not locked or not isinstance(tokens, dict):
             return tokens
         twin_text = text
-        for c in locked:
-            twin_text = whole_word(c.token).sub(c.superclass, twin_text)
+        for pattern, c in locked:
+            twin_text = pattern.sub(c.superclass, twin_text)
         out = TwinTokens(tokens)
         out.twin = self._taught.tokenize_with_weights(self.rewrite(twin_text), return_word_ids, **kwargs)
         return out

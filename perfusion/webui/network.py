@@ -39,9 +39,8 @@ def override(p: Any, field: str, value: Any) -> None:
 def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple[list[Applied], Defaults]:
     """The X/Y/Z axes' values on every applied concept (an invalid one warns and is ignored)."""
     given = getattr(p, OVERRIDES, None) or {}
-    gate, rest = {}, {}
+    gate, rest, ranges = {}, {}, {"beta": BETA_RANGE, "tau": TAU_RANGE}
     for field, value in given.items():
-        ranges = {"beta": BETA_RANGE, "tau": TAU_RANGE}
         if field in ranges and isinstance(value, (int, float)) and ranges[field][0] <= value <= ranges[field][1]:
             gate[field] = float(value)
         elif (field, value) in {("lock", v) for v in LOCKS} | {("projection", v) for v in PROJECTIONS}:
