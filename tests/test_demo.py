@@ -20,6 +20,16 @@ def test_weights_are_committed_with_their_config_and_hash():
     assert name == mini.WEIGHTS.name and hashlib.sha256(mini.WEIGHTS.read_bytes()).hexdigest() == digest
 
 
+def test_world2_weights_are_committed_small_with_their_config_and_hash():
+    path = mini.WEIGHTS.with_name("mini2.safetensors")
+    meta = mini.weights_meta(path)
+    assert meta["steps"] >= 12000 and meta["config"]["train"]["world"] == 2
+    assert meta["config"]["text"]["max_position_embeddings"] == 48
+    assert path.stat().st_size <= 30 * 2**20
+    digest, name = path.with_suffix(".sha256").read_text().split()
+    assert name == path.name and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
 def test_demo_quick_run_writes_concepts_and_a_contact_sheet(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""The mini model's builder: seeded, and the token-table scale touches nothing else."""
+"""The mini model's builder and trainer: seeded, resumable, restartable, slim checkpoints."""
 
+import pytest
 import torch
 
 from perfusion.world import model as mini
@@ -14,34 +15,56 @@ def test_build_is_seeded_and_token_scale_only_scales_the_token_table():
     assert not torch.equal(mini.build(4)[1].state_dict()[table], a[table])
 
 
-def test_world2_run_resumes_from_a_carried_checkpoint_and_exports(tmp_path, monkeypatch):
-    import shutil
-
+def test_world2_run_resumes_exports_and_restarts_from_its_weights(tmp_path):
     from perfusion.world import train_model
 
-    monkeypatch.setitem(train_model.CARRIED, 2, tmp_path / "none")  # not the committed run's checkpoint
     small = dict(batch=2)
-    assert train_model.train(2, 600, tmp_path / "a", tmp_path / "a.safetensors", world=2, **small) == 2
-    carried = tmp_path / "carried.safetensors"
-    shutil.copyfile(tmp_path / "a" / "mini.checkpoint.safetensors", carried)
-    monkeypatch.setitem(train_model.CARRIED, 2, carried)
     out = tmp_path / "mini2.safetensors"
-    assert train_model.train(3, 600, tmp_path / "b", out, world=2, **small) == 3  # went on from step 2
+    assert train_model.train(2, 600, tmp_path / "a", out, world=2, **small) == 2
+    assert train_model.train(3, 600, tmp_path / "a", out, world=2, **small) == 3  # went on from step 2
     meta = mini.weights_meta(out)
     assert meta["steps"] == 3 and meta["config"]["text"]["max_position_embeddings"] == 48
     adapter = mini.load(out)
     assert adapter.context_dim == 64 and adapter.chunk_length == 48
-    assert train_model.export_checkpoint(tmp_path / "b", tmp_path / "probe.safetensors", 2) == 3
+    assert train_model.export_checkpoint(tmp_path / "a", tmp_path / "probe.safetensors", 2) == 3
     probe = mini.load(tmp_path / "probe.safetensors")
     assert all(
         torch.equal(a, b)
         for a, b in zip(probe.diffusion_model.state_dict().values(), adapter.diffusion_model.state_dict().values())
     )
+    # another batch and learning rate are refused on a plain resume, taken by a warm restart
+    with pytest.raises(SystemExit, match="another configuration"):
+        train_model.train(4, 600, tmp_path / "a", out, world=2, batch=3)
+    # a restart with no checkpoint starts from the exported weights: their EMA, their step
+    assert train_model.train(5, 600, tmp_path / "b", out, world=2, restart=True, batch=3, lr=5e-4, warmup=1) == 5
+    again = mini.weights_meta(out)["config"]["train"]
+    assert again["restart_at"] == 3 and again["batch"] == 3 and again["lr"] == 5e-4
+
+
+def test_warm_restart_schedule_and_a_slim_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from perfusion.world import train_model
+
+    cfg = dict(lr=1e-3, warmup=10, steps=110, restart_at=0)
+    assert train_model.lr_at(0, cfg) == pytest.approx(1e-4)
+    assert train_model.lr_at(110, cfg) == pytest.approx(1e-4)  # the cosine ends at 10 % of the peak
+    restarted = dict(cfg, restart_at=1000, steps=1110)
+    assert train_model.lr_at(1000, restarted) == pytest.approx(1e-4)  # a new warm-up at the restart
+    assert train_model.lr_at(1060, restarted) == pytest.approx(train_model.lr_at(60, cfg))
+    assert train_model.lr_at(1060, restarted, progress=1.0) == pytest.approx(1e-4)  # --by-time: the clock's
+    assert train_model.train(2, 600, tmp_path / "a", tmp_path / "m.safetensors", world=2, batch=2) == 2
+    full = tmp_path / "a" / "mini.checkpoint.safetensors"
+    small = train_model.slim(full, tmp_path / "slim.safetensors", 2)
+    kept = load_file(str(small))
+    assert not any(k.startswith("opt.") for k in kept) and any(k.startswith("text.") for k in kept)
+    assert small.stat().st_size < 0.7 * full.stat().st_size
+    (tmp_path / "b").mkdir()
+    small.rename(tmp_path / "b" / "mini.checkpoint.safetensors")
+    assert train_model.train(3, 600, tmp_path / "b", tmp_path / "m.safetensors", world=2, batch=2, workers=1) == 3
 
 
 def test_a_run_that_blows_up_goes_back_to_a_checkpoint_at_half_the_learning_rate(tmp_path, monkeypatch, capsys):
-    import pytest
-
     from perfusion.world import train_model
 
     real = train_model.training_target

@@ -120,16 +120,22 @@ def load(path: Path = WEIGHTS, device: str = "cpu") -> LdmClipAdapter:
     )
 
 
-def encode_captions(parts: tuple, captions: list[str]) -> torch.Tensor:
-    """Context [B, 32, 64] (padding rows zeroed) for captions from parts = (tokenizer, text encoder); used by the model trainer,
-    where the encoder is trainable (the adapter's encode serves the frozen model)."""
-    tokenizer, text = parts
-    ids = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=text.config.max_position_embeddings,
-        truncation=True,
-        return_tensors="pt",
-    )["input_ids"].to(text.device)
+def tokenize(tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """Token ids int64 [B, length] (BOS, words, EOS padding), cut at `length`."""
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")[
+        "input_ids"
+    ]
+
+
+def encode_ids(text: CLIPTextModel, ids: torch.Tensor) -> torch.Tensor:
+    """Context [B, N, 64] for token ids [B, N], padding rows zeroed; used by the model trainer, where the
+    encoder may be trainable (the adapter's encode serves the frozen model)."""
+    ids = ids.to(text.device)
     lengths = (ids != CLIP_EOS).sum(1)  # BOS + tokens: the first EOS sits at this index
     return text(input_ids=ids).last_hidden_state * padding_mask(lengths, ids.shape[1])
+
+
+def encode_captions(parts: tuple, captions: list[str]) -> torch.Tensor:
+    """Context [B, N, 64] (padding rows zeroed) for captions from parts = (tokenizer, text encoder)."""
+    tokenizer, text = parts
+    return encode_ids(text, tokenize(tokenizer, captions, text.config.max_position_embeddings))

@@ -1,23 +1,36 @@
 """Train the embedded mini model on the miniature world (resumable, CPU-sized).
 
     ./dev.sh python -m perfusion.world.train_model [--world 1|2] [--steps N] [--minutes M] [--work DIR]
+        [--device cuda --batch 128 --workers 15] [--restart --lr L --warmup W [--by-time]]
 
 Every step draws a fresh batch of scenes seeded by the step number (no data set on disk), so a run
 resumed from its checkpoint continues exactly. Checkpoints (model, EMA, optimizer, step) are
-written atomically every 50 steps and when the time budget ends; the final EMA weights go to
-perfusion/world/weights/mini.safetensors with their training configuration.
+written atomically every 50 steps (--checkpoint-every) and when the time budget ends; the final EMA
+weights go to perfusion/world/weights/mini.safetensors with their training configuration.
+
+--restart goes on from a checkpoint's weights with another batch, learning rate or length: a new
+warm-up and cosine start at the step reached (a warm restart). --by-time runs that cosine over the
+time budget instead of the steps (a lent accelerator whose speed is not known in advance); the run
+then ends, and exports, where the budget does. --workers renders the scenes in that many processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import functools
+import itertools
 import json
+import math
+import multiprocessing as mp
 import os
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -59,18 +72,23 @@ WORLDS = {
 }
 
 
-# A run longer than a session is carried to the next in git: its checkpoint is committed here at the end
-# of a session (copied from the work folder) and picked up when the work folder has none.
 DIVERGED = 0.15  # a 25-step mean loss above this and 3x the recent best means the run blew up
-CARRIED = {2: Path(__file__).with_name("weights") / "mini2.checkpoint.safetensors"}
 
 
-def lr_at(step: int, cfg: dict) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < cfg["warmup"]:
-        return cfg["lr"] * (step + 1) / cfg["warmup"]
-    progress = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
-    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+# What a warm restart may change (anything else would make the checkpoint another model's).
+RESTARTABLE = ("steps", "batch", "lr", "warmup", "restart_at")
+
+
+def lr_at(step: int, cfg: dict, progress: Optional[float] = None) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak, from the last restart (step 0 if none);
+    progress: where in the cosine the run is, 0..1, if not counted in steps (--by-time)."""
+    local = step - cfg.get("restart_at", 0)
+    if local < cfg["warmup"]:
+        return cfg["lr"] * (local + 1) / cfg["warmup"]
+    if progress is None:
+        progress = (local - cfg["warmup"]) / max(1, cfg["steps"] - cfg.get("restart_at", 0) - cfg["warmup"])
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi)))
 
 
 @torch.no_grad()
@@ -79,7 +97,7 @@ def debiased_ema(ema: torch.nn.Module, init: torch.nn.Module, decay: float, step
     (ema - decay^steps * init) / (1 - decay^steps), parameter by parameter (Adam's bias correction)."""
     left = decay**steps
     for e, i in zip(ema.parameters(), init.parameters()):
-        e.sub_(i, alpha=left).div_(1 - left)
+        e.sub_(i.to(e.device), alpha=left).div_(1 - left)
     return ema
 
 
@@ -110,6 +128,9 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
         saved = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if saved:  # a frozen text encoder is not saved: it stays as built from the seed
             m.load_state_dict(saved)
+    for name in ("unet", "text"):  # a slim checkpoint without the EMA: the EMA starts at the weights
+        if not any(k.startswith(f"ema_{name}.") for k in tensors):
+            models[f"ema_{name}"].load_state_dict(models[name].state_dict())
     state = opt.state_dict()
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -117,6 +138,32 @@ def load_checkpoint(path: Path, models: dict, opt: torch.optim.Optimizer) -> tup
             state["state"].setdefault(int(idx), {})[field] = value[0] if field == "step" else value
     opt.load_state_dict(state)
     return int(meta["step"]), json.loads(meta["config"]), json.loads(meta["log"]), float(meta.get("lr_scale", 1.0))
+
+
+def load_weights(path: Path, models: dict) -> tuple[int, dict, list]:
+    """An exported weights file as the starting point of a warm restart: its EMA U-Net becomes the weights
+    and the EMA, its text encoder both encoders; (step, training config, log) from its metadata. This is how
+    a run goes on in a later session or on another machine without carrying an optimizer's checkpoint."""
+    tensors = load_file(str(path))
+    meta = mini.weights_meta(path)
+    for name in ("unet", "text"):
+        own = {k[len(name) + 1 :]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
+        models[name].load_state_dict(own)
+        models[f"ema_{name}"].load_state_dict(own)
+    log = [[meta["steps"], meta["final_loss"]]] if meta.get("final_loss") is not None else []
+    return int(meta["steps"]), meta["config"]["train"], log
+
+
+def slim(src: Path, dst: Path, world: int, parts: tuple[str, ...] = ("unet", "ema_unet", "text")) -> Path:
+    """A checkpoint without the optimizer's moments (and what `parts` leaves out), to carry a run to a
+    machine or a session where size counts: it resumes with fresh moments (--restart gives them a warm-up).
+    The frozen text encoder is written too: that pins it, whatever a library version builds from the seed."""
+    _, unet_config, text_config, defaults, _ = WORLDS[world]
+    models, _, opt = _models(defaults, unet_config, text_config)
+    step, cfg, log, lr_scale = load_checkpoint(src, models, opt)
+    tensors = {f"{name}.{k}": v.contiguous() for name in parts for k, v in models[name].state_dict().items()}
+    meta = {"step": str(step), "config": json.dumps(cfg), "log": json.dumps(log[-200:]), "lr_scale": repr(lr_scale)}
+    return atomic_write(dst, save_bytes(tensors, metadata=meta))
 
 
 def _models(cfg: dict, unet_config: dict, text_config: dict) -> tuple[dict, list, torch.optim.Optimizer]:
@@ -160,60 +207,113 @@ def export_checkpoint(work: Path, out: Path, world: int) -> int:
     return step
 
 
-def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **overrides) -> int:
+def _batches(world: int, cfg: dict, first: int, length: int, workers: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(images uint8 [B, H, W, 3], token ids [B, length]) for steps first, first + 1, ...; rendered in
+    `workers` processes, at most two batches per worker ahead of the step that needs them (0: here)."""
+    if workers <= 0:
+        yield from (_batch(world, cfg, length, step) for step in itertools.count(first))
+        return
+    # spawn: the workers share nothing with a process that holds an accelerator
+    with mp.get_context("spawn").Pool(workers) as pool:
+        ahead: collections.deque = collections.deque()
+        for step in itertools.count(first):
+            while len(ahead) < 2 * workers:
+                ahead.append(pool.apply_async(_batch, (world, cfg, length, step + len(ahead))))
+            yield ahead.popleft().get()
+
+
+def _batch(world: int, cfg: dict, length: int, step: int) -> tuple[np.ndarray, torch.Tensor]:
+    scenes = WORLDS[world][0]
+    layout = {k: cfg[k] for k in ("two_objects", "three_objects") if k in cfg}  # world 1 has no three-object scenes
+    images, captions, _ = scenes.batch(
+        cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
+    )
+    return images, mini.tokenize(_tokenizer(), captions, length)
+
+
+@functools.cache
+def _tokenizer():
+    return load_tokenizer()
+
+
+def train(
+    steps: int,
+    minutes: float,
+    work: Path,
+    out: Path,
+    world: int = 1,
+    device: str = "cpu",
+    workers: int = 0,
+    restart: bool = False,
+    by_time: bool = False,
+    checkpoint_every: int = 50,
+    **overrides,
+) -> int:
     """Train (or continue) until `steps` or the time budget; returns the step reached."""
-    scenes, unet_config, text_config, defaults, _ = WORLDS[world]
+    _, unet_config, text_config, defaults, _ = WORLDS[world]
     cfg = {**defaults, **overrides, "steps": steps}
     models, params, opt = _models(cfg, unet_config, text_config)
-    unet, text = models["unet"], models["text"]
+    for m in models.values():  # before a checkpoint loads: the optimizer's moments follow the weights' device
+        m.to(device)
     ckpt = work / "mini.checkpoint.safetensors"
     previous = work / "mini.checkpoint.prev.safetensors"  # the one before: where the divergence guard goes back to
-    step, log, lr_scale = 0, [], 1.0
-    carried = CARRIED.get(world)
-    if not ckpt.exists() and carried is not None and carried.exists():  # a run that a session carried over in git
-        work.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(carried, ckpt)
-        print(f"continuing the run carried in {carried}", flush=True)
+    step, log, lr_scale, saved, source = 0, [], 1.0, None, ckpt
     if ckpt.exists():
         step, saved, log, lr_scale = load_checkpoint(ckpt, models, opt)
-        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in cfg.items() if k != "steps"}:
+    elif restart and out.exists():  # no run under way: go on from the exported weights
+        step, saved, log = load_weights(out, models)
+        source = out
+    if saved is not None:
+        if restart:  # a warm restart: new schedule from here, the learning rate guard's cut forgotten
+            cfg["restart_at"], lr_scale = step, 1.0
+        elif "restart_at" in saved:
+            cfg["restart_at"] = saved["restart_at"]
+        may_differ = RESTARTABLE if restart else ("steps",)
+        if {k: v for k, v in saved.items() if k not in may_differ} != {
+            k: v for k, v in cfg.items() if k not in may_differ
+        }:
             raise SystemExit(
-                f"{ckpt} was made with another configuration ({saved}); delete it or pass the same options"
+                f"{source} was made with another configuration ({saved}); delete it or pass the same options"
             )
-        print(f"resuming at step {step}/{steps}", flush=True)
-    tokenizer = load_tokenizer()
-    alphas = mini.cosine_alphas_cumprod()
+        print(f"{'restarting' if restart else 'resuming'} from {source} at step {step}/{steps}", flush=True)
+    alphas = mini.cosine_alphas_cumprod().to(device)
+    if device.startswith("cuda"):  # fixed shapes: let cuDNN pick its fastest kernels; TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    unet, text = models["unet"], models["text"]
     unet.train()
     text.train()
-    deadline = time.monotonic() + minutes * 60
-    started, window = time.monotonic(), []
-    layout = {k: cfg[k] for k in ("two_objects", "three_objects") if k in cfg}  # world 1 has no three-object scenes
+    trained = [(list(models[src].parameters()), list(models[f"ema_{src}"].parameters())) for src in ("unet", "text")]
+    started = time.monotonic()
+    deadline = started + minutes * 60
+    window: list[torch.Tensor] = []
+    first = step
+    batches = _batches(world, cfg, step, text.config.max_position_embeddings, workers)
     while step < steps and time.monotonic() < deadline:
-        images, captions, _ = scenes.batch(
-            cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
-        )
-        gen = torch.Generator().manual_seed(cfg["seed"] * 7_919 + step)
-        x0 = to_tensor(images)
-        t = torch.randint(len(alphas), (len(x0),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        context = mini.encode_captions((tokenizer, text), captions)
+        images, ids = next(batches)
+        gen = torch.Generator(device).manual_seed(cfg["seed"] * 7_919 + step)
+        x0 = to_tensor(images).to(device, non_blocking=True)
+        t = torch.randint(len(alphas), (len(x0),), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        context = mini.encode_ids(text, ids)
         pred = unet(q_sample(x0, t, noise, alphas), t, context=context)
         loss = (pred - training_target(x0, t, noise, alphas, "v")).square().mean()
+        progress = (time.monotonic() - started) / (deadline - started) if by_time else None
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg) * lr_scale
+            group["lr"] = lr_at(step, cfg, progress) * lr_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            for src, dst in (("unet", "ema_unet"), ("text", "ema_text")):
-                for p, e in zip(models[src].parameters(), models[dst].parameters()):
-                    e.lerp_(p, 1 - cfg["ema"])
+            for weights, ema in trained:
+                torch._foreach_lerp_(ema, weights, 1 - cfg["ema"])
         step += 1
-        window.append(loss.item())
+        window.append(loss.detach())  # read every 25 steps: no device sync per step
         if step % 25 == 0 or step == steps:
-            rate = (time.monotonic() - started) / len(window) if window else 0
-            mean = sum(window[-25:]) / len(window[-25:])
+            rate = (time.monotonic() - started) / (step - first)
+            mean = torch.stack(window[-25:]).mean().item()
+            window.clear()
             recent = [m for _, m in log[-4:]]
             if recent and mean > max(DIVERGED, 3 * min(recent)):
                 # diverged (seen once: a 5.4M U-Net at lr 1.5e-3 fell back to its initial loss within 25 steps
@@ -229,13 +329,18 @@ def train(steps: int, minutes: float, work: Path, out: Path, world: int = 1, **o
                     f"x{lr_scale:g}",
                     flush=True,
                 )
+                batches.close()
+                batches = _batches(world, cfg, step, text.config.max_position_embeddings, workers)
                 continue
             log.append([step, mean])
-            print(f"step {step}/{steps} loss {mean:.4f} ({rate:.2f} s/step)", flush=True)
-        if step % 50 == 0:
+            print(f"step {step}/{steps} loss {mean:.4f} ({rate:.3f} s/step)", flush=True)
+        if step % checkpoint_every == 0:
             if ckpt.exists():
                 os.replace(ckpt, previous)
             save_checkpoint(ckpt, models, opt, step, cfg, log, lr_scale)
+    batches.close()
+    if by_time:  # the cosine ran over the budget: the run is complete where the budget ended
+        cfg["steps"] = steps = step
     save_checkpoint(ckpt, models, opt, step, cfg, log, lr_scale)
     if step >= steps:
         export(models, cfg, (unet_config, text_config), step, log, out)
@@ -263,13 +368,42 @@ def main() -> None:
         help="scale of the frozen encoder's random token table (see model.build)",
     )
     p.add_argument("--export", action="store_true", help="only write the checkpoint's EMA weights as they stand")
+    p.add_argument("--slim", type=Path, help="only write the checkpoint without optimizer moments to this file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="processes rendering scenes ahead (0: in the loop)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--restart", action="store_true", help="warm restart: new warm-up and cosine from here")
+    p.add_argument("--by-time", action="store_true", help="with --restart: the cosine spans --minutes")
+    for name in ("batch", "warmup"):
+        p.add_argument(f"--{name}", type=int, help="default: the world's (may change only with --restart)")
+    p.add_argument("--lr", type=float, help="default: the world's (may change only with --restart)")
     a = p.parse_args()
     _, _, _, defaults, work = WORLDS[a.world]
+    work = a.work or work
     out = a.out or (mini.WEIGHTS if a.world == 1 else mini.WEIGHTS.with_name("mini2.safetensors"))
     if a.export:
-        print(f"wrote {out} at step {export_checkpoint(a.work or work, out, a.world)}")
+        print(f"wrote {out} at step {export_checkpoint(work, out, a.world)}")
         return
-    train(a.steps or defaults["steps"], a.minutes, a.work or work, out, a.world, token_scale=a.token_scale)
+    if a.slim:
+        print(f"wrote {slim(work / 'mini.checkpoint.safetensors', a.slim, a.world)}")
+        return
+    if a.by_time and not a.restart:
+        p.error("--by-time needs --restart (it reshapes the schedule from the step reached)")
+    tuned = {k: getattr(a, k) for k in ("batch", "warmup", "lr") if getattr(a, k) is not None}
+    train(
+        a.steps or defaults["steps"],
+        a.minutes,
+        work,
+        out,
+        a.world,
+        device=a.device,
+        workers=a.workers,
+        restart=a.restart,
+        by_time=a.by_time,
+        checkpoint_every=a.checkpoint_every,
+        token_scale=a.token_scale,
+        **tuned,
+    )
 
 
 if __name__ == "__main__":
