@@ -19,7 +19,7 @@ from safetensors.torch import load as _load_safetensors_bytes
 from safetensors.torch import save as _save_safetensors_bytes
 
 from .files import atomic_write, read_regular
-from .options import ARCHS, BETA, METHODS, TAU, TRAIN_BETA, TRAIN_TAU, Arch, Method
+from .options import ARCHS, BETA, METHODS, TAU, TRAIN_BETA, TRAIN_LOCKS, TRAIN_TAU, Arch, Method, TrainLock
 
 FORMAT_VERSION = "1"
 SDXL_EMBEDDINGS = {"clip_l": 768, "clip_g": 1280}
@@ -81,6 +81,7 @@ class Concept:
     clip_skip: int = 1
     train_beta: float = TRAIN_BETA
     train_tau: float = TRAIN_TAU
+    lock: TrainLock = "local"  # how its key was locked in training: the lock it is applied with by default
     beta: float = BETA
     tau: float = TAU
     steps: int = 0
@@ -155,6 +156,7 @@ def _metadata(concept: Concept, tensors_sha256: str = "") -> dict[str, str]:
         "clip_skip": str(concept.clip_skip),
         "train_beta": repr(float(concept.train_beta)),
         "train_tau": repr(float(concept.train_tau)),
+        "lock": concept.lock,
         "beta": repr(float(concept.beta)),
         "tau": repr(float(concept.tau)),
         "steps": str(int(concept.steps)),
@@ -312,6 +314,7 @@ def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source
         base_model_hash=meta.get("base_model_hash", ""),
         covariance_hash=meta.get("covariance_hash", ""),
         created=meta.get("created", ""),
+        lock=meta.get("lock", "local"),  # files from before the training lock: the paper's
         shared_metadata={k: v for k, v in meta.items() if k.startswith(SHARED_PREFIXES)},
         **kwargs,
     )
@@ -378,6 +381,8 @@ def validate(concept: Concept, source: str = "concept") -> None:
             raise fail(f"tensor '{name}' holds NaN or Inf values")
     if not float(concept.energy.reshape(())) > 0:
         raise fail("energy must be positive")
+    if concept.lock not in TRAIN_LOCKS:
+        raise fail(f"lock {concept.lock!r} is not one of {', '.join(TRAIN_LOCKS)}")
     for name in ("beta", "train_beta"):
         if not math.isfinite(getattr(concept, name)):
             raise fail(f"{name} must be finite")

@@ -28,7 +28,7 @@ class ConceptMismatch(ConceptError):
 
 @dataclass
 class Activation:
-    """One concept switched on, with its gate (None: the concept file's suggested value).
+    """One concept switched on, with its gate and lock (None: the concept file's own).
 
     ungated: replace the sigmoid gate by the similarity itself (ROME's closed form; an ablation).
     """
@@ -36,8 +36,12 @@ class Activation:
     concept: Concept
     beta: Optional[float] = None
     tau: Optional[float] = None
-    lock: Lock = "local"
+    lock: Optional[Lock] = None
     ungated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lock is None:  # the lock it was trained with
+            self.lock = self.concept.lock
 
     @property
     def gate(self) -> tuple[float, float]:

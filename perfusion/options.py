@@ -12,6 +12,9 @@ Arch = Literal["sd1", "sd2", "sdxl", "other"]
 # of x W i*, ROME's closed form): the concept's key direction is the superclass's whatever its gate,
 # which keeps a concept that comes second in a prompt from drawing attention to itself.
 Lock = Literal["local", "global", "hard"]
+# How a concept's key is locked while it trains (stored in the file; an inference lock of None follows it):
+# local, the paper's gated key edit; hard, the key row held at W_K i_super, so the values carry the identity.
+TrainLock = Literal["local", "hard"]
 Projection = Literal["approximate", "exact"]  # how several concepts share one edit
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
@@ -21,6 +24,7 @@ LrSchedule = Literal["constant", "cosine", "linear"]  # after the warm-up: kept,
 METHODS: tuple[str, ...] = get_args(Method)
 ARCHS: tuple[str, ...] = get_args(Arch)
 LOCKS: tuple[str, ...] = get_args(Lock)
+TRAIN_LOCKS: tuple[str, ...] = get_args(TrainLock)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)

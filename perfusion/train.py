@@ -43,11 +43,13 @@ from .options import (
     METHODS,
     TAU,
     TRAIN_BETA,
+    TRAIN_LOCKS,
     TRAIN_TAU,
     IStarGradient,
     Keys,
     LrSchedule,
     Method,
+    TrainLock,
 )
 
 MAX_TEMPLATES_BYTES = 256 * 2**10
@@ -179,6 +181,7 @@ class TrainConfig:
     # ablations (the paper's and the benchmark's baselines): trained instead of locked keys, an
     # ungated (ROME) edit, or no edit at all (textual inversion: only the embedding learns)
     keys: Keys = "locked"
+    lock: TrainLock = "local"  # hard: the key row held at W_K i_super while training (options.TrainLock)
     gated: bool = True
     edit: bool = True
     templates: tuple[str, ...] = field(default=TI_TEMPLATES, metadata=MAY_CHANGE)
@@ -212,6 +215,8 @@ class TrainConfig:
             raise TrainError("tau must be positive")
         if self.keys not in ("locked", "trained"):
             raise TrainError("keys must be 'locked' or 'trained'")
+        if self.lock not in TRAIN_LOCKS:
+            raise TrainError(f"lock must be one of {', '.join(TRAIN_LOCKS)}, got {self.lock!r}")
         if self.method == "infusion" and (self.keys == "trained" or not self.edit):
             raise TrainError("Infusion keeps keys untouched and always edits values")
 
@@ -407,6 +412,7 @@ class Trainer:
             clip_skip=cfg.clip_skip,
             train_beta=cfg.train_beta,
             train_tau=cfg.train_tau,
+            lock=cfg.lock,
             beta=cfg.beta,
             tau=cfg.tau,
             steps=step,
@@ -605,7 +611,11 @@ class Trainer:
             if cfg.i_star_gradient == "straight_through":  # value of the EMA, gradient of the fresh encoding
                 i_star = i_star + (1 - cfg.ema) * (m - m.detach())
         concept = self._concept(state, i_star, step)
-        hooks.activate([Activation(concept, cfg.train_beta, cfg.train_tau, ungated=not cfg.gated)] if cfg.edit else [])
+        hooks.activate(
+            [Activation(concept, cfg.train_beta, cfg.train_tau, lock=cfg.lock, ungated=not cfg.gated)]
+            if cfg.edit
+            else []
+        )
         x_t = q_sample(x0, t, noise, ad.alphas_cumprod)
         pred = ad.apply_model(x_t.to(context.dtype), t, context).float()
         target = training_target(x0, t, noise, ad.alphas_cumprod, ad.prediction)

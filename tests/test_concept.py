@@ -113,6 +113,7 @@ def _rewrite(tmp_path, sd1, edit_tensors=None, edit_meta=None):
         (None, lambda m: m.update(tau="fast"), "'tau' is not a number"),
         (None, lambda m: m.update(tau="0"), "tau must be positive"),
         (None, lambda m: m.update(method="dreambooth"), "method 'dreambooth'"),
+        (None, lambda m: m.update(lock="global"), "lock 'global' is not one of local, hard"),
         (None, lambda m: m.update(context_dim="1024"), "context_dim"),
     ],
 )

@@ -126,6 +126,35 @@ def test_keys_stay_locked_to_the_superclass(world, tmp_path):
     assert not torch.allclose(concept.i_super, first, atol=1e-3)  # not the first micro-batch's any more
 
 
+def test_hard_lock_training_holds_the_key_at_the_superclass_and_is_stored(world, tmp_path, monkeypatch):
+    """lock='hard': every training forward sees K = W_K i_super at i* (not the gated g W_K i_super of local
+    locking); the file says 'hard' and an Activation without a lock applies it so."""
+    adapter, cov, images = world
+    seen = []
+    real = perfusion.hooks.Editor.activate
+
+    def spy(self, activations):
+        seen.extend(a.lock for a in (activations.items if hasattr(activations, "items") else activations))
+        return real(self, activations)
+
+    monkeypatch.setattr(perfusion.hooks.Editor, "activate", spy)
+    result = Trainer(
+        adapter, cov, config(steps=3, lock="hard"), images, None, tmp_path, tmp_path / "h.safetensors"
+    ).run()
+    assert seen and set(seen) == {"hard"}
+    c = perfusion.load_concept(result.path)
+    assert c.lock == "hard" and Activation(c).lock == "hard" and Activation(c, lock="local").lock == "local"
+    hooks = attach(adapter.diffusion_model)
+    hooks.activate([Activation(c, 0.75, 0.10)])
+    with torch.no_grad():
+        for attn in hooks.layers.values():
+            k_at_star = attn.to_k(c.i_star.float()[None, None])[0, 0]
+            assert torch.allclose(k_at_star, attn.to_k.weight @ c.i_super.float(), atol=1e-4)
+    hooks.clear()
+    with pytest.raises(TrainError, match="lock must be one of local, hard"):
+        config(lock="global").check()
+
+
 def test_interrupt_and_resume_equals_an_uninterrupted_run(world, tmp_path):
     adapter, cov, images = world
     straight = Trainer(adapter, cov, config(), images, None, tmp_path / "a", tmp_path / "a.safetensors").run()
