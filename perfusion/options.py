@@ -3,7 +3,7 @@ import them from here."""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 Method = Literal["perfusion", "infusion"]  # key-locked rank-1 edit with a learned word; Infusion's value residual
 Arch = Literal["sd1", "sd2", "sdxl", "other"]
@@ -15,6 +15,8 @@ Lock = Literal["local", "global", "hard"]
 # How a concept's key is locked while it trains (stored in the file; an inference lock of None follows it):
 # local, the paper's gated key edit; hard, the key row held at W_K i_super, so the values carry the identity.
 TrainLock = Literal["local", "hard"]
+# What a user picks (sliders, tags, settings, X/Y/Z, ComfyUI): auto applies each concept with its training lock.
+LockChoice = Literal["auto", "local", "global", "hard"]
 Projection = Literal["approximate", "exact"]  # how several concepts share one edit
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
@@ -25,6 +27,7 @@ METHODS: tuple[str, ...] = get_args(Method)
 ARCHS: tuple[str, ...] = get_args(Arch)
 LOCKS: tuple[str, ...] = get_args(Lock)
 TRAIN_LOCKS: tuple[str, ...] = get_args(TrainLock)
+LOCK_CHOICES: tuple[str, ...] = get_args(LockChoice)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)
@@ -37,3 +40,8 @@ TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
 # What tags, sliders, settings and the API accept (higher beta: weaker concept, closer to the prompt).
 BETA_RANGE = (-1.0, 2.0)
 TAU_RANGE = (0.01, 2.0)
+
+
+def activation_lock(choice: str) -> Optional[Lock]:
+    """The Activation lock for a user's choice: None (the concept's own) for auto."""
+    return None if choice == "auto" else choice  # type: ignore[return-value]

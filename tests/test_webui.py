@@ -159,7 +159,7 @@ def test_interrupt_then_tag_free_is_base(folder):
     [
         ("a photo of <perfusion:nobody:0.15> hugsy", "", "no concept named 'nobody'"),
         ("a photo of <perfusion:hugsy:7> hugsy", "", "tau 7 is outside"),
-        ("a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy", "", "lock=sideways is not one of local/global"),
+        ("a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy", "", "lock=sideways is not one of auto/local/global/hard"),
         ("a photo of <perfusion:hugsy:0.15> a bear", "", "its word 'hugsy' is not in the prompt"),
         ("a photo of <perfusion:hugsy:0.15> hugsy", "<perfusion:hugsy:0.15>", "tags in the negative prompt"),
     ],
@@ -332,7 +332,7 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     labels = [o.label for o in xyz.axis_options]
     assert labels == ["[Perfusion] beta", "[Perfusion] tau", "[Perfusion] lock", "[Perfusion] projection"]
     options = {o.label.split()[-1]: o for o in xyz.axis_options}
-    assert options["lock"].choices() == ["local", "global", "hard"]
+    assert options["lock"].choices() == ["auto", "local", "global", "hard"]
     host.make_concept(folder)
     results = []
     for beta in (0.4, 0.9):

@@ -12,11 +12,10 @@ from typing import Any
 
 from ..concept import Concept, ConceptError, is_concept_file, load_concept
 from ..hooks import Activation, KeyContexts
-from ..options import BETA_RANGE, PROJECTIONS, TAU_RANGE
+from ..options import BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
 from . import patch, text
 
 FOLDER = "perfusion"  # folder_paths name; ComfyUI/models/perfusion by default
-LOCKS = ("local", "global", "hard")
 MAX_PAIRS = 64  # (prompt, twin) encodings kept for global locking: the prompts of recent workflows
 log = logging.getLogger("perfusion")
 
@@ -114,11 +113,11 @@ class PerfusionConceptLoader:
             },
             "optional": {
                 "lock": (
-                    list(LOCKS),
+                    list(LOCK_CHOICES),
                     {
-                        "default": "local",
-                        "tooltip": "Key-locking: local (the paper's), global (keys read the prompt with the superclass; "
-                        "use this loader's CLIP to encode) or hard.",
+                        "default": "auto",
+                        "tooltip": "Key-locking: auto (as the concept was trained), local (the paper's), global (keys "
+                        "read the prompt with the superclass; use this loader's CLIP to encode) or hard.",
                     },
                 ),
                 "projection": (
@@ -139,19 +138,20 @@ class PerfusionConceptLoader:
         concept_name: str,
         tau: float,
         beta: float,
-        lock: str = "local",
+        lock: str = "auto",
         projection: str = "approximate",
     ):
         path, concept = self.reader.read(concept_name)
-        if lock not in LOCKS or projection not in PROJECTIONS:
-            raise ValueError(f"{concept_name}: lock must be one of {LOCKS} and projection one of {PROJECTIONS}")
+        if lock not in LOCK_CHOICES or projection not in PROJECTIONS:
+            raise ValueError(f"{concept_name}: lock must be one of {LOCK_CHOICES} and projection one of {PROJECTIONS}")
         for other in patch.applied(model):
             if other.concept.token.lower() == concept.token.lower() and other.concept.name != concept.name:
                 raise ValueError(
                     f"{path}: its word {concept.token!r} is already the word of {other.concept.name}, loaded earlier "
                     "in this chain; use one of them, or retrain one with another word"
                 )
-        activation = Activation(concept, beta=beta or None, tau=tau or None, lock=lock)
+        activation = Activation(concept, beta=beta or None, tau=tau or None, lock=activation_lock(lock))
+        lock = activation.lock  # auto: the concept's own
         contexts = patch.key_contexts(model)
         if contexts is None and lock == "global":
             contexts = KeyContexts(limit=MAX_PAIRS)

@@ -15,7 +15,7 @@ from modules import extra_networks, prompt_parser
 
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
-from ..options import BETA_RANGE, LOCKS, PROJECTIONS, TAU_RANGE
+from ..options import BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
 from . import host, infotext
 from .library import Entry
 from .log import log
@@ -43,8 +43,8 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
     for field, value in given.items():
         if field in ranges and isinstance(value, (int, float)) and ranges[field][0] <= value <= ranges[field][1]:
             gate[field] = float(value)
-        elif (field, value) in {("lock", v) for v in LOCKS} | {("projection", v) for v in PROJECTIONS}:
-            (gate if field == "lock" else rest)[field] = value
+        elif (field, value) in {("lock", v) for v in LOCK_CHOICES} | {("projection", v) for v in PROJECTIONS}:
+            (gate if field == "lock" else rest)[field] = activation_lock(value) if field == "lock" else value
         else:
             warn(p, f"X/Y/Z plot: {field} {value!r} is out of range or unknown; the tags' and sliders' value is used")
     applied = [replace(a, activation=replace(a.activation, **gate)) for a in applied]

@@ -15,7 +15,7 @@ from torch import nn
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
 from ..hooks import ConceptMismatch
-from ..options import BETA, TAU, Lock, Projection
+from ..options import BETA, TAU, LockChoice, Projection, activation_lock
 from ..tokens import MAX_EMBEDDING_ROWS, whole_word
 from .library import Entry, Library
 from .state import Applied
@@ -29,7 +29,7 @@ class Defaults:
     enabled: bool = True
     beta: float = BETA
     tau: float = TAU
-    lock: Lock = "local"
+    lock: LockChoice = "auto"
     projection: Projection = "approximate"
 
 
@@ -121,7 +121,7 @@ def resolve(
             concept,
             beta=_first(req.beta, user.get("beta"), defaults.beta),
             tau=_first(req.tau, user.get("tau"), defaults.tau),
-            lock=lock,
+            lock=activation_lock(lock),
         )
         applied.append(Applied(entry, activation))
     return applied, warnings

@@ -11,7 +11,7 @@ from typing import Any
 
 from modules import scripts
 
-from ..options import BETA, BETA_RANGE, LOCKS, PROJECTIONS, TAU, TAU_RANGE
+from ..options import BETA, BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
 from . import infotext, network
 from .network import defaults_from_settings
 from .resolve import Defaults
@@ -34,7 +34,7 @@ class PerfusionScript(scripts.Script):
                 enabled = gr.Checkbox(
                     value=True, label="Apply <perfusion:...> tags", elem_id=f"perfusion_{tab}_enabled"
                 )
-                lock = gr.Radio(list(LOCKS), value=d.lock, label="Key locking", elem_id=f"perfusion_{tab}_lock")
+                lock = gr.Radio(list(LOCK_CHOICES), value=d.lock, label="Key locking", elem_id=f"perfusion_{tab}_lock")
                 projection = gr.Radio(
                     list(PROJECTIONS),
                     value=d.projection,
@@ -75,7 +75,7 @@ class PerfusionScript(scripts.Script):
         enabled: bool = True,
         beta: float = BETA,
         tau: float = TAU,
-        lock: str = "local",
+        lock: str = "auto",
         projection: str = "approximate",
         *rest: Any,
     ) -> None:
@@ -84,7 +84,7 @@ class PerfusionScript(scripts.Script):
             bool(enabled),
             _gate_value(p, "beta", beta, BETA_RANGE, settings.beta),
             _gate_value(p, "tau", tau, TAU_RANGE, settings.tau),
-            lock if lock in LOCKS else settings.lock,
+            lock if lock in LOCK_CHOICES else settings.lock,
             projection if projection in PROJECTIONS else settings.projection,
         )
         network.set_generation_defaults(p, d)  # written to the infotext only when a concept is applied

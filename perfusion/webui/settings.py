@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modules import shared
 
-from ..options import BETA, BETA_RANGE, LOCKS, PROJECTIONS, TAU, TAU_RANGE
+from ..options import BETA, BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
 from .host import OPTION_PREFIX
 
 WARNING_MODES = ("UI and console", "console only")
@@ -36,7 +36,9 @@ def register() -> None:
             slider,
             {"minimum": TAU_RANGE[0], "maximum": TAU_RANGE[1], "step": 0.01},
         ),
-        "lock": shared.OptionInfo("local", "Default key locking", radio, {"choices": list(LOCKS)}),
+        "lock": shared.OptionInfo(
+            "auto", "Default key locking (auto: as each concept was trained)", radio, {"choices": list(LOCK_CHOICES)}
+        ),
         "projection": shared.OptionInfo(
             "approximate", "Several concepts in one prompt: projection", radio, {"choices": list(PROJECTIONS)}
         ),

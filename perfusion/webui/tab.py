@@ -16,7 +16,7 @@ from modules import devices
 
 from ..generate import generate
 from ..hooks import Activation
-from ..options import LR_SCHEDULES, METHODS
+from ..options import LR_SCHEDULES, METHODS, TRAIN_LOCKS
 from . import host, training
 from .adapter import WebUIAdapter
 from .log import log
@@ -139,6 +139,9 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
         with gr.Row():
             w["train_beta"] = gr.Number(value=d.train_beta, label="Train gate beta")
             w["train_tau"] = gr.Number(value=d.train_tau, label="Train gate tau")
+            w["lock"] = gr.Radio(
+                list(TRAIN_LOCKS), value=d.lock, label="Key lock while training (hard: the values carry the look)"
+            )
             w["preview_beta"] = gr.Number(value=d.preview_beta, label="Preview beta")
             w["preview_tau"] = gr.Number(value=d.preview_tau, label="Preview tau")
         w["templates_file"] = gr.Textbox(label="Templates file (empty: built-in)", value=d.templates_file)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from ..options import BETA_RANGE, LOCKS, TAU_RANGE
+from ..options import BETA_RANGE, LOCK_CHOICES, TAU_RANGE
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,12 @@ def parse_request(positional: Sequence[str], named: dict[str, str]) -> tuple[Opt
     lock = None
     if "lock" in {k.strip().lower() for k in named}:
         text = next(v for k, v in named.items() if k.strip().lower() == "lock").strip().lower()
-        if text in LOCKS:
+        if text in LOCK_CHOICES:
             lock = text
         else:
-            warnings.append(f"<perfusion:{name}>: lock={text} is not one of {'/'.join(LOCKS)}; using the default")
+            warnings.append(
+                f"<perfusion:{name}>: lock={text} is not one of {'/'.join(LOCK_CHOICES)}; using the default"
+            )
     return Request(name, values["tau"], values["beta"], lock), warnings
 
 

@@ -25,7 +25,7 @@ from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
-from ..options import BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE
+from ..options import BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE, TRAIN_LOCKS
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
@@ -76,6 +76,7 @@ class TrainForm:
     flip: bool = TrainConfig.flip
     train_beta: float = TrainConfig.train_beta
     train_tau: float = TrainConfig.train_tau
+    lock: str = TrainConfig.lock
     save_every: int = 100
     preview_every: int = 100
     preview_prompt: str = ""
@@ -182,6 +183,8 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append(f"method {form.method!r}: one of {', '.join(METHODS)}")
     if form.lr_schedule not in LR_SCHEDULES:
         problems.append(f"learning-rate schedule {form.lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
+    if form.lock not in TRAIN_LOCKS:
+        problems.append(f"training key lock {form.lock!r}: one of {', '.join(TRAIN_LOCKS)}")
     if form.mask_source not in MASK_SOURCES:
         problems.append(f"mask source {form.mask_source!r}: one of {', '.join(MASK_SOURCES)}")
     if form.existing not in EXISTING:
@@ -236,6 +239,7 @@ def config(form: TrainForm) -> TrainConfig:
         warmup_steps=int(form.warmup_steps),
         train_beta=float(form.train_beta),
         train_tau=float(form.train_tau),
+        lock=form.lock,
         beta=float(form.preview_beta),
         tau=float(form.preview_tau),
         templates=templates,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from ..options import LOCKS, PROJECTIONS
+from ..options import LOCK_CHOICES, PROJECTIONS
 from . import network
 
 LABEL = "[Perfusion]"
@@ -31,7 +31,7 @@ def add_axes() -> None:
         [
             xyz.AxisOption(f"{LABEL} beta", float, partial(_set, field="beta")),
             xyz.AxisOption(f"{LABEL} tau", float, partial(_set, field="tau")),
-            xyz.AxisOption(f"{LABEL} lock", str, partial(_set, field="lock"), choices=lambda: list(LOCKS)),
+            xyz.AxisOption(f"{LABEL} lock", str, partial(_set, field="lock"), choices=lambda: list(LOCK_CHOICES)),
             xyz.AxisOption(
                 f"{LABEL} projection", str, partial(_set, field="projection"), choices=lambda: list(PROJECTIONS)
             ),
