@@ -336,7 +336,12 @@ def test_refresh_racing_generations(folder):
     finally:
         stop.set()
         racer.join()
-    assert failures == [] and all(torch.equal(images(o), expected) for o in outs)
+    # Equal up to the summation order of a reduction: torch's intra-op pool is shared with the racing thread's
+    # tensor work, so a kernel may split a sum over fewer threads (seen once: 1-ulp differences, not a wrong
+    # concept). The image without the concept is the scale of a real difference.
+    base = images(host.txt2img("a photo of hugsy"))
+    assert (base - expected).abs().max() > 1e-2
+    assert failures == [] and all((images(o) - expected).abs().max() <= 1e-5 for o in outs)
     assert all(o.comments == "" for o in outs)
 
 
