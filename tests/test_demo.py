@@ -8,7 +8,7 @@ from PIL import Image
 
 import perfusion
 from perfusion.world import model as mini
-from perfusion.world.demo import main
+from perfusion.world.w2 import demo
 
 
 def test_weights_are_committed_with_their_config_and_hash():
@@ -31,11 +31,15 @@ def test_world2_weights_are_committed_small_with_their_config_and_hash():
 
 
 def test_demo_quick_run_writes_concepts_and_a_contact_sheet(tmp_path, capsys):
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    from perfusion import demo as main_job
+
+    assert main_job.main is demo.main  # `./dev.sh demo` runs world 2's
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "contact sheet:" in out
     sheet = Image.open(tmp_path / "contact-sheet.png")
-    assert sheet.width > 500 and sheet.height > 800
-    for token in ("chekka", "boxy"):
+    assert sheet.width > 500 and sheet.height > 900
+    for token in demo.DEMO:
         c = perfusion.load_concept(tmp_path / f"{token}.safetensors")
-        assert c.steps == 3 and c.context_dim == 64 and c.base_model_hash
+        assert c.steps == 3 and c.context_dim == 64 and c.base_model_hash and c.lock == "local"
+        assert len(list((tmp_path / "instances" / token).glob("*-?.png"))) == 5

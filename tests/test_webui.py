@@ -159,7 +159,11 @@ def test_interrupt_then_tag_free_is_base(folder):
     [
         ("a photo of <perfusion:nobody:0.15> hugsy", "", "no concept named 'nobody'"),
         ("a photo of <perfusion:hugsy:7> hugsy", "", "tau 7 is outside"),
-        ("a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy", "", "lock=sideways is not one of auto/local/global/hard"),
+        (
+            "a photo of <perfusion:hugsy:0.15:lock=sideways> hugsy",
+            "",
+            "lock=sideways is not one of auto/local/global/hard",
+        ),
         ("a photo of <perfusion:hugsy:0.15> a bear", "", "its word 'hugsy' is not in the prompt"),
         ("a photo of <perfusion:hugsy:0.15> hugsy", "<perfusion:hugsy:0.15>", "tags in the negative prompt"),
     ],

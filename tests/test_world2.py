@@ -133,3 +133,25 @@ def test_benchmark_judges_rendered_ground_truth():
         for look, place in zip([(chekka, boxy, stripo)[k] for k in triple.objects], triple.places)
     )
     assert judge(render(Scene(things, triple.asked["background"], 4)), triple, [chekka, boxy, stripo])[0] == [True] * 3
+
+
+def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
+    """The CLI end to end on two user folders (quick: 3 training steps, 1 seed, 3 sampling steps), concepts
+    trained with the hard lock: tables, plot and grid written, each concept its own row and the pair's."""
+    import json
+
+    from perfusion.concept import load_concept
+    from perfusion.world.w2 import quality
+    from perfusion.world.w2.examples import EXAMPLES, write_folder
+
+    folders = [write_folder(tmp_path / name, EXAMPLES[name], 3)[0].parent for name in ("boxy", "duo")]
+    args = ["--quick", "--out", str(tmp_path / "out"), "--train-lock", "hard"]
+    assert quality.main([*args, "--instance", f"{folders[0]}:boxy", "--instance", f"{folders[1]}:duo:ball"]) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["instance"] for r in rows if "instance" in r} == {"boxy", "duo"}
+    assert [r["group"] for r in rows if "group" in r and r["method"] == "base (words)"] == ["boxy + duo"]
+    assert "key lock while training: hard" in (tmp_path / "out" / "results.md").read_text()
+    assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").lock == "hard"
+    assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").superclass == "ball"
+    for picture in ("pareto.png", "samples.png"):
+        assert (tmp_path / "out" / picture).stat().st_size > 1000

@@ -16,8 +16,10 @@ from PIL import Image
 from .controls import INSTANCES
 from .scenes import BACKGROUNDS, POSITIONS, SIZES, Scene, Thing, owner_map, render
 
-# token -> look: five instances of different shapes, patterns and colours
+# token -> look: five instances of different shapes, patterns and colours, and duo (the demo's second: a
+# two-tone like boxy, the pattern the mini model draws most reliably, in other colours and another shape)
 EXAMPLES = dict(zip(("chekka", "boxy", "stripo", "starla", "ringo"), INSTANCES))
+EXAMPLES["duo"] = Thing("ball", "red", "two-tone", accent="yellow")
 
 
 def instance_scenes(look: Thing, n: int = 5, seed: int = 0) -> list[Scene]:

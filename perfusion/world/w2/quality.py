@@ -4,7 +4,8 @@
 
 Each instance's look (shape, body colour, pattern, accent) is read off its own images by the identity
 reader (w2/analyze.py); its token defaults to the folder's name and its superclass to the shape read.
-Without --instance the five bundled looks are written to OUT/instances and used.
+Without --instance the bundled looks (w2/examples.py) are written to OUT/instances and used. --train-lock hard
+trains every concept with the key held at its superclass's (options.TrainLock); inference modes name their lock.
 
 - single: 5 prompts that place the concept alone and 2 with a second object whose colours and shape differ
   from the instance's (concept first, concept second); fidelity = the object is the instance, alignment =
@@ -35,6 +36,7 @@ from ...concept import Concept
 from ...dataset import load_dataset
 from ...generate import generate
 from ...hooks import Activation
+from ...options import TRAIN_LOCKS
 from ...train import TrainConfig
 from .. import model as mini
 from ..demo import TEMPLATES, train_folder, world_covariance
@@ -214,17 +216,8 @@ def scores(images: np.ndarray, prompts: list[Prompt], looks: list[Thing], seeds:
 
 
 def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, **overrides) -> Concept:
-    cfg = TrainConfig(
-        name=inst.token,
-        token=inst.token,
-        superclass=inst.superclass,
-        steps=steps,
-        batch_size=8,
-        grad_accum=1,
-        templates=TEMPLATES,
-        seed=0,
-        **overrides,
-    )
+    settings = dict(steps=steps, batch_size=8, grad_accum=1, templates=TEMPLATES, seed=0) | overrides
+    cfg = TrainConfig(name=inst.token, token=inst.token, superclass=inst.superclass, **settings)
     path = out / "concepts" / f"{inst.token}.safetensors"
     return train_folder(adapter, cov, inst.folder, cfg, path, out / "work" / inst.token, resolution=SIZE)
 
@@ -337,7 +330,8 @@ def mean_over_instances(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], args) -> str:
     lines = [
-        f"{args.steps} training steps, {args.seeds} seeds per prompt, DDIM {args.sample_steps} steps, guidance 2.",
+        f"{args.steps} training steps (key lock while training: {args.train_lock}), {args.seeds} seeds per prompt, "
+        f"DDIM {args.sample_steps} steps, guidance 2.",
         "",
         "| instance | method | beta | identity fidelity | prompt alignment |",
         "|---|---|---|---|---|",
@@ -369,6 +363,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("docs/quality2"))
+    p.add_argument("--train-lock", choices=TRAIN_LOCKS, default="local", help="the key lock concepts train with")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 training steps, 1 seed, 3 sampling steps")
     a = p.parse_args(argv)
     if a.quick:
@@ -383,7 +378,7 @@ def main(argv=None) -> int:
         )
     adapter = mini.load(a.weights)
     cov = world_covariance(adapter, a.out / "cache", captions=scenes_and_captions)
-    concepts = [train_concept(adapter, cov, inst, a.steps, a.out) for inst in instances]
+    concepts = [train_concept(adapter, cov, inst, a.steps, a.out, lock=a.train_lock) for inst in instances]
     rows, grids = benchmark(adapter, instances, concepts, a.seeds, a.sample_steps, a.quick)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(rows, indent=1))
