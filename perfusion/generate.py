@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from .adapter import Adapter, concept_words
 from .diffusion import ddim_sample
 from .hooks import Activation, Activations, KeyContexts, attach
+from .train import confined_context
 
 
 def key_words(adapter: Adapter, items: Sequence[Activation]) -> dict:
@@ -39,13 +41,18 @@ def generate(
     projection: str = "approximate",
     negative: str = "",
     words: Optional[Mapping] = None,
+    confine: bool = False,
 ) -> torch.Tensor:
     """Images [n, 3, R, R] in [-1, 1] for `prompts` (DDIM, classifier-free guidance, noise from `seed`).
 
     words: more {word: embedding} for the text encoder beyond the active concepts' (e.g. a concept's
-    embedding alone, as textual inversion)."""
+    embedding alone, as textual inversion); confine: every row but the concept words' own from the prompt
+    with each concept word as its superclass (for concepts trained with TrainConfig.confine)."""
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
-    cond, _ = adapter.encode(prompts, {**(words or {}), **concept_words([i.concept for i in items])})
+    cond, rows = adapter.encode(prompts, {**(words or {}), **concept_words([i.concept for i in items])})
+    if confine and items:
+        twin_words = key_words(adapter, [replace(i, lock="global") for i in items])
+        cond = confined_context(cond, adapter.encode(prompts, twin_words)[0], rows)
     uncond, _ = adapter.encode([negative] * len(prompts))
     key_context = None
     if any(i.lock == "global" for i in items):

@@ -182,6 +182,9 @@ class TrainConfig:
     # ungated (ROME) edit, or no edit at all (textual inversion: only the embedding learns)
     keys: Keys = "locked"
     lock: TrainLock = "local"  # hard: the key row held at W_K i_super while training (options.TrainLock)
+    # confine: every context row but the word's own is the superclass prompt's encoding, so the identity cannot
+    # ride on the rows a causal text encoder spreads the learned word over (apply with generate(confine=True))
+    confine: bool = False
     gated: bool = True
     edit: bool = True
     templates: tuple[str, ...] = field(default=TI_TEMPLATES, metadata=MAY_CHANGE)
@@ -591,6 +594,11 @@ class Trainer:
             hooks.activate([Activation(concept, self.cfg.beta, self.cfg.tau)])
             preview(concept, state.step)
 
+    def _confined(self, context: torch.Tensor, rows: list[list[int]], prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            twin, _ = self.adapter.encode(prompts, {self.word: self.adapter.word_embedding(self.cfg.superclass)})
+        return confined_context(context, twin, {self.word: rows})
+
     def _micro_step(self, state: TrainState, hooks, scaler: torch.amp.GradScaler, step: int, k: int) -> float:
         cfg, ad = self.cfg, self.adapter
         x0, mask, prompts, t, noise = self._micro_batch(step, k)
@@ -603,6 +611,8 @@ class Trainer:
                 "text encoder",
             )
         rows = rows[self.word]
+        if cfg.confine:
+            context = self._confined(context, rows, prompts)
         i_star = state.i_star
         if cfg.method == "perfusion" and cfg.ema is not None:
             m = _mean_rows(context, rows).float()
@@ -638,6 +648,16 @@ class Trainer:
             if new:
                 w.writerow(["step", "loss", "smoothed_loss", "time"])
             w.writerow([step, repr(loss), repr(smoothed), time.strftime("%Y-%m-%dT%H:%M:%S")])
+
+
+def confined_context(context: torch.Tensor, twin: torch.Tensor, rows: dict[str, list[list[int]]]) -> torch.Tensor:
+    """`twin` [B, N, d] (the prompts with each concept word as its superclass) with the concept words' own rows
+    taken from `context` [B, N, d]; rows: {word: per prompt, its rows}."""
+    keep = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)
+    for per_prompt in rows.values():
+        for b, r in enumerate(per_prompt):
+            keep[b, r] = True
+    return torch.where(keep[..., None], context, twin.to(context.dtype))
 
 
 def _mean_rows(context: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:

@@ -155,6 +155,33 @@ def test_hard_lock_training_holds_the_key_at_the_superclass_and_is_stored(world,
         config(lock="global").check()
 
 
+def test_confined_training_shows_the_unet_the_superclass_prompt_but_on_the_words_rows(world, tmp_path, monkeypatch):
+    """confine=True: every context row but the concept word's is the superclass prompt's encoding (the learned
+    word cannot ride on the rows after it); the word's own row is its own (and trains the embedding)."""
+    from perfusion.train import confined_context
+
+    adapter, cov, images = world
+    trainer = Trainer(adapter, cov, config(steps=1, confine=True), images, None, tmp_path, tmp_path / "c.safetensors")
+    seen = []
+    real = adapter.apply_model
+    monkeypatch.setattr(adapter, "apply_model", lambda x, t, c: seen.append(c.detach().clone()) or real(x, t, c))
+    state = trainer._init_state()  # a learned word: away from the superclass's embedding, trainable
+    state.embedding = {k: (v + 0.5 * torch.randn_like(v)).requires_grad_() for k, v in state.embedding.items()}
+    trainer._micro_step(state, attach(adapter.diffusion_model), torch.amp.GradScaler(enabled=False), 0, 0)
+    prompts = trainer._micro_batch(0, 0)[2]
+    with torch.no_grad():
+        own, rows = adapter.encode(prompts, {"hugsy": state.embedding})
+        twin, _ = adapter.encode(prompts, {"hugsy": adapter.word_embedding("toy")})
+    keep = torch.zeros(own.shape[:2], dtype=torch.bool)
+    for b, r in enumerate(rows["hugsy"]):
+        keep[b, r] = True
+    assert keep.any() and (~keep).any()
+    assert torch.allclose(seen[0][~keep], twin[~keep], atol=1e-5)
+    assert torch.allclose(seen[0][keep], own[keep], atol=1e-5)
+    assert not torch.allclose(own[~keep], twin[~keep], atol=1e-3)  # the causal encoder did carry the word on
+    assert torch.equal(confined_context(own, twin, {}), twin)  # no concept: the superclass prompt throughout
+
+
 def test_interrupt_and_resume_equals_an_uninterrupted_run(world, tmp_path):
     adapter, cov, images = world
     straight = Trainer(adapter, cov, config(), images, None, tmp_path / "a", tmp_path / "a.safetensors").run()
