@@ -35,8 +35,11 @@ def folder(world, tmp_path):
     concepts = tmp_path / "concepts"
     concepts.mkdir()
     shared.opts.data["perfusion_dir"] = str(concepts)
+    # a small covariance corpus: the default 25,000 prompts took over the 60 s a queued run is given here
+    shared.opts.data["perfusion_covariance_prompts"] = 128
     training.status = training.Status()
     yield concepts
+    shared.opts.data.pop("perfusion_covariance_prompts", None)
     assert errors.exception_records == []
 
 
@@ -338,10 +341,13 @@ def test_refresh_racing_generations(folder):
         racer.join()
     # Equal up to the summation order of a reduction: torch's intra-op pool is shared with the racing thread's
     # tensor work, so a kernel may split a sum over fewer threads (seen once: 1-ulp differences, not a wrong
-    # concept). The image without the concept is the scale of a real difference.
+    # concept, amplified by the sampler's steps). The image without the concept is the scale of a real difference.
     base = images(host.txt2img("a photo of hugsy"))
-    assert (base - expected).abs().max() > 1e-2
-    assert failures == [] and all((images(o) - expected).abs().max() <= 1e-5 for o in outs)
+    assert (base - expected).abs().max() > 0.1
+    assert failures == []
+    assert all((images(o) - expected).abs().max() <= 1e-3 for o in outs), [
+        (images(o) - expected).abs().max() for o in outs
+    ]
     assert all(o.comments == "" for o in outs)
 
 
