@@ -40,6 +40,6 @@ def test_demo_quick_run_writes_concepts_and_a_contact_sheet(tmp_path, capsys):
     sheet = Image.open(tmp_path / "contact-sheet.png")
     assert sheet.width > 500 and sheet.height > 900
     for token in demo.DEMO:
-        c = perfusion.load_concept(tmp_path / f"{token}.safetensors")
+        c = perfusion.load_concept(tmp_path / "concepts" / f"{token}.safetensors")
         assert c.steps == 3 and c.context_dim == 64 and c.base_model_hash and c.lock == "local"
         assert len(list((tmp_path / "instances" / token).glob("*-?.png"))) == 5

@@ -43,8 +43,10 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
     for field, value in given.items():
         if field in ranges and isinstance(value, (int, float)) and ranges[field][0] <= value <= ranges[field][1]:
             gate[field] = float(value)
-        elif (field, value) in {("lock", v) for v in LOCK_CHOICES} | {("projection", v) for v in PROJECTIONS}:
-            (gate if field == "lock" else rest)[field] = activation_lock(value) if field == "lock" else value
+        elif field == "lock" and value in LOCK_CHOICES:
+            gate["lock"] = activation_lock(value)
+        elif field == "projection" and value in PROJECTIONS:
+            rest["projection"] = value
         else:
             warn(p, f"X/Y/Z plot: {field} {value!r} is out of range or unknown; the tags' and sliders' value is used")
     applied = [replace(a, activation=replace(a.activation, **gate)) for a in applied]

@@ -20,15 +20,15 @@ from PIL import Image
 from ...concept import Concept
 from ...generate import generate
 from ...hooks import Activation
-from ...train import Progress, TrainConfig
+from ...train import Progress
 from .. import model as mini
-from ..demo import TEMPLATES, contact_sheet, train_folder, world_covariance
+from ..demo import contact_sheet, world_covariance
 from ..scenes import from_tensor
 from .accuracy import LATENT_SHAPE, WEIGHTS
 from .analyze import is_instance, read, read_places
 from .examples import EXAMPLES, write_folder
-from .quality import group_prompts
-from .scenes import SIZE, Thing, scenes_and_captions
+from .quality import Instance, group_prompts, train_concept
+from .scenes import Thing, scenes_and_captions
 
 DEMO = ("boxy", "duo")  # a blue box with a cyan lower half, a red ball with a yellow lower half
 BETA, TAU = 0.6, 0.15
@@ -42,27 +42,16 @@ PLACES = (
 
 
 def train_instance(adapter, cov, token: str, folder: Path, steps: int, out: Path) -> Concept:
+    """The benchmark's training of one bundled look, with a progress line (concept in OUT/concepts)."""
     look = EXAMPLES[token]
-    cfg = TrainConfig(
-        name=token,
-        token=token,
-        superclass=look.shape,
-        steps=steps,
-        batch_size=8,
-        grad_accum=1,
-        templates=TEMPLATES,
-        beta=BETA,
-        tau=TAU,
-        seed=0,
-    )
     started = time.monotonic()
 
     def show(p: Progress):
         print(f"\r  {token}: step {p.step}/{p.total}  loss {p.smoothed:.4f}  eta {p.eta_s:4.0f}s", end="", flush=True)
 
-    path = out / f"{token}.safetensors"
-    concept = train_folder(adapter, cov, folder, cfg, path, out / "work", progress=show, resolution=SIZE)
-    print(f"\r  {token}: {concept.steps} steps in {time.monotonic() - started:.0f}s -> {path}" + " " * 20)
+    inst = Instance(token, look.shape, folder, look)
+    concept = train_concept(adapter, cov, inst, steps, out, progress=show, beta=BETA, tau=TAU)
+    print(f"\r  {token}: {concept.steps} steps in {time.monotonic() - started:.0f}s" + " " * 20)
     return concept
 
 

@@ -215,11 +215,14 @@ def scores(images: np.ndarray, prompts: list[Prompt], looks: list[Thing], seeds:
     }
 
 
-def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, **overrides) -> Concept:
+def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, progress=None, **overrides) -> Concept:
+    """The instance's concept at OUT/concepts/TOKEN.safetensors (batch 8, the world's templates; overrides win)."""
     settings = dict(steps=steps, batch_size=8, grad_accum=1, templates=TEMPLATES, seed=0) | overrides
     cfg = TrainConfig(name=inst.token, token=inst.token, superclass=inst.superclass, **settings)
     path = out / "concepts" / f"{inst.token}.safetensors"
-    return train_folder(adapter, cov, inst.folder, cfg, path, out / "work" / inst.token, resolution=SIZE)
+    return train_folder(
+        adapter, cov, inst.folder, cfg, path, out / "work" / inst.token, progress=progress, resolution=SIZE
+    )
 
 
 def benchmark(
