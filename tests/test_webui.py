@@ -319,7 +319,7 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
 
     class AxisOption:
         def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
-            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+            self.label, self.type, self.apply, self.choices, self.confirm = label, type, apply, choices, confirm
 
     xyz = type("xyz_grid", (), {"AxisOption": AxisOption, "axis_options": []})
     script_class = type(
@@ -334,7 +334,7 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     axes.add_axes()
     axes.add_axes()  # "Reload UI" calls on_before_ui again
     labels = [o.label for o in xyz.axis_options]
-    assert labels == ["[Perfusion] beta", "[Perfusion] tau", "[Perfusion] lock", "[Perfusion] projection"]
+    assert labels == [f"[Perfusion] {x}" for x in ("concept", "beta", "tau", "lock", "projection")]
     options = {o.label.split()[-1]: o for o in xyz.axis_options}
     assert options["lock"].choices() == ["auto", "local", "global", "hard"]
     host.make_concept(folder)
@@ -363,6 +363,30 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     options["tau"].apply(p, -1.0, [-1.0])
     bad = processing.process_images(p)
     assert "X/Y/Z plot: tau -1.0 is out of range" in bad.comments and "hugsy tau=0.15 beta=0.7" in bad.infotexts[0]
+
+    # the concept axis: each value is a concept (its tag and its word swapped in), "none" the superclass word
+    host.make_concept(folder, name="Boxy", token="boxy", superclass="box", seed=3)
+    assert options["concept"].choices() == ["none", "Boxy", "hugsy"]
+    prompt = "a photo of <perfusion:hugsy:0.15> hugsy on the moon"
+    cells = {}
+    for value in ("hugsy", "Boxy", "none"):
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
+        p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate")
+        options["concept"].confirm(p, ["hugsy", "Boxy", "none"])
+        options["concept"].apply(p, value, ["hugsy", "Boxy", "none"])
+        cells[value] = (p.prompt, processing.process_images(p))
+    assert cells["Boxy"][0] == "a photo of <perfusion:Boxy:0.15> boxy on the moon"
+    assert "Boxy tau=0.15" in cells["Boxy"][1].infotexts[0]
+    assert cells["none"][0] == "a photo of  teddy on the moon" and "Perfusion" not in cells["none"][1].infotexts[0]
+    assert torch.equal(images(cells["hugsy"][1]), images(host.txt2img(prompt)))
+    assert torch.equal(images(cells["none"][1]), images(host.txt2img("a photo of  teddy on the moon")))
+    assert (images(cells["Boxy"][1]) - images(cells["hugsy"][1])).abs().max() > 1e-4
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
+    with pytest.raises(ValueError, match="no concept named 'nobody'"):
+        options["concept"].confirm(p, ["hugsy", "nobody"])  # before the grid starts, not in its fifth cell
+    p.prompt = "a photo of hugsy"
+    with pytest.raises(ValueError, match="no <perfusion:NAME> tag"):
+        options["concept"].confirm(p, ["Boxy"])
 
 
 def test_hashes_come_from_the_webuis_cached_machinery(folder):

@@ -31,6 +31,23 @@ def test_format_tag_keeps_tau_last_for_the_webuis_card_toggle():
     assert format_tag("hugsy", 0.2, beta=0.6, lock="global") == "<perfusion:hugsy:beta=0.6:lock=global:0.2>"
 
 
+def test_swap_concept_rewrites_the_first_tag_and_its_word_only():
+    from perfusion.webui.tags import swap_concept
+
+    words = {"hugsy": ("hugsy", "teddy"), "boxy": ("boxy", "box"), "Old": ("sks", "dog")}.__getitem__
+    prompt = "a photo of <perfusion:hugsy:0.2:beta=0.6> hugsy, hugsyish and <perfusion:boxy> boxy; hugsy!"
+    assert swap_concept(prompt, "boxy", words) == (
+        "a photo of <perfusion:boxy:0.2:beta=0.6> boxy, hugsyish and <perfusion:boxy> boxy; boxy!"
+    )
+    assert swap_concept(prompt, "none", words) == "a photo of  teddy, hugsyish and <perfusion:boxy> boxy; teddy!"
+    # the word is swapped outside tags only, and the name and the word may differ
+    assert swap_concept("<perfusion:Old> sks <lora:sks:1>", "hugsy", words) == "<perfusion:hugsy> hugsy <lora:sks:1>"
+    with pytest.raises(ValueError, match="no <perfusion:NAME> tag"):
+        swap_concept("a photo of hugsy", "boxy", words)
+    with pytest.raises(KeyError):  # an unknown name is the lookup's to report
+        swap_concept(prompt, "nobody", words)
+
+
 def test_library_scan_find_hash_and_reload(tmp_path):
     from concepts import make_concept, random_covariance
 

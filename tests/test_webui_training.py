@@ -275,3 +275,40 @@ def test_several_preview_prompts_make_one_row_and_the_end_is_previewed(env):
     assert sorted(p.name for p in folder.iterdir()) == ["hugsy-00000.png", "hugsy-00002.png", "hugsy-00003.png"]
     width, height = Image.open(folder / "hugsy-00003.png").size
     assert width == 2 * height
+
+
+def test_the_eta_counts_this_runs_training_steps_only(env, monkeypatch):
+    """The WebUI's ETA is elapsed / (job_no / job_count) - elapsed since state.time_start: the covariance phase
+    before the steps and the steps a resumed run found done must not enter it."""
+    import time
+
+    concepts, photos = env
+    covariance_done, seen = [], []
+    encode = training.cached_covariance
+
+    def slow_covariance(*a, **kw):
+        out = encode(*a, **kw)
+        time.sleep(0.3)  # a long first-time covariance
+        covariance_done.append(time.time())
+        return out
+
+    monkeypatch.setattr(training, "cached_covariance", slow_covariance)
+    orig = training.Trainer.run
+
+    def run(self, *a, progress=None, **kw):
+        def record(p):
+            progress(p)
+            seen.append((p.step, shared.state.job_no, shared.state.job_count, shared.state.time_start))
+            if p.step == 1 and len(seen) == 1:
+                shared.state.interrupted = True
+
+        return orig(self, *a, progress=record, **kw)
+
+    monkeypatch.setattr(training.Trainer, "run", run)
+    assert training.train(form(photos)).step == 1
+    shared.state.interrupted = False
+    assert training.train(form(photos, existing="resume")).state == "done"
+    first, resumed = seen[:1], seen[1:]
+    assert [(s, n, c) for s, n, c, _ in first] == [(1, 1, 4)]
+    assert [(s, n, c) for s, n, c, _ in resumed] == [(2, 1, 3), (3, 2, 3), (4, 3, 3)]  # 1 of 3 left, not 2 of 4
+    assert first[0][3] >= covariance_done[0] and resumed[0][3] >= covariance_done[1]  # timed from the steps

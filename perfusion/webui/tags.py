@@ -6,7 +6,8 @@ imports the WebUI.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,3 +73,27 @@ def format_tag(name: str, tau: float, beta: Optional[float] = None, lock: Option
     Ctrl+Up/Down edit it)."""
     extra = "".join(f":{k}={v}" for k, v in (("beta", beta), ("lock", lock)) if v is not None)
     return f"<perfusion:{name}{extra}:{tau:g}>"
+
+
+NO_CONCEPT = "none"  # the concept axis value that shows the prompt without its concept (its superclass word)
+TAG = re.compile(r"<perfusion:([^:>]+)((?::[^>]*)?)>")
+ANY_TAG = re.compile(r"(<[^>]*>)")
+
+WordOf = Callable[[str], tuple[str, str]]  # concept name -> (its word, its superclass word)
+
+
+def swap_concept(prompt: str, name: str, word_of: WordOf) -> str:
+    """`prompt` with its first Perfusion concept replaced by concept `name`: the tag's name (its gate values
+    kept) and the old concept's word outside tags; NO_CONCEPT drops the tag and writes the superclass word
+    instead (the base model's picture of the same prompt). Raises ValueError when there is no tag."""
+    tag = TAG.search(prompt)
+    if tag is None:
+        raise ValueError("[Perfusion] concept: the prompt has no <perfusion:NAME> tag to swap")
+    old_word, superclass = word_of(tag.group(1))
+    if name == NO_CONCEPT:
+        new_tag, new_word = "", superclass
+    else:
+        new_tag, new_word = f"<perfusion:{name}{tag.group(2)}>", word_of(name)[0]
+    prompt = prompt[: tag.start()] + new_tag + prompt[tag.end() :]
+    word = re.compile(rf"(?<!\w){re.escape(old_word)}(?!\w)")
+    return "".join(part if ANY_TAG.fullmatch(part) else word.sub(new_word, part) for part in ANY_TAG.split(prompt))

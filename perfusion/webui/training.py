@@ -295,6 +295,8 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     state = host.job_state()
     status = Status("training", form.name, 0, cfg.steps, message="text-encoding covariance (once per model)")
 
+    state.time_start = time.time()  # the WebUI's ETA is elapsed / progress: each phase times itself
+
     def covariance_progress(done: int, total: int) -> None:
         if state.interrupted:
             raise CovarianceInterrupted
@@ -333,10 +335,15 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     mask_note = f"masks: {given} from files or alpha, {attention} from the model's attention on {form.superclass!r}"
     status = Status("training", form.name, 0, cfg.steps, message=f"{dataset.summary()}; {mask_note}")
     started = time.monotonic()
+    state.time_start = time.time()  # the ETA counts this run's training steps, not the covariance before them
+    done_before: list[int] = []  # steps a resumed run found done: not part of this run's progress fraction
 
     def progress(p) -> None:
         status.step, status.total, status.loss, status.eta_s = p.step, p.total, p.smoothed, p.eta_s
-        state.job_no = p.step
+        if not done_before:
+            done_before.append(p.step - 1)
+            state.job_count = p.total - done_before[0]
+        state.job_no = p.step - done_before[0]
         state.textinfo = f"Perfusion {form.name}: step {p.step}/{p.total}, loss {p.smoothed:.4f}"
 
     offload = bool(host.webui_option("unload_models_when_training", False))  # the WebUI's Training option
