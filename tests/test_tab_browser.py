@@ -64,11 +64,14 @@ def test_check_reports_problems_then_a_ready_dataset(served):
     page.click("#perfusion_train_check")
     problems = page.locator("#perfusion_train_error").first  # gradio 3 repeats an HTML's elem_id inside
     problems.get_by_text("exactly one", exact=False).wait_for(timeout=30000)
-    fill(page, {"superclass": "teddy"})
+    fill(page, {"superclass": "teddy", "numbers": {"Resolution": 64}})  # Check runs the model for the masks
     page.click("#perfusion_train_check")
     problems.get_by_text("Ready to train.").wait_for(timeout=30000)
     text = problems.inner_text()
     assert "3 usable images, 1 skipped" in text and "notes.png" in text
+    thumbnails = problems.locator(".perfusion-check-gallery img")  # each usable image with its training mask
+    assert thumbnails.count() == 3 and thumbnails.first.evaluate("i => i.naturalWidth") == 128
+    assert text.count("mask: attention on 'teddy'") == 3
 
 
 def test_train_shows_progress_previews_and_the_finished_concept(served):

@@ -312,3 +312,49 @@ def test_the_eta_counts_this_runs_training_steps_only(env, monkeypatch):
     assert [(s, n, c) for s, n, c, _ in first] == [(1, 1, 4)]
     assert [(s, n, c) for s, n, c, _ in resumed] == [(2, 1, 3), (3, 2, 3), (4, 3, 3)]  # 1 of 3 left, not 2 of 4
     assert first[0][3] >= covariance_done[0] and resumed[0][3] >= covariance_done[1]  # timed from the steps
+
+
+def test_check_shows_each_image_with_the_mask_training_uses(env, monkeypatch):
+    """An alpha-masked image shows its alpha mask, the others the model's attention on the superclass word (auto),
+    computed from the same latents and seed as the trainer's; 'none' shows the images undimmed."""
+    import perfusion.train as engine_train
+
+    concepts, photos = env
+    rgba = np.zeros((72, 72, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[20:50, 20:50, 3] = 255  # the object: a square; the rest transparent
+    Image.fromarray(rgba, "RGBA").save(photos / "cut.png")
+    calls = []
+
+    def spy(original):
+        def attention(adapter, latents, superclass, **kw):
+            calls.append((latents.clone(), superclass, kw))
+            return original(adapter, latents, superclass, **kw)
+
+        return attention
+
+    monkeypatch.setattr(training, "attention_masks", spy(training.attention_masks))
+    monkeypatch.setattr(engine_train, "attention_masks", spy(engine_train.attention_masks))
+    f = form(photos, mask_source="auto")
+    problems, dataset = training.check(f)
+    assert not problems
+    shown = training.mask_previews(f, dataset)
+    assert [(name, where) for name, where, _ in shown] == [
+        ("bear0.png", "attention on 'teddy'"),
+        ("bear1.png", "attention on 'teddy'"),
+        ("bear2.png", "attention on 'teddy'"),
+        ("cut.png", "mask file or alpha"),
+    ]
+    cut = np.asarray(shown[3][2]).astype(float)
+    assert cut[35, 35].mean() == 200 and cut[5, 5].mean() < 70  # outside the alpha (white): dimmed to a quarter
+    bears = [np.asarray(p).astype(float) for _, _, p in shown[:3]]
+    originals = [((s.image.permute(1, 2, 0).numpy() + 1) * 127.5) for s in dataset.samples[:3]]
+    assert all(np.abs(b - o).max() > 20 for b, o in zip(bears, originals))  # the attention mask dims something
+    assert training.train(f).state == "done"
+    (check_latents, check_word, check_kw), (train_latents, train_word, train_kw) = calls
+    assert torch.equal(check_latents, train_latents) and check_word == train_word and check_kw == train_kw
+    plain = training.mask_previews(form(photos, mask_source="none"), dataset)
+    assert {where for _, where, _ in plain} == {"none (unmasked)"}
+    assert np.abs(np.asarray(plain[0][2]).astype(float) - originals[0]).max() <= 1.0
+    html = tab.gallery_html(shown)
+    assert html.count('<img src="data:image/png;base64,') == 4 and "cut.png<br>mask: mask file or alpha" in html

@@ -85,11 +85,34 @@ def report_html(report) -> str:
 
 
 def check_only(*values: Any) -> str:
-    problems, dataset = training.check(TrainForm(**dict(zip(FIELDS, values))))
+    """Check button (in the generation queue: it may run the model): problems, the dataset's summary and,
+    when ready, the usable images with the masks training will use (the part outside a mask dimmed)."""
+    form = TrainForm(**dict(zip(FIELDS, values)))
+    problems, dataset = training.check(form)
     lines = problems or ["Ready to train."]
     if dataset is not None:
         lines.append(dataset.summary())
-    return "<br>".join(html.escape(line).replace("\n", "<br>") for line in lines)
+    text = "<br>".join(html.escape(line).replace("\n", "<br>") for line in lines)
+    if problems or dataset is None:
+        return text
+    return text + gallery_html(training.mask_previews(form, dataset))
+
+
+def gallery_html(previews: list[tuple[str, str, Any]], side: int = 128) -> str:
+    """Thumbnails with captions as inline PNGs (the same HTML on Gradio 3 and 4)."""
+    import base64
+    import io
+
+    figures = []
+    for name, where, picture in previews:
+        buffer = io.BytesIO()
+        picture.resize((side, side)).save(buffer, format="png")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        figures.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
+            f"<figcaption>{html.escape(name)}<br>mask: {html.escape(where)}</figcaption></figure>"
+        )
+    return f'<div class="perfusion-check-gallery">{"".join(figures)}</div>'
 
 
 def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
@@ -165,7 +188,7 @@ def create_tab():
         with gr.Blocks(analytics_enabled=False) as tab:
             gr.Markdown(f"**Perfusion training is not available here:** {why}.", elem_id="perfusion_train_unavailable")
         return [(tab, "Perfusion", "perfusion_train")]
-    from modules.call_queue import wrap_gradio_gpu_call
+    from modules.call_queue import wrap_gradio_gpu_call, wrap_queued_call
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
@@ -185,7 +208,7 @@ def create_tab():
                 problems = gr.HTML(elem_id="perfusion_train_error")
         form = list(widgets.values())  # in TrainForm's field order: the handlers zip values with FIELDS
         task_id = gr.Textbox(visible=False)
-        check.click(fn=check_only, inputs=form, outputs=[problems])
+        check.click(fn=wrap_queued_call(check_only), inputs=form, outputs=[problems])
         interrupt.click(fn=lambda: host.job_state().interrupt(), inputs=[], outputs=[])
         start.click(
             fn=wrap_gradio_gpu_call(run, extra_outputs=[""]),

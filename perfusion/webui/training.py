@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from modules import devices
 
 from ..concept import is_concept_file
@@ -25,6 +26,7 @@ from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
+from ..masks import attention_masks
 from ..options import BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE, TRAIN_LOCKS
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
@@ -223,6 +225,43 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     return problems, dataset
 
 
+def planned_masks(form: TrainForm, dataset) -> list:
+    """Per usable image, the mask training uses: its file or alpha mask [R, R], "attention" (the paper's zero-shot
+    mask: the model's own cross-attention on the superclass word; auto falls back to it), or None (unmasked)."""
+    if form.mask_source == "none":
+        return [None] * len(dataset.samples)
+    fallback = "attention" if form.mask_source in ("auto", "attention") else None
+    return [s.mask if s.mask is not None and form.mask_source != "attention" else fallback for s in dataset.samples]
+
+
+def mask_previews(form: TrainForm, dataset) -> list[tuple[str, str, Any]]:
+    """(file name, where its mask comes from, PIL image with the masked-out part dimmed) per usable image, the
+    masks exactly as training will use them (attention masks computed with the loaded model, same seed)."""
+    from PIL import Image
+
+    masks = planned_masks(form, dataset)
+    if any(isinstance(m, str) for m in masks):  # as the trainer does: every image in one batch, its noise seed
+        adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
+        images = torch.stack([s.image for s in dataset.samples])
+        with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
+            latents = adapter.encode_images(images.to(adapter.device)).float()
+        found = attention_masks(adapter, latents, form.superclass.strip(), seed=config(form).seed)
+        masks = [found[k] if isinstance(m, str) else m for k, m in enumerate(masks)]
+    out = []
+    for sample, mask, plan in zip(dataset.samples, masks, planned_masks(form, dataset)):
+        size = sample.image.shape[-1]
+        shown = torch.ones(size, size) if mask is None else F.interpolate(mask.float().cpu()[None, None], (size, size))
+        pixels = (
+            (sample.image.float().cpu() + 1) / 2 * (0.25 + 0.75 * shown.reshape(size, size))
+        )  # outside the mask: dimmed
+        picture = Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+        where = {str: "attention on " + repr(form.superclass.strip()), type(None): "none (unmasked)"}.get(
+            type(plan), "mask file or alpha"
+        )
+        out.append((sample.path.name, where, picture))
+    return out
+
+
 def config(form: TrainForm) -> TrainConfig:
     templates = read_templates(form.templates_file) if form.templates_file else TrainConfig.templates
     return TrainConfig(
@@ -321,10 +360,7 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         )
         return status
     state.job_count, state.job_no = cfg.steps, 0
-    # auto: each image's mask file or alpha channel, else (the paper's zero-shot mask) the model's own
-    # cross-attention on the superclass word
-    fallback = "attention" if form.mask_source in ("auto", "attention") else None
-    masks = [s.mask if s.mask is not None and form.mask_source != "attention" else fallback for s in dataset.samples]
+    masks = planned_masks(form, dataset)
     images = torch.stack([s.image for s in dataset.samples])
     captions = [s.caption for s in dataset.samples]
     trainer = Trainer(adapter, cov, cfg, images, masks, work_dir(form), concept_path(form), captions=captions)
