@@ -148,22 +148,25 @@ def test_the_host_is_told_by_its_packages(monkeypatch, tmp_path, layout, expecte
         host.kind.cache_clear()
 
 
-def test_loss_curve_png(tmp_path):
+def test_loss_curve_svg_has_labelled_axes_and_both_curves(tmp_path):
     import base64
-    import io
+    import xml.etree.ElementTree as ET
 
-    from PIL import Image
-
-    from perfusion.webui.plot import loss_html, read_losses
+    from perfusion.webui.plot import SMOOTHED, loss_html, read_losses
 
     path = tmp_path / "x.loss.csv"
     assert loss_html(path) == ""
     path.write_text("step,loss,smoothed_loss,time\n" + "".join(f"{k},{1 / k},{1.2 / k},t\n" for k in range(1, 30)))
     assert read_losses(path)[2] == (3, 1 / 3, 1.2 / 3)
-    html = loss_html(path)
-    image = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].rstrip('">'))))
-    pixels = image.convert("RGB").getdata()
-    assert image.size == (480, 160) and (30, 90, 200) in set(pixels)
+    svg = ET.fromstring(base64.b64decode(loss_html(path).split("base64,")[1].rstrip('">')))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert svg.get("font-size") == "13"  # the browser's font at a readable size, not a bitmap font
+    texts = [t.text or "" for t in svg.iter(f"{ns}text")]
+    assert "1.2" in texts and "0.0345" in texts and "1" in texts and "29" in texts and "step" in texts
+    lines = list(svg.iter(f"{ns}polyline"))
+    assert len(lines) == 2 and lines[1].get("stroke") == SMOOTHED
+    points = [tuple(map(float, p.split(","))) for p in lines[1].get("points").split()]
+    assert len(points) == 29 and points[0][1] < points[-1][1]  # falling loss: the line goes down (y grows)
 
 
 def test_cond_caches_are_cleared_in_place_on_every_host():
