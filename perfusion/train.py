@@ -234,6 +234,9 @@ class Progress:
     smoothed: float
     eta_s: float
     it_per_s: float
+    lr_values: float = 0.0  # the learning rates this step used (after warm-up and schedule)
+    lr_embedding: float = 0.0
+    superclass_similarity: float = 0.0  # a . i_super: the superclass word opens the gate when it nears beta
 
 
 @dataclass
@@ -580,15 +583,28 @@ class Trainer:
         smoothed = clock.smooth(loss)
         self._append_loss(step, loss, smoothed)
         if progress:
-            rate = clock.rate(step)
-            progress(Progress(step, cfg.steps, loss, smoothed, (cfg.steps - step) / max(rate, 1e-9), rate))
+            rate, scale = clock.rate(step), self._lr_scale(step - 1)
+            a, _ = concept_gate(self.cov, state.i_star.detach().float())
+            progress(
+                Progress(
+                    step,
+                    cfg.steps,
+                    loss,
+                    smoothed,
+                    (cfg.steps - step) / max(rate, 1e-9),
+                    rate,
+                    cfg.lr_values * scale,
+                    cfg.lr_embedding * scale,
+                    float(a @ state.i_super.float()),
+                )
+            )
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             self.save_checkpoint(state, opt)
             save_concept(self._concept(state, state.i_star, step), self.work_dir / f"{cfg.name}-{step:05d}.safetensors")
         if preview and cfg.preview_every and step % cfg.preview_every == 0:
             self._preview(state, hooks, preview)
 
-    def _preview(self, state: TrainState, hooks, preview: Callable[[Concept, int], None]) -> None:
+    def _preview(self, state: TrainState, hooks, preview: Callable[[Concept, int], object]) -> None:
         with torch.no_grad():
             concept = self._concept(state, state.i_star, state.step)
             hooks.activate([Activation(concept, self.cfg.beta, self.cfg.tau)])

@@ -358,3 +358,62 @@ def test_check_shows_each_image_with_the_mask_training_uses(env, monkeypatch):
     assert np.abs(np.asarray(plain[0][2]).astype(float) - originals[0]).max() <= 1.0
     html = tab.gallery_html(shown)
     assert html.count('<img src="data:image/png;base64,') == 4 and "cut.png<br>mask: mask file or alpha" in html
+
+
+class FakeSummaryWriter:
+    """torch.utils.tensorboard.SummaryWriter's calls as the board makes them (log_dir, flush_secs; add_scalar,
+    add_image with dataformats; close)."""
+
+    made: list = []
+
+    def __init__(self, log_dir, flush_secs=120):
+        self.log_dir, self.flush_secs, self.scalars, self.images, self.closed = log_dir, flush_secs, {}, [], False
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag, scalar_value, global_step=None):
+        self.scalars.setdefault(tag, []).append((global_step, float(scalar_value)))
+
+    def add_image(self, tag, img_tensor, global_step=None, dataformats="CHW"):
+        self.images.append((tag, global_step, img_tensor.shape, dataformats))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("images", [True, False])
+def test_tensorboard_logs_when_the_webuis_setting_is_on(env, monkeypatch, images):
+    from perfusion.webui import board
+
+    concepts, photos = env
+    FakeSummaryWriter.made = []
+    monkeypatch.setattr(board, "_summary_writer", lambda: FakeSummaryWriter)
+    assert training.train(form(photos)).state == "done" and FakeSummaryWriter.made == []  # off by default
+    monkeypatch.setitem(shared.opts.data, "training_enable_tensorboard", True)
+    monkeypatch.setitem(shared.opts.data, "training_tensorboard_save_images", images)
+    monkeypatch.setitem(shared.opts.data, "training_tensorboard_flush_every", 30)
+    f = form(photos, existing="overwrite", preview_every=2, lr_schedule="linear", warmup_steps=0)
+    assert training.train(f, tab.preview(f)).state == "done"
+    (writer,) = FakeSummaryWriter.made
+    assert writer.closed and writer.flush_secs == 30
+    assert writer.log_dir == str(training.work_dir(f) / "tensorboard")
+    assert [s for s, _ in writer.scalars["Loss/train"]] == [1, 2, 3, 4]
+    lr = [v for _, v in writer.scalars["Learn rate/values"]]
+    assert lr[0] == pytest.approx(f.lr_values) and lr[-1] == pytest.approx(f.lr_values / 4)  # linear decay to 0
+    similarity = [v for _, v in writer.scalars["Gate/superclass similarity"]]
+    gates = [v for _, v in writer.scalars["Gate/superclass gate"]]
+    assert all(abs(v) < 5 for v in similarity) and len(set(similarity)) > 1  # the learned i* moves
+    assert all(0 < g < 1 for g in gates)
+    assert [(s, fmt) for _, s, _, fmt in writer.images] == ([(0, "HWC"), (2, "HWC"), (4, "HWC")] if images else [])
+
+
+def test_tensorboard_missing_says_how_to_install_and_training_goes_on(env, monkeypatch, capsys):
+    from perfusion.webui import board
+
+    def missing():
+        raise ImportError("TensorBoard logging requires TensorBoard version 1.15 or above")
+
+    concepts, photos = env
+    monkeypatch.setattr(board, "_summary_writer", missing)
+    monkeypatch.setitem(shared.opts.data, "training_enable_tensorboard", True)
+    assert training.train(form(photos)).state == "done"
+    assert "pip install tensorboard" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def preview_prompts(form: TrainForm) -> list[str]:
 
 def preview(form: TrainForm):
     """The trainer's preview callback (step 0, every N steps, the end): one image per preview prompt with the
-    training edit on, side by side as the live preview and saved as the run's sample grid."""
+    training edit on, side by side as the live preview and saved as the run's sample grid (returned)."""
 
     def show(concept, step: int) -> None:
         prompts = preview_prompts(form)
@@ -57,6 +57,7 @@ def preview(form: TrainForm):
         samples.mkdir(parents=True, exist_ok=True)
         picture.save(samples / f"{form.name}-{step:05d}.png")
         host.job_state().assign_current_image(picture)
+        return picture
 
     return show
 

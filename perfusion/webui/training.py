@@ -32,6 +32,7 @@ from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
 from .adapter import WebUIAdapter
+from .board import Board
 
 MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none", "auto": "auto"}
 EXISTING = ("ask", "overwrite", "resume")
@@ -312,7 +313,7 @@ class Status:
 status = Status()
 
 
-def train(form: TrainForm, preview: Optional[Callable[[Any, int], None]] = None) -> Status:
+def train(form: TrainForm, preview: Optional[Callable[[Any, int], Any]] = None) -> Status:
     """Check, then train through the WebUI's job state (the caller holds the queue lock). Returns the final
     status; problems found before training are in its message and nothing is written."""
     global status
@@ -374,7 +375,13 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     state.time_start = time.time()  # the ETA counts this run's training steps, not the covariance before them
     done_before: list[int] = []  # steps a resumed run found done: not part of this run's progress fraction
 
+    board = Board.open(work_dir(form), cfg.train_beta, cfg.train_tau)
+    if board is not None:
+        preview = board.with_images(preview)
+
     def progress(p) -> None:
+        if board is not None:
+            board.step(p)
         status.step, status.total, status.loss, status.eta_s = p.step, p.total, p.smoothed, p.eta_s
         if not done_before:
             done_before.append(p.step - 1)
@@ -394,6 +401,9 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     except NonFiniteError as e:
         status = Status("failed", form.name, status.step, cfg.steps, message=f"{e}{_non_finite_hint(e)}")
         return status
+    finally:
+        if board is not None:
+            board.close()
     if not result.interrupted and form.report_samples > 0:
         state.textinfo = f"Perfusion {form.name}: overfitting report ({form.report_samples} images per set)"
         status.report = overfitting_report(
