@@ -112,6 +112,8 @@ def test_train_shows_progress_previews_and_the_finished_concept(served):
     assert any("step" in s and "loss" in s for s in seen), seen  # the WebUI progress bar's textinfo
     assert previews >= 1
     assert output.locator("img").count() >= 1 and "Overfitting report" in result  # loss curve, report table
+    # the progress line ends on the outcome (it used to stay on "overfitting report")
+    progress_text.get_by_text("Finished step 6").wait_for(timeout=30000)
     concept = load_concept(root / "concepts" / "hugsy.safetensors")
     assert concept.steps == 6 and concept.superclass == "teddy"
     assert errors.exception_records == []
