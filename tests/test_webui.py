@@ -313,6 +313,7 @@ def test_defaults_reach_the_infotext_only_when_a_concept_applies(folder):
 def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     """The X/Y/Z script's axes (scripts/xyz_grid.py's AxisOption/axis_options, found in scripts_data by its
     module name): added once, their values win over a tag's and apply to every concept; a bad value warns."""
+    import copy
     from collections import namedtuple
 
     from modules import scripts
@@ -369,10 +370,11 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     assert options["concept"].choices() == ["none", "Boxy", "hugsy"]
     prompt = "a photo of <perfusion:hugsy:0.15> hugsy on the moon"
     cells = {}
+    grid = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
+    grid.scripts, grid.script_args = r, (0, True, 0.7, 0.15, "local", "approximate")
+    options["concept"].confirm(grid, ["hugsy", "Boxy", "none"])
     for value in ("hugsy", "Boxy", "none"):
-        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
-        p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate")
-        options["concept"].confirm(p, ["hugsy", "Boxy", "none"])
+        p = copy.copy(grid)  # as the script makes each cell: its extra_generation_params dict is shared
         options["concept"].apply(p, value, ["hugsy", "Boxy", "none"])
         cells[value] = (p.prompt, processing.process_images(p))
     assert cells["Boxy"][0] == "a photo of <perfusion:Boxy:0.15> boxy on the moon"

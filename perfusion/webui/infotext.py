@@ -15,12 +15,19 @@ from typing import Any, Optional
 from .log import log
 from .resolve import Defaults
 from .state import Applied, library
+from .tags import TAG
 
 CONCEPTS = "Perfusion"
 HASHES = "Perfusion hashes"
 DEFAULTS = "Perfusion defaults"
 
-_TAG = re.compile(r"<perfusion:([^:>]+)((?::[^:>]*)*)>")
+
+def forget(p: Any) -> None:
+    """Drop this extension's keys from the image's parameters: the X/Y/Z script shares one dict among its
+    cells, and a cell without concepts must not report the previous cell's."""
+    params = getattr(p, "extra_generation_params", None)
+    for key in (CONCEPTS, HASHES, DEFAULTS) if params is not None else ():
+        params.pop(key, None)
 
 
 def record(p: Any, applied: list[Applied], defaults: Defaults) -> None:
@@ -86,7 +93,7 @@ def _explicit(prompt: str, name: str, applied: dict[str, str], defaults: dict[st
             add.append(f"lock={applied['lock']}")
         return f"<perfusion:{name}{''.join(':' + a for a in add)}{m.group(2)}>" if add else m.group(0)
 
-    return _TAG.sub(fix, prompt)
+    return TAG.sub(fix, prompt)
 
 
 def on_infotext_pasted(infotext: str, params: dict) -> None:

@@ -169,6 +169,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
 
     def activate(self, p: Any, params_list: list) -> None:
         switch_off()
+        infotext.forget(p)
         self._apply(p, params_list)
         words = tuple((a.entry.name, a.activation.concept.token, a.entry.stamp) for a in runtime.applied)
         if words != runtime.words:  # the WebUI caches conds by prompt and tags, not by the words' embeddings
