@@ -16,6 +16,15 @@ from .diffusion import q_sample
 from .hooks import attach
 
 
+def fill_attention_masks(adapter: Adapter, latents: torch.Tensor, masks: list, superclass: str, seed: int = 0) -> list:
+    """`masks` (per image: a mask, "attention" or None) with each "attention" replaced by that image's attention
+    mask [h, w]; every image of `latents` [N, C, h, w] goes through in one batch, as training uses them."""
+    if not any(isinstance(m, str) for m in masks):
+        return list(masks)
+    found = attention_masks(adapter, latents, superclass, seed=seed)
+    return [found[i] if isinstance(m, str) else m for i, m in enumerate(masks)]
+
+
 @torch.no_grad()
 def attention_masks(
     adapter: Adapter, latents: torch.Tensor, superclass: str, timestep_fraction: float = 0.5, seed: int = 0

@@ -35,7 +35,7 @@ from .dataset import soft_mask
 from .diffusion import q_sample, training_target
 from .files import atomic_write, read_regular
 from .hooks import Activation, attach
-from .masks import attention_masks
+from .masks import fill_attention_masks
 from .options import (
     BETA,
     I_STAR_GRADIENTS,
@@ -330,9 +330,8 @@ class Trainer:
         h, w = latents.shape[-2:]
         if masks == "attention":
             masks = ["attention"] * images.shape[0]
-        if masks is not None and any(isinstance(m, str) for m in masks):
-            found = list(attention_masks(self.adapter, latents[0], self.cfg.superclass, seed=self.cfg.seed))
-            masks = [found[i] if isinstance(m, str) else m for i, m in enumerate(masks)]
+        if masks is not None:
+            masks = fill_attention_masks(self.adapter, latents[0], masks, self.cfg.superclass, seed=self.cfg.seed)
         grid = torch.stack(
             [
                 soft_mask(m.cpu(), (h, w)) if m is not None else torch.ones(h, w)

@@ -317,7 +317,7 @@ def test_the_eta_counts_this_runs_training_steps_only(env, monkeypatch):
 def test_check_shows_each_image_with_the_mask_training_uses(env, monkeypatch):
     """An alpha-masked image shows its alpha mask, the others the model's attention on the superclass word (auto),
     computed from the same latents and seed as the trainer's; 'none' shows the images undimmed."""
-    import perfusion.train as engine_train
+    import perfusion.masks as masks_module
 
     concepts, photos = env
     rgba = np.zeros((72, 72, 4), np.uint8)
@@ -333,8 +333,7 @@ def test_check_shows_each_image_with_the_mask_training_uses(env, monkeypatch):
 
         return attention
 
-    monkeypatch.setattr(training, "attention_masks", spy(training.attention_masks))
-    monkeypatch.setattr(engine_train, "attention_masks", spy(engine_train.attention_masks))
+    monkeypatch.setattr(masks_module, "attention_masks", spy(masks_module.attention_masks))
     f = form(photos, mask_source="auto")
     problems, dataset = training.check(f)
     assert not problems

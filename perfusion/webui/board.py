@@ -4,13 +4,14 @@ the previews, under the run's folder in `tensorboard/`, as the WebUI's textual-i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
+from ..edit import gate
 from ..train import Progress
 from . import host
 from .log import log
@@ -53,14 +54,14 @@ class Board:
         """Scalars of one optimiser step (x axis: the step)."""
         if self.writer is None:
             return
-        gate = 1 / (1 + math.exp(-(p.superclass_similarity - self.beta) / self.tau))
+        superclass_gate = float(gate(torch.tensor(p.superclass_similarity), self.beta, self.tau))
         for tag, value in (
             ("Loss/train", p.loss),
             ("Loss/smoothed", p.smoothed),
             ("Learn rate/values", p.lr_values),
             ("Learn rate/embedding", p.lr_embedding),
             ("Gate/superclass similarity", p.superclass_similarity),
-            ("Gate/superclass gate", gate),
+            ("Gate/superclass gate", superclass_gate),
             ("Speed/steps per s", p.it_per_s),
         ):
             self.writer.add_scalar(tag, value, global_step=p.step)

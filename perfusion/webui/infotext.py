@@ -26,7 +26,9 @@ def forget(p: Any) -> None:
     """Drop this extension's keys from the image's parameters: the X/Y/Z script shares one dict among its
     cells, and a cell without concepts must not report the previous cell's."""
     params = getattr(p, "extra_generation_params", None)
-    for key in (CONCEPTS, HASHES, DEFAULTS) if params is not None else ():
+    if params is None:  # the WebUI's dummy job while a model loads
+        return
+    for key in (CONCEPTS, HASHES, DEFAULTS):
         params.pop(key, None)
 
 

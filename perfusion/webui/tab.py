@@ -35,7 +35,7 @@ def preview(form: TrainForm):
     """The trainer's preview callback (step 0, every N steps, the end): one image per preview prompt with the
     training edit on, side by side as the live preview and saved as the run's sample grid (returned)."""
 
-    def show(concept, step: int) -> None:
+    def show(concept, step: int) -> Any:
         prompts = preview_prompts(form)
         adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
         with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):

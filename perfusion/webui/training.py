@@ -26,7 +26,7 @@ from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
-from ..masks import attention_masks
+from ..masks import fill_attention_masks
 from ..options import BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE, TRAIN_LOCKS
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
@@ -240,25 +240,24 @@ def mask_previews(form: TrainForm, dataset) -> list[tuple[str, str, Any]]:
     masks exactly as training will use them (attention masks computed with the loaded model, same seed)."""
     from PIL import Image
 
-    masks = planned_masks(form, dataset)
-    if any(isinstance(m, str) for m in masks):  # as the trainer does: every image in one batch, its noise seed
+    plan = planned_masks(form, dataset)
+    masks = plan
+    if any(isinstance(m, str) for m in plan):  # the trainer's latents (all images, one batch) and seed
         adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
         images = torch.stack([s.image for s in dataset.samples])
         with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
             latents = adapter.encode_images(images.to(adapter.device)).float()
-        found = attention_masks(adapter, latents, form.superclass.strip(), seed=config(form).seed)
-        masks = [found[k] if isinstance(m, str) else m for k, m in enumerate(masks)]
+        masks = fill_attention_masks(adapter, latents, plan, form.superclass.strip(), seed=config(form).seed)
     out = []
-    for sample, mask, plan in zip(dataset.samples, masks, planned_masks(form, dataset)):
+    for sample, mask, planned in zip(dataset.samples, masks, plan):
         size = sample.image.shape[-1]
-        shown = torch.ones(size, size) if mask is None else F.interpolate(mask.float().cpu()[None, None], (size, size))
-        pixels = (
-            (sample.image.float().cpu() + 1) / 2 * (0.25 + 0.75 * shown.reshape(size, size))
-        )  # outside the mask: dimmed
+        shown = torch.ones(1, 1, size, size) if mask is None else F.interpolate(mask.float().cpu()[None, None], size)
+        pixels = (sample.image.float().cpu() + 1) / 2 * (0.25 + 0.75 * shown[0, 0])  # outside the mask: dimmed
         picture = Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-        where = {str: "attention on " + repr(form.superclass.strip()), type(None): "none (unmasked)"}.get(
-            type(plan), "mask file or alpha"
-        )
+        if isinstance(planned, str):
+            where = f"attention on {form.superclass.strip()!r}"
+        else:
+            where = "none (unmasked)" if planned is None else "mask file or alpha"
         out.append((sample.path.name, where, picture))
     return out
 
