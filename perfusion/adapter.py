@@ -13,6 +13,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
+from .dataset import by_size
 from .tokens import CLIP_BOS, CLIP_EOS
 
 Embedding = dict[str, torch.Tensor]  # {"" or "clip_l"/"clip_g": [n, d_emb]}
@@ -46,20 +47,34 @@ class Adapter(Protocol):
         """The raw input-embedding rows of `word`."""
 
     def encode(
-        self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
+        self,
+        prompts: list[str],
+        words: Optional[Mapping[str, Optional[Embedding]]] = None,
+        size: Optional[tuple[int, int]] = None,
     ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
         """Context [B, N, d] for `prompts`, and for every word of `words` its context rows in each prompt
         (the last row of each occurrence). A word mapped to an embedding has its tokens replaced by the
-        embedding's n vectors (gradients reach them); a word mapped to None keeps its own tokens."""
+        embedding's n vectors (gradients reach them); a word mapped to None keeps its own tokens. size:
+        (width, height) px of the images the prompts go with, for a model conditioned on it (SDXL)."""
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction (eps or v per `prediction`) for x [B, C, h, w] at integer steps t [B]."""
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] of images [B, 3, R, R] in [-1, 1]."""
+        """Latents [B, C, h, w] of images [B, 3, H, W] in [-1, 1]."""
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, R, R] in [-1, 1]."""
+        """Images [B, 3, H, W] in [-1, 1]."""
+
+
+def encode_by_size(adapter: Adapter, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Latents [C, h, w] (float32, on the adapter's device) of each image [3, H, W]; one VAE batch per size."""
+    latents: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for idx in by_size(images).values():
+        batch = torch.stack([images[i] for i in idx]).to(adapter.device)
+        for i, z in zip(idx, adapter.encode_images(batch).float()):
+            latents[i] = z
+    return latents
 
 
 def _split_on_words(prompt: str, words: list[str]) -> list[str]:
@@ -131,7 +146,7 @@ class LdmClipAdapter:
         out[mask] = rows.to(out.dtype)
         return out
 
-    def encode(self, prompts, words=None):
+    def encode(self, prompts, words=None, size=None):  # size: no size conditioning here
         words = dict(words or {})
         canonical = {w.lower(): w for w in words}
         ids_of = {w: self._ids(w) for w in words}

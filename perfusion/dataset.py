@@ -4,6 +4,10 @@ Next to an image `dog.png` the loader also reads `dog.txt` (its caption, for [fi
 `dog.mask.png`, `dog_mask.png` or `dog-mask.png` (white = object). Files it cannot use are listed
 with a reason instead of failing the whole run. The folder is only read, never written, and every
 list comes out sorted by file name so runs are reproducible. Names starting with "." are ignored.
+
+Photos keep their aspect ratio: each goes to the bucket (a training size of about resolution^2 pixels) whose
+shape is nearest its own and loses only the sliver that does not fit, so a portrait keeps its subject's
+head and feet; `aspect="square"` centre-crops to a square instead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .files import is_regular, read_regular
-from .options import MASK_SOURCES
+from .options import ASPECTS, BUCKET_MULTIPLE, MASK_SOURCES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIXES = (".mask.png", "_mask.png", "-mask.png")
@@ -49,8 +53,9 @@ class Skipped:
 class Sample:
     """One training image.
 
-    image: [3, R, R] float32 in [-1, 1], RGB, centre-cropped to a square and resized to R (LANCZOS).
-    mask: [R, R] float32 in [0, 1], 1 = object (from the alpha channel or a mask file), or None.
+    image: [3, H, W] float32 in [-1, 1], RGB, centre-cropped to its bucket's aspect ratio and resized to it
+        (LANCZOS); [3, R, R] with aspect="square".
+    mask: [H, W] float32 in [0, 1], 1 = object (from the alpha channel or a mask file), or None.
     caption: the stripped text of `<stem>.txt`, "" when there is none.
     """
 
@@ -68,9 +73,13 @@ class Dataset:
     skipped: list[Skipped]
 
     def summary(self) -> str:
-        """E.g. '5 usable images, 2 skipped:' then one indented 'name: reason' line per skipped file."""
+        """E.g. '5 usable images (3 at 512x512, 2 at 384x640), 2 skipped:' then one indented 'name: reason'
+        line per skipped file; the sizes (width x height) only when there is more than one."""
         n = len(self.samples)
         head = f"{n} usable image{'' if n == 1 else 's'}"
+        sizes = by_size([s.image for s in self.samples])
+        if len(sizes) > 1:
+            head += f" ({', '.join(f'{len(idx)} at {w}x{h}' for (h, w), idx in sizes.items())})"
         return f"{head}, {len(self.skipped)} skipped:\n{_reasons(self.skipped)}" if self.skipped else head
 
 
@@ -88,15 +97,27 @@ def scan_folder(folder: str | Path) -> tuple[list[Path], list[Skipped]]:
     return images, skipped
 
 
-def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64, mask_source: str = "auto") -> Dataset:
-    """Read every image of `folder` into a Sample of `resolution` px; skip what cannot be used.
+def load_dataset(
+    folder: str | Path,
+    resolution: int = 512,
+    min_size: int = 64,
+    mask_source: str = "auto",
+    aspect: str = "buckets",
+    multiple: int = BUCKET_MULTIPLE,
+) -> Dataset:
+    """Read every image of `folder` into a Sample of about `resolution`^2 px; skip what cannot be used.
 
     min_size: images whose short side (px) is smaller are skipped.
     mask_source: 'alpha' (the image's alpha channel), 'files' (a companion mask file), 'auto'
     (alpha if the image has a non-trivial one, else a companion file, else None) or 'none'.
+    aspect: 'buckets' (each image at the size of `buckets(resolution, multiple)` nearest its aspect ratio)
+    or 'square' (resolution x resolution).
     Raises DatasetError if the folder is missing, empty, or nothing in it is usable.
     """
     _check_options(resolution, min_size, mask_source)
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    sizes = buckets(resolution, multiple) if aspect == "buckets" else [(resolution, resolution)]
     folder = Path(folder)
     images, skipped, names = _scan(folder)
     if not images and not skipped:
@@ -109,7 +130,7 @@ def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64, 
     samples, seen = [], {}
     for path in images:
         try:
-            samples.append(_load_sample(path, names, seen, resolution, min_size, mask_source))
+            samples.append(_load_sample(path, names, seen, sizes, min_size, mask_source))
         except _Skip as skip:
             skipped.append(Skipped(path, str(skip)))
     skipped.sort(key=lambda s: s.path.name)
@@ -121,15 +142,46 @@ def load_dataset(folder: str | Path, resolution: int = 512, min_size: int = 64, 
     return Dataset(samples, skipped)
 
 
+def buckets(resolution: int, multiple: int = BUCKET_MULTIPLE) -> list[tuple[int, int]]:
+    """Training sizes (width, height) in px: resolution x resolution, and for each width below it that is a
+    multiple of `multiple` the tallest portrait whose height is such a multiple too, with an area within
+    resolution^2 and both sides at least resolution / 2; and each portrait turned on its side. At 512 px:
+    256x1024, 320x768, 384x640, 448x576, 512x512 and 576x448 ... 1024x256."""
+    if resolution < 1 or multiple < 1:
+        raise ValueError(f"resolution and multiple must be >= 1 px, got {resolution} and {multiple}")
+    sizes = {(resolution, resolution)}
+    for width in range(multiple, resolution, multiple):
+        height = resolution * resolution // width // multiple * multiple
+        if height > width >= resolution / 2:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The size (width, height) of `sizes` whose aspect ratio is nearest width / height (on a log scale, so
+    2:1 and 1:2 are equally far from square); of equally near ones the largest."""
+    aspect = math.log(width / height)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1]))
+
+
+def by_size(images: list[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    """Indices of `images` ([..., H, W] each) grouped by (H, W), groups in order of first appearance: one
+    batch per group, since a batch holds images of one size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    return groups
+
+
 def soft_mask(mask: torch.Tensor, size: int | tuple[int, int], blur: float = 0.05) -> torch.Tensor:
-    """Loss weights [h, w] float32 from a mask [R, R] in [0, 1], for a latent grid of `size` (h, w).
+    """Loss weights [h, w] float32 from a mask [H, W] in [0, 1], for a latent grid of `size` (h, w).
 
     Area-interpolated to the grid, gaussian-blurred with sigma = `blur` x the grid side (per axis),
     then divided by its mean so the weights average 1 and keep the loss scale. An all-zero mask
     gives all ones.
     """
     if mask.dim() != 2:
-        raise ValueError(f"mask must be [R, R], got shape {tuple(mask.shape)}")
+        raise ValueError(f"mask must be [H, W], got shape {tuple(mask.shape)}")
     if blur < 0:
         raise ValueError(f"blur must be >= 0, got {blur}")
     h, w = (size, size) if isinstance(size, int) else size
@@ -201,9 +253,10 @@ def _reasons(skipped: list[Skipped]) -> str:
 
 
 def _load_sample(
-    path: Path, names: set[str], seen: dict[bytes, str], resolution: int, min_size: int, mask_source: str
+    path: Path, names: set[str], seen: dict[bytes, str], sizes: list[tuple[int, int]], min_size: int, mask_source: str
 ) -> Sample:
-    """Decode, check and tensorise one image; `seen` maps pixel digests to the names already kept."""
+    """Decode, check and tensorise one image at the size of `sizes` nearest its aspect ratio; `seen` maps pixel
+    digests to the names already kept."""
     colour, alpha = _decode(path, "image")
     h, w = colour.shape[:2]
     if min(h, w) < min_size:
@@ -217,8 +270,9 @@ def _load_sample(
     mask = _choose_mask(path, alpha, names, mask_source, (h, w))
     caption = _caption(path, names)
     seen[digest] = path.name
-    image = torch.from_numpy(_square(rgb, resolution, Image.Resampling.LANCZOS)).permute(2, 0, 1) / 127.5 - 1
-    mask_t = None if mask is None else torch.from_numpy(_square(mask, resolution, Image.Resampling.BILINEAR)) / 255
+    size = nearest_bucket(w, h, sizes)
+    image = torch.from_numpy(_fit(rgb, size, Image.Resampling.LANCZOS)).permute(2, 0, 1) / 127.5 - 1
+    mask_t = None if mask is None else torch.from_numpy(_fit(mask, size, Image.Resampling.BILINEAR)) / 255
     return Sample(path, image.contiguous(), mask_t, caption)
 
 
@@ -297,13 +351,14 @@ def _caption(path: Path, names: set[str]) -> str:
         raise _Skip(f"unreadable caption {name} ({e.strerror or e})") from e
 
 
-def _square(pixels: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
-    """Centre-crop [H, W(, C)] uint8 to a square and resize to size x size; float32 in 0..255."""
+def _fit(pixels: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """Centre-crop [H, W(, C)] uint8 to the aspect ratio of `size` (width, height) and resize to it; float32
+    [height, width(, C)] in 0..255."""
     img = Image.fromarray(pixels)
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((size, size), resample)
+    (w, h), (width, height) = img.size, size
+    crop_w, crop_h = (w, round(w * height / width)) if w * height <= h * width else (round(h * width / height), h)
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    img = img.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), resample)
     return np.asarray(img, dtype=np.float32)
 
 

@@ -12,17 +12,25 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import Adapter
+from .dataset import by_size
 from .diffusion import q_sample
 from .hooks import attach
 
 
-def fill_attention_masks(adapter: Adapter, latents: torch.Tensor, masks: list, superclass: str, seed: int = 0) -> list:
+def fill_attention_masks(
+    adapter: Adapter, latents: list[torch.Tensor], masks: list, superclass: str, seed: int = 0
+) -> list:
     """`masks` (per image: a mask, "attention" or None) with each "attention" replaced by that image's attention
-    mask [h, w]; every image of `latents` [N, C, h, w] goes through in one batch, as training uses them."""
+    mask [h, w]; `latents` holds each image's [C, h, w], and the images of one size go through in one batch."""
     if not any(isinstance(m, str) for m in masks):
         return list(masks)
-    found = attention_masks(adapter, latents, superclass, seed=seed)
-    return [found[i] if isinstance(m, str) else m for i, m in enumerate(masks)]
+    filled = list(masks)
+    for idx in by_size(latents).values():
+        found = attention_masks(adapter, torch.stack([latents[i] for i in idx]), superclass, seed=seed)
+        for i, mask in zip(idx, found):
+            if isinstance(filled[i], str):
+                filled[i] = mask
+    return filled
 
 
 @torch.no_grad()

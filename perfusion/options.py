@@ -22,6 +22,9 @@ MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
 IStarGradient = Literal["detach", "straight_through"]  # how the EMA of i* meets the gradient
 LrSchedule = Literal["constant", "cosine", "linear"]  # after the warm-up: kept, cosine or linear decay to 0
+# buckets: each photo keeps its aspect ratio in the nearest of a set of sizes of about resolution^2 pixels;
+# square: centre-cropped to resolution x resolution
+Aspect = Literal["buckets", "square"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -33,6 +36,9 @@ MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)
 I_STAR_GRADIENTS: tuple[str, ...] = get_args(IStarGradient)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+ASPECTS: tuple[str, ...] = get_args(Aspect)
+# Bucket sides are multiples of this (px): SD's VAE divides by 8 and its U-Net halves the latent 3 times.
+BUCKET_MULTIPLE = 64
 
 # The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
 BETA, TAU = 0.7, 0.15

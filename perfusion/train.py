@@ -27,11 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-from .adapter import Adapter
+from .adapter import Adapter, encode_by_size
 from .checkpointing import checkpointed_blocks
 from .concept import Concept, save_concept
 from .covariance import Covariance, concept_gate
-from .dataset import soft_mask
+from .dataset import by_size, soft_mask
 from .diffusion import q_sample, training_target
 from .files import atomic_write, read_regular
 from .hooks import Activation, attach
@@ -289,20 +289,23 @@ def loss_scaler(unet: torch.nn.Module) -> torch.amp.GradScaler:
 
 
 class Trainer:
-    """One run. `images` [N, 3, R, R] in [-1, 1]; `masks`: per image an [R, R] weight in [0, 1], None (no
+    """One run. `images` [N, 3, R, R] in [-1, 1], or a list of [3, H, W] of several sizes (aspect-ratio
+    buckets: a micro-batch holds images of one size); `masks`: per image an [H, W] weight in [0, 1], None (no
     mask) or "attention" (the model's own cross-attention on the superclass word, the paper's zero-shot
-    object mask); or "attention" for every image, or None for no mask at all."""
+    object mask); or "attention" for every image, or None for no mask at all. `resolution`: the run's
+    nominal size in px for its metadata (default: the side of the largest image's area)."""
 
     def __init__(
         self,
         adapter: Adapter,
         covariance: Covariance,
         config: TrainConfig,
-        images: torch.Tensor,
+        images: Union[torch.Tensor, list[torch.Tensor]],
         masks: Union[None, str, list[Union[None, str, torch.Tensor]]],
         work_dir: str | Path,
         concept_path: str | Path,
         captions: Optional[list[str]] = None,
+        resolution: Optional[int] = None,
     ):
         per_image = masks if isinstance(masks, list) else [masks]
         if any(isinstance(m, str) and m != "attention" for m in per_image):
@@ -313,8 +316,12 @@ class Trainer:
             raise TrainError("the concept word must differ from the superclass word (Infusion uses the class word)")
         self.adapter, self.cov, self.cfg = adapter, covariance, config
         self.work_dir, self.concept_path = Path(work_dir), Path(concept_path)
+        images = list(images)
         self.captions = captions or [""] * len(images)
-        self.resolution = int(images.shape[-1])
+        self.sizes = [(int(im.shape[-1]), int(im.shape[-2])) for im in images]  # (width, height) px per image
+        self.resolution = resolution or round(max(w * h for w, h in self.sizes) ** 0.5)
+        self.buckets = list(by_size(images).values())
+        self.bucket_of = {i: members for members in self.buckets for i in members}
         self.word = config.token if config.method == "perfusion" else config.superclass
         self.latents, self.masks = self._cache(images, masks)
         self.checkpoint_path = self.work_dir / f"{config.name}.resume.safetensors"
@@ -322,23 +329,18 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _cache(self, images, masks):
-        """Latents of every image (and its mirror when flipping), computed once, with latent-grid masks."""
-        dev = self.adapter.device
-        variants = [images, images.flip(-1)] if self.cfg.flip else [images]
-        latents = torch.stack([self.adapter.encode_images(v.to(dev)).float() for v in variants])  # [F, N, C, h, w]
-        h, w = latents.shape[-2:]
-        if masks == "attention":
-            masks = ["attention"] * images.shape[0]
-        if masks is not None:
-            masks = fill_attention_masks(self.adapter, latents[0], masks, self.cfg.superclass, seed=self.cfg.seed)
-        grid = torch.stack(
-            [
-                soft_mask(m.cpu(), (h, w)) if m is not None else torch.ones(h, w)
-                for m in (masks if masks is not None else [None] * images.shape[0])
-            ]
-        ).to(dev)
-        return latents, torch.stack([grid, grid.flip(-1)])[: latents.shape[0]]
+    def _cache(self, images: list[torch.Tensor], masks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image, computed once: latents [F, C, h, w] of it (and its mirror when flipping, F = 2) and loss
+        weights [F, h, w] on its latent grid."""
+        variants = [images, [im.flip(-1) for im in images]] if self.cfg.flip else [images]
+        latents = [torch.stack(z) for z in zip(*(encode_by_size(self.adapter, v) for v in variants))]
+        masks = masks if isinstance(masks, list) else [masks] * len(images)
+        masks = fill_attention_masks(self.adapter, [z[0] for z in latents], masks, self.cfg.superclass, self.cfg.seed)
+        grids = []
+        for z, m in zip(latents, masks):
+            grid = soft_mask(m.cpu(), tuple(z.shape[-2:])) if m is not None else torch.ones(z.shape[-2:])
+            grids.append(torch.stack([grid, grid.flip(-1)])[: z.shape[0]].to(z.device))
+        return latents, grids
 
     def _prompts(self, gen: torch.Generator, idx: list[int], word: str) -> list[str]:
         out = []
@@ -348,18 +350,21 @@ class Trainer:
         return out
 
     def _micro_batch(self, step: int, k: int, word: Optional[str] = None):
-        """(x0, mask, prompts, t, noise) for micro-batch k of optimiser step `step`, drawn reproducibly;
-        prompts are written with `word` (default: the concept's word)."""
+        """(x0, mask, prompts, t, noise, size) for micro-batch k of optimiser step `step`, drawn reproducibly;
+        prompts are written with `word` (default: the concept's word); size: the images' (width, height) px."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 1_009 + k)
-        n = self.latents.shape[1]
+        n = len(self.latents)
         idx = torch.randint(n, (self.cfg.batch_size,), generator=gen).tolist()
-        flip = torch.randint(self.latents.shape[0], (self.cfg.batch_size,), generator=gen).tolist()
-        x0 = torch.stack([self.latents[f, i] for f, i in zip(flip, idx)])
-        mask = torch.stack([self.masks[f, i] for f, i in zip(flip, idx)])
+        # one size per batch: the first draw picks the bucket, the others are spread over its members
+        members = self.bucket_of[idx[0]]
+        idx = [idx[0]] + [members[i * len(members) // n] for i in idx[1:]]
+        flip = torch.randint(self.latents[0].shape[0], (self.cfg.batch_size,), generator=gen).tolist()
+        x0 = torch.stack([self.latents[i][f] for f, i in zip(flip, idx)])
+        mask = torch.stack([self.masks[i][f] for f, i in zip(flip, idx)])
         prompts = self._prompts(gen, idx, word or self.word)
         t = torch.randint(self.adapter.alphas_cumprod.shape[0], (self.cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        return x0, mask, prompts, t.to(x0.device), noise.to(x0.device)
+        return x0, mask, prompts, t.to(x0.device), noise.to(x0.device), self.sizes[idx[0]]
 
     # -- state ----------------------------------------------------------------------------
     def _init_state(self) -> TrainState:
@@ -433,8 +438,14 @@ class Trainer:
             for tag in (t.strip() for t in caption.split(",")):
                 if tag:
                     tags[tag] = tags.get(tag, 0) + 1
+        sizes = [self.sizes[members[0]] for members in self.buckets]
+        buckets = {
+            str(k): {"resolution": list(s), "count": len(m)} for k, (s, m) in enumerate(zip(sizes, self.buckets))
+        }
         return {
             "modelspec.resolution": f"{self.resolution}x{self.resolution}",
+            "ss_enable_bucket": str(len(self.buckets) > 1),
+            "ss_bucket_info": json.dumps({"buckets": buckets}),
             "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(arch, arch),
             "ss_sd_model_hash": str(getattr(self.adapter, "model_hash", "")),
             "ss_resolution": f"({self.resolution}, {self.resolution})",
@@ -609,16 +620,18 @@ class Trainer:
             hooks.activate([Activation(concept, self.cfg.beta, self.cfg.tau)])
             preview(concept, state.step)
 
-    def _confined(self, context: torch.Tensor, rows: list[list[int]], prompts: list[str]) -> torch.Tensor:
+    def _confined(self, context: torch.Tensor, rows: list[list[int]], prompts: list[str], size) -> torch.Tensor:
         with torch.no_grad():
-            twin, _ = self.adapter.encode(prompts, {self.word: self.adapter.word_embedding(self.cfg.superclass)})
+            twin, _ = self.adapter.encode(
+                prompts, {self.word: self.adapter.word_embedding(self.cfg.superclass)}, size=size
+            )
         return confined_context(context, twin, {self.word: rows})
 
     def _micro_step(self, state: TrainState, hooks, scaler: torch.amp.GradScaler, step: int, k: int) -> float:
         cfg, ad = self.cfg, self.adapter
-        x0, mask, prompts, t, noise = self._micro_batch(step, k)
+        x0, mask, prompts, t, noise, size = self._micro_batch(step, k)
         embedding = state.embedding if cfg.method == "perfusion" else None
-        context, rows = ad.encode(prompts, {self.word: embedding})
+        context, rows = ad.encode(prompts, {self.word: embedding}, size=size)
         if not torch.isfinite(context).all():  # before the gate is computed from it (and from C)
             raise NonFiniteError(
                 f"step {step + 1}: the text encoder's output for {prompts} holds NaN or Inf; "
@@ -627,7 +640,7 @@ class Trainer:
             )
         rows = rows[self.word]
         if cfg.confine:
-            context = self._confined(context, rows, prompts)
+            context = self._confined(context, rows, prompts, size)
         i_star = state.i_star
         if cfg.method == "perfusion" and cfg.ema is not None:
             m = _mean_rows(context, rows).float()

@@ -17,7 +17,10 @@ from perfusion.dataset import (
     Sample,
     Skipped,
     _pixels,
+    buckets,
+    by_size,
     load_dataset,
+    nearest_bucket,
     scan_folder,
     soft_mask,
 )
@@ -72,8 +75,56 @@ def test_rgb_image_is_centre_cropped_to_a_square_tensor_in_range(tmp_path):
     assert s.mask is None and s.caption == "" and s.path == tmp_path / "a.png"
     expected = torch.from_numpy(rgb[:, 20:100].astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
     assert torch.allclose(s.image, expected, atol=1e-6)
-    big = one(tmp_path).image  # default resolution, LANCZOS upscale stays in range
+    big = one(tmp_path, aspect="square").image  # LANCZOS upscale to 512 px stays in range
     assert big.shape == (3, 512, 512) and big.min() >= -1 and big.max() <= 1
+
+
+# ---- aspect-ratio buckets ----------------------------------------------------------------------------
+
+
+def test_buckets_keep_the_area_and_are_symmetric():
+    sizes = buckets(512)
+    assert sizes == [(256, 1024), (320, 768), (384, 640), (448, 576), (512, 512),
+                     (576, 448), (640, 384), (768, 320), (1024, 256)]  # fmt: skip
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+    assert {(h, w) for w, h in sizes} == set(sizes)
+    assert (832, 1216) in buckets(1024)  # SDXL's usual portrait size
+    assert buckets(48) == [(48, 48)]  # below two multiples: square only (the mini world)
+    assert buckets(80) == [(80, 80)]  # no smaller square beside the resolution
+    assert nearest_bucket(3000, 4000, sizes) == (448, 576)
+    assert nearest_bucket(1920, 1080, sizes) == (640, 384)
+    assert nearest_bucket(513, 512, sizes) == (512, 512)
+    assert nearest_bucket(100, 2000, sizes) == (256, 1024)  # beyond the last bucket: the last one
+
+
+def test_a_portrait_keeps_its_top_and_bottom_where_a_square_loses_them(tmp_path):
+    rgb = np.full((600, 300, 3), 128, np.uint8)
+    rgb[:60], rgb[-60:] = RED, BLUE  # head and feet, 10 % each
+    alpha = np.full((600, 300), 255, np.uint8)
+    alpha[:, :30] = 0  # a transparent left edge, so the mask is not trivial
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "tall.png")
+    s = one(tmp_path, resolution=256)
+    assert s.image.shape == (3, 320, 192) and s.mask.shape == (320, 192)  # 0.6 is the nearest aspect to 0.5
+    red, blue = torch.tensor(RED) / 127.5 - 1, torch.tensor(BLUE) / 127.5 - 1
+    assert torch.allclose(s.image[:, 2, 96], red, atol=0.02) and torch.allclose(s.image[:, -3, 96], blue, atol=0.02)
+    assert s.mask[160, 2] < 0.05 and s.mask[160, 100] > 0.95  # the mask went through the same crop
+    square = one(tmp_path, resolution=256, aspect="square")
+    assert square.image.shape == (3, 256, 256)
+    assert not torch.allclose(square.image[:, 2, 128], red, atol=0.2)  # control: the crop cut the head off
+    assert not torch.allclose(square.image[:, -3, 128], blue, atol=0.2)
+
+
+def test_the_summary_names_the_sizes_and_bad_aspect_values_are_refused(tmp_path):
+    save_rgb(tmp_path / "a.png", 96, 96)
+    assert load_dataset(tmp_path, resolution=128).summary() == "1 usable image"
+    save_rgb(tmp_path / "b.png", 80, 160, seed=1)
+    save_rgb(tmp_path / "c.png", 81, 160, seed=2)
+    data = load_dataset(tmp_path, resolution=128, multiple=32)
+    assert [tuple(s.image.shape[1:]) for s in data.samples] == [(128, 128), (160, 96), (160, 96)]
+    assert data.summary() == "3 usable images (1 at 128x128, 2 at 96x160)"
+    assert by_size([s.image for s in data.samples]) == {(128, 128): [0], (160, 96): [1, 2]}
+    with pytest.raises(ValueError, match="aspect must be one of buckets, square"):
+        load_dataset(tmp_path, aspect="wide")
 
 
 def test_rgba_alpha_becomes_the_mask_and_colour_is_composited_over_white(tmp_path):
@@ -396,5 +447,5 @@ def test_soft_mask_of_nothing_is_all_ones():
 
 
 def test_soft_mask_rejects_a_batch():
-    with pytest.raises(ValueError, match=r"\[R, R\]"):
+    with pytest.raises(ValueError, match=r"\[H, W\]"):
         soft_mask(torch.ones(2, 8, 8), 4)

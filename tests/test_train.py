@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 import perfusion
+from perfusion.dataset import soft_mask
 from perfusion.diffusion import q_sample, training_target
 from perfusion.hooks import Activation, attach
 from perfusion.train import NonFiniteError, TrainConfig, Trainer, TrainError
@@ -43,7 +47,7 @@ def eval_loss(adapter, trainer, concept) -> float:
     total = 0.0
     with torch.no_grad():
         for k in range(6):
-            x0, mask, prompts, t, noise = trainer._micro_batch(10_000, k)
+            x0, mask, prompts, t, noise, _ = trainer._micro_batch(10_000, k)
             context, _ = adapter.encode(prompts, {concept.token: concept.embedding})
             pred = adapter.apply_model(q_sample(x0, t, noise, adapter.alphas_cumprod), t, context)
             total += float((pred - training_target(x0, t, noise, adapter.alphas_cumprod, "v")).square().mean())
@@ -87,6 +91,44 @@ def test_loss_falls_and_only_the_concept_changes(world, tmp_path):
     )
     assert meta["ss_num_train_images"] == str(len(images)) and meta["ss_learning_rate"] == "0.3"
     assert meta["modelspec.resolution"] == f"{images.shape[-1]}x{images.shape[-1]}"
+    assert meta["ss_enable_bucket"] == "False"
+
+
+def test_buckets_put_one_size_in_each_micro_batch_and_condition_on_it(world, tmp_path, monkeypatch):
+    """Images of two sizes (aspect-ratio buckets): each keeps its own latents and mask grid, a micro-batch never
+    mixes sizes, both sizes are drawn, the text encoder hears the batch's size, the metadata lists the buckets."""
+    adapter, cov, images = world
+    tall = [F.interpolate(images[i : i + 1], size=(48, 16), mode="area")[0] for i in (1, 2)]  # 1:3 portraits
+    heard = []
+    encode = adapter.encode
+
+    def spy(prompts, words=None, size=None):
+        heard.append(size)
+        return encode(prompts, words, size)
+
+    monkeypatch.setattr(adapter, "encode", spy)
+    given = torch.zeros(48, 16)
+    given[:24] = 1  # the upper half
+    cfg = config(steps=2, batch_size=2, grad_accum=1)
+    trainer = Trainer(adapter, cov, cfg, [images[0], *tall], [None, given, "attention"], tmp_path, tmp_path / "b.sft")
+    assert [tuple(z.shape) for z in trainer.latents] == [(2, 4, 16, 16), (2, 4, 24, 8), (2, 4, 24, 8)]
+    assert torch.allclose(trainer.masks[1][0], soft_mask(given, (24, 8)))
+    assert trainer.masks[2][0].std() > 0.01  # the attention mask of a portrait, on its own grid
+    latent_of = {(32, 32): (16, 16), (16, 48): (24, 8)}
+    draws = [trainer._micro_batch(step, 0) for step in range(12)]
+    for x0, mask, _, _, _, size in draws:
+        assert tuple(x0.shape[-2:]) == tuple(mask.shape[-2:]) == latent_of[size]
+    assert {d[-1] for d in draws} == {(32, 32), (16, 48)}
+    heard.clear()
+    result = trainer.run()
+    # one size-free pass averages i_super over the templates; every training micro-batch names its size
+    assert heard[0] is None and heard[1:] and set(heard[1:]) <= {(32, 32), (16, 48)}
+    assert all(math.isfinite(v) for v in result.losses)
+    meta = result.concept.shared_metadata
+    assert meta["ss_enable_bucket"] == "True" and meta["modelspec.resolution"] == "32x32"
+    assert json.loads(meta["ss_bucket_info"]) == {
+        "buckets": {"0": {"resolution": [32, 32], "count": 1}, "1": {"resolution": [16, 48], "count": 2}}
+    }
 
 
 def test_keys_stay_locked_to_the_superclass(world, tmp_path):
@@ -211,8 +253,8 @@ def test_nan_stops_before_the_step_and_keeps_the_last_finite_files(world, tmp_pa
     poisoned = {"on": False}
     encode, apply_model = adapter.encode, adapter.apply_model
 
-    def nan_encode(prompts, words=None):
-        context, rows = encode(prompts, words)
+    def nan_encode(prompts, words=None, size=None):
+        context, rows = encode(prompts, words, size)
         return (context * float("nan") if poisoned["on"] and where == "text encoder" else context), rows
 
     def nan_apply(x, t, context):
@@ -259,7 +301,7 @@ def test_masked_loss_ignores_the_background(world, tmp_path):
     for m in masks:
         m[8:24, 8:24] = 1
     trainer = Trainer(adapter, cov, config(steps=1, flip=False), images, masks, tmp_path, tmp_path / "m.safetensors")
-    grid = trainer.masks[0, 0]
+    grid = trainer.masks[0][0]  # image 0, unflipped
     assert grid.shape == (16, 16) and grid.mean() == pytest.approx(1.0, abs=1e-4)
     assert grid[0, 0] < 0.2 < 1.0 < grid[8, 8]
 
@@ -287,7 +329,7 @@ def test_attention_masks_from_the_models_own_cross_attention(world, tmp_path):
     )
     from perfusion.dataset import soft_mask
 
-    assert torch.allclose(trainer.masks[0, 1], soft_mask(masks[1], (16, 16)))
+    assert torch.allclose(trainer.masks[1][0], soft_mask(masks[1], (16, 16)))
     with pytest.raises(TrainError, match="'attention' or None"):
         Trainer(adapter, cov, config(), images, "alpha", tmp_path, tmp_path / "a.safetensors")
 
@@ -413,7 +455,7 @@ def test_masks_mix_files_none_and_the_models_attention(world, tmp_path):
     trainer = Trainer(
         adapter, cov, config(flip=False), images, [given, None, "attention"], tmp_path, tmp_path / "m.safetensors"
     )
-    grid = trainer.masks[0]  # [N, h, w] loss weights on the latent grid
+    grid = torch.stack([m[0] for m in trainer.masks])  # [N, h, w] loss weights on the latent grids
     assert torch.allclose(grid[0], soft_mask(given, grid.shape[-2:]))
     assert torch.equal(grid[1], torch.ones_like(grid[1]))
     assert grid[2].std() > 0.01 and abs(grid[2].mean() - 1) < 1e-4  # a real mask, mean 1

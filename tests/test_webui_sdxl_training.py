@@ -1,6 +1,10 @@
 """Training on SDXL from the tab's logic, in the WebUI stand-in with an SDXL-shaped model (two text encoders,
 pooled vector into the U-Net)."""
 
+import base64
+import io
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,7 @@ from PIL import Image
 from webui_host_sdxl import load_sdxl_model
 
 from perfusion import load_concept
-from perfusion.webui import training
+from perfusion.webui import tab, training
 from perfusion.webui.adapter import WebUIAdapter
 from perfusion.webui.training import TrainForm
 
@@ -112,3 +116,31 @@ def test_the_tab_preview_samples_with_the_vector(env, sdxl):
     assert result.state == "done", result.message
     assert shared.state.current_image is not None and shared.state.current_image.size == (64, 64)
     assert sdxl.vectors[-1].shape[0] == 2  # the guided batch: cond and uncond vectors joined
+
+
+def test_a_portrait_trains_in_its_own_bucket_with_its_size_in_the_vector(env, sdxl):
+    """Aspect-ratio buckets on SDXL: a 1:4 photo keeps its shape (64x256 at resolution 128) and SDXL's size
+    conditioning of its micro-batches says 64x256, as kohya conditions on the bucket; the square one says 128."""
+    concepts, photos = env
+    rng = np.random.default_rng(2)
+    Image.fromarray((rng.random((280, 70, 3)) * 255).astype(np.uint8)).save(photos / "tall.png")
+    form = TrainForm(name="tall", token="hugsy", superclass="teddy", folder=str(photos), steps=4, batch_size=1,
+                     grad_accum=2, resolution=128, save_every=0, preview_every=0, mask_source="none",
+                     report_samples=0)  # fmt: skip
+    problems, dataset = training.check(form)
+    assert not problems and dataset.summary() == "3 usable images (2 at 128x128, 1 at 64x256)"
+    adapter = WebUIAdapter(sdxl, resolution=128)
+    expected = {size: adapter.encode(["x"], size=size)[0].vector[0, 1280:] for size in ((128, 128), (64, 256))}
+    assert not torch.allclose(expected[(128, 128)], expected[(64, 256)])
+    before = len(sdxl.vectors)
+    result = training.train(form)
+    assert result.state == "done", result.message
+    seen = [v[0, 1280:] for v in sdxl.vectors[before:]]
+    matched = [next((s for s, e in expected.items() if torch.allclose(v, e)), None) for v in seen]
+    assert None not in matched and set(matched) == {(128, 128), (64, 256)}
+    shown = {name: picture for name, _, picture in training.mask_previews(form, dataset)}
+    assert shown["tall.png"].size == (64, 256) and shown["bear0.png"].size == (128, 128)
+    thumbs = re.findall(r'base64,([^"]+)"', tab.gallery_html(list(training.mask_previews(form, dataset))))
+    assert [Image.open(io.BytesIO(base64.b64decode(t))).size for t in thumbs] == [(128, 128), (128, 128), (32, 128)]
+    square = training.check(TrainForm(**{**form.__dict__, "aspect": "square"}))[1]
+    assert square.summary() == "3 usable images"  # control: all centre-cropped to 128x128

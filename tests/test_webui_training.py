@@ -126,8 +126,8 @@ def test_nan_in_the_text_encoding_fails_with_what_to_change(env, monkeypatch, em
     concepts, photos = env
     encode = training.WebUIAdapter.encode
 
-    def nan_encode(self, prompts, words=None):
-        context, rows = encode(self, prompts, words)
+    def nan_encode(self, prompts, words=None, size=None):
+        context, rows = encode(self, prompts, words, size)
         return context * float("nan"), rows
 
     monkeypatch.setattr(training.WebUIAdapter, "encode", nan_encode)

@@ -87,19 +87,21 @@ class WebUIAdapter:
             for key, encoder in zip(keys, self.encoders)
         }
 
-    def _condition(self, prompts: list[str]) -> torch.Tensor:
-        """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: carrying its pooled vector [B, k])."""
+    def _condition(self, prompts: list[str], size: tuple[int, int]) -> torch.Tensor:
+        """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: carrying its pooled vector [B, k], whose
+        size conditioning says `size`, (width, height) px)."""
         if not self.sdxl:
             return self.sd_model.cond_stage_model(list(prompts))
         from modules.prompt_parser import SdConditioning
 
-        cond = self.sd_model.get_learned_conditioning(
-            SdConditioning(prompts, width=self.resolution, height=self.resolution)
-        )
+        cond = self.sd_model.get_learned_conditioning(SdConditioning(prompts, width=size[0], height=size[1]))
         return with_pooled(cond["crossattn"], cond["vector"])
 
     def encode(
-        self, prompts: list[str], words: Optional[Mapping[str, Optional[Embedding]]] = None
+        self,
+        prompts: list[str],
+        words: Optional[Mapping[str, Optional[Embedding]]] = None,
+        size: Optional[tuple[int, int]] = None,
     ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
         words = dict(words or {})
         replaced = []
@@ -109,7 +111,7 @@ class WebUIAdapter:
                     vec = emb[""] if set(emb) == {""} else dict(emb)
                     replaced += host.register_word(self.sd_model, word, vec, host.embedding_size(emb))
             with devices.autocast():  # as the WebUI trains: fp16 weights, fp32 concept tensors
-                context = self._condition(list(prompts))
+                context = self._condition(list(prompts), size or (self.resolution, self.resolution))
             rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
         finally:
             host.restore_words(self.sd_model, replaced)

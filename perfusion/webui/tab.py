@@ -16,7 +16,7 @@ from modules import devices
 
 from ..generate import generate
 from ..hooks import Activation
-from ..options import LR_SCHEDULES, METHODS, TRAIN_LOCKS
+from ..options import ASPECTS, LR_SCHEDULES, METHODS, TRAIN_LOCKS
 from . import host, training
 from .adapter import WebUIAdapter
 from .log import log
@@ -100,14 +100,16 @@ def check_only(*values: Any) -> str:
 
 
 def gallery_html(previews: list[tuple[str, str, Any]], side: int = 128) -> str:
-    """Thumbnails with captions as inline PNGs (the same HTML on Gradio 3 and 4)."""
+    """Thumbnails (the longer side `side` px, each photo's shape kept) with captions as inline PNGs (the same HTML
+    on Gradio 3 and 4)."""
     import base64
     import io
 
     figures = []
     for name, where, picture in previews:
         buffer = io.BytesIO()
-        picture.resize((side, side)).save(buffer, format="png")
+        scale = side / max(picture.size)
+        picture.resize((round(picture.width * scale), round(picture.height * scale))).save(buffer, format="png")
         data = base64.b64encode(buffer.getvalue()).decode("ascii")
         figures.append(
             f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
@@ -131,6 +133,9 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
             w["folder"] = gr.Textbox(label="Dataset folder (1-10 photos)", elem_id="perfusion_train_folder", scale=3)
             w["mask_source"] = gr.Dropdown(
                 list(MASK_SOURCES), value=d.mask_source, label="Masks (auto: files/alpha, else the model's attention)"
+            )
+            w["aspect"] = gr.Dropdown(
+                list(ASPECTS), value=d.aspect, label="Aspect (buckets: photos keep their shape; square: centre crop)"
             )
     with gr.Row():  # the run
         w["steps"] = gr.Number(value=d.steps, precision=0, label="Steps")

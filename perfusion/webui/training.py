@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from modules import devices
 
+from ..adapter import encode_by_size
 from ..concept import is_concept_file
 from ..corpus import prompt_corpus
 from ..covariance import adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
 from ..masks import fill_attention_masks
-from ..options import BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE, TRAIN_LOCKS
+from ..options import ASPECTS, BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE, TRAIN_LOCKS
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
@@ -66,6 +67,7 @@ class TrainForm:
     superclass: str = ""
     folder: str = ""
     mask_source: str = "auto"
+    aspect: str = "buckets"  # photos keep their aspect ratio (sizes of about resolution^2 px); square: centre-cropped
     templates_file: str = ""
     method: str = "perfusion"
     steps: int = TrainConfig.steps
@@ -190,6 +192,8 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append(f"training key lock {form.lock!r}: one of {', '.join(TRAIN_LOCKS)}")
     if form.mask_source not in MASK_SOURCES:
         problems.append(f"mask source {form.mask_source!r}: one of {', '.join(MASK_SOURCES)}")
+    if form.aspect not in ASPECTS:
+        problems.append(f"aspect {form.aspect!r}: one of {', '.join(ASPECTS)}")
     if form.existing not in EXISTING:
         problems.append(f"existing concept {form.existing!r}: one of {', '.join(EXISTING)}")
     problems += form_problems(form)
@@ -219,7 +223,10 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     try:
         mask = MASK_SOURCES.get(form.mask_source, "auto")
         dataset = load_dataset(
-            form.folder, resolution=form.resolution, mask_source="auto" if mask == "attention" else mask
+            form.folder,
+            resolution=form.resolution,
+            mask_source="auto" if mask == "attention" else mask,
+            aspect=form.aspect if form.aspect in ASPECTS else "buckets",
         )
     except (DatasetError, ValueError) as e:
         problems.append(str(e))
@@ -227,7 +234,7 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
 
 
 def planned_masks(form: TrainForm, dataset) -> list:
-    """Per usable image, the mask training uses: its file or alpha mask [R, R], "attention" (the paper's zero-shot
+    """Per usable image, the mask training uses: its file or alpha mask [H, W], "attention" (the paper's zero-shot
     mask: the model's own cross-attention on the superclass word; auto falls back to it), or None (unmasked)."""
     if form.mask_source == "none":
         return [None] * len(dataset.samples)
@@ -242,16 +249,15 @@ def mask_previews(form: TrainForm, dataset) -> list[tuple[str, str, Any]]:
 
     plan = planned_masks(form, dataset)
     masks = plan
-    if any(isinstance(m, str) for m in plan):  # the trainer's latents (all images, one batch) and seed
+    if any(isinstance(m, str) for m in plan):  # the trainer's latents (one batch per size) and seed
         adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
-        images = torch.stack([s.image for s in dataset.samples])
         with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
-            latents = adapter.encode_images(images.to(adapter.device)).float()
+            latents = encode_by_size(adapter, [s.image for s in dataset.samples])
         masks = fill_attention_masks(adapter, latents, plan, form.superclass.strip(), seed=config(form).seed)
     out = []
     for sample, mask, planned in zip(dataset.samples, masks, plan):
-        size = sample.image.shape[-1]
-        shown = torch.ones(1, 1, size, size) if mask is None else F.interpolate(mask.float().cpu()[None, None], size)
+        size = tuple(sample.image.shape[-2:])
+        shown = torch.ones(1, 1, *size) if mask is None else F.interpolate(mask.float().cpu()[None, None], size)
         pixels = (sample.image.float().cpu() + 1) / 2 * (0.25 + 0.75 * shown[0, 0])  # outside the mask: dimmed
         picture = Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
         if isinstance(planned, str):
@@ -361,9 +367,11 @@ def _train(form: TrainForm, dataset, preview) -> Status:
         return status
     state.job_count, state.job_no = cfg.steps, 0
     masks = planned_masks(form, dataset)
-    images = torch.stack([s.image for s in dataset.samples])
+    images = [s.image for s in dataset.samples]
     captions = [s.caption for s in dataset.samples]
-    trainer = Trainer(adapter, cov, cfg, images, masks, work_dir(form), concept_path(form), captions=captions)
+    trainer = Trainer(
+        adapter, cov, cfg, images, masks, work_dir(form), concept_path(form), captions, int(form.resolution)
+    )
     given, attention = (
         sum(torch.is_tensor(m) for m in masks),
         sum(m == "attention" for m in masks if isinstance(m, str)),
