@@ -1,5 +1,7 @@
 """The training tab's logic in the WebUI stand-in, on the tiny model: checks, a run, interrupt/resume, presets."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -416,3 +418,33 @@ def test_tensorboard_missing_says_how_to_install_and_training_goes_on(env, monke
     monkeypatch.setitem(shared.opts.data, "training_enable_tensorboard", True)
     assert training.train(form(photos)).state == "done"
     assert "pip install tensorboard" in capsys.readouterr().out
+
+
+def test_the_covariance_phase_says_how_long_it_will_take(env, monkeypatch):
+    """The first training on a model encodes the covariance corpus: its progress line says prompts done and the
+    time left, and the second run finds it cached (no covariance phase at all)."""
+    concepts, photos = env
+    lines = []
+    encode = training.cached_covariance
+
+    def watched(*a, progress, **kw):
+        def report(done, total):
+            progress(done, total)
+            lines.append(shared.state.textinfo)
+
+        return encode(*a, progress=report, **kw)
+
+    monkeypatch.setattr(training, "cached_covariance", watched)
+    assert training.train(form(photos, steps=1)).state == "done"
+    prefix = "Perfusion: text-encoding covariance (once per model and CLIP skip): "
+    assert re.fullmatch(re.escape(prefix) + r"64/128 prompts, about [1-9]\d* s left", lines[0])  # after a batch
+    assert lines[-1] == prefix + "128/128 prompts, about 0 s left" and len(lines) == 2
+    lines.clear()
+    assert training.train(form(photos, steps=1, name="again")).state == "done" and lines == []  # cached per model
+    assert [training.duration_words(s) for s in (0.2, 59, 61, 3599, 3661)] == [
+        "1 s",
+        "59 s",
+        "2 min",
+        "1 h 0 min",
+        "1 h 2 min",
+    ]

@@ -296,6 +296,15 @@ def config(form: TrainForm) -> TrainConfig:
     )
 
 
+def duration_words(seconds: float) -> str:
+    """E.g. '40 s', '3 min', '1 h 5 min' (rounded up to what a person plans with)."""
+    seconds = max(0, math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
 class CovarianceInterrupted(Exception):
     """Interrupt pressed while the covariance corpus is encoded (nothing saved yet)."""
 
@@ -345,7 +354,11 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     def covariance_progress(done: int, total: int) -> None:
         if state.interrupted:
             raise CovarianceInterrupted
-        state.textinfo = f"Perfusion: text-encoding covariance, {done}/{total} prompts (once per model and CLIP skip)"
+        left = (
+            f", about {duration_words((time.time() - state.time_start) * (total - done) / done)} left" if done else ""
+        )
+        status.message = f"text-encoding covariance (once per model and CLIP skip): {done}/{total} prompts{left}"
+        state.textinfo = f"Perfusion: {status.message}"
         state.job_count, state.job_no = total, done
 
     try:
