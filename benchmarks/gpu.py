@@ -156,15 +156,21 @@ def bench_train(name, unet, latent, d, dtype, device, rounds, clock, rows):
     return unet.cpu()
 
 
-def bench_concept(unet, text, resolution, steps, device, rows):
-    """The trainer's real step; a 4x space-to-depth mix stands in for the VAE (8x in full size)."""
+def bench_adapter(unet, text, resolution, device) -> LdmClipAdapter:
+    """The U-Net and text encoder as the trainer sees them; a space-to-depth mix (8x at 256 px and above, else 2x)
+    stands in for the VAE's encoder."""
     down = 8 if resolution >= 256 else 2
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(4, 3 * down * down, generator=g).to(device) / down
     encode = lambda im: torch.einsum("oc,bchw->bohw", mix, torch.nn.functional.pixel_unshuffle(im, down))  # noqa: E731
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    adapter = LdmClipAdapter(unet.to(device).float(), text.to(device), load_tokenizer(), torch.cumprod(1 - betas, 0),
-                             "eps", (encode, None), model_hash="bench")  # fmt: skip
+    return LdmClipAdapter(unet.to(device).float(), text.to(device), load_tokenizer(), torch.cumprod(1 - betas, 0),
+                          "eps", (encode, None), model_hash="bench")  # fmt: skip
+
+
+def bench_concept(unet, text, resolution, steps, device, rows):
+    """The trainer's real step at the tab's defaults, over `steps` steps, extrapolated to 400."""
+    adapter = bench_adapter(unet, text, resolution, device)
     cov = perfusion.build_covariance(adapter_encoder(adapter), prompt_corpus(256, seed=5), batch_size=64)
     images = torch.rand(4, 3, resolution, resolution) * 2 - 1
     cfg = TrainConfig(name="bench", token="hugsy", superclass="teddy", steps=steps, batch_size=1, grad_accum=4)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as _load_safetensors_bytes
 from safetensors.torch import save as _save_safetensors_bytes
 
-from .files import atomic_write, read_regular
+from .files import atomic_write, read_prefix, read_regular
 from .options import ARCHS, BETA, METHODS, TAU, TRAIN_BETA, TRAIN_LOCKS, TRAIN_TAU, Arch, Method, TrainLock
 
 FORMAT_VERSION = "1"
@@ -183,8 +183,9 @@ def save_concept(concept: Concept, path: str | os.PathLike, dtype: torch.dtype =
     return atomic_write(path, _save_safetensors_bytes(tensors, metadata=_metadata(concept, digest)))
 
 
-def _read_header(data: bytes, source: str) -> dict:
-    """Parse and bounds-check a safetensors header before any tensor is built."""
+def _read_header(data: bytes, source: str, file_size: int | None = None) -> dict:
+    """Parse and bounds-check a safetensors header before any tensor is built. `data` is the whole file, or
+    (with `file_size`) at least its first 8 + header-length bytes."""
 
     def fail(problem: str) -> ConceptError:
         return ConceptError(f"{source}: {problem}")
@@ -194,7 +195,8 @@ def _read_header(data: bytes, source: str) -> dict:
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES:
         raise fail(f"header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit (not a concept file?)")
-    if 8 + n > len(data):
+    size = len(data) if file_size is None else file_size
+    if 8 + n > min(len(data), size):
         raise fail("file is truncated (header runs past the end of the file)")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
@@ -202,7 +204,7 @@ def _read_header(data: bytes, source: str) -> dict:
         raise fail("not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise fail("not a safetensors file (header is not a JSON object)")
-    body = len(data) - 8 - n
+    body = size - 8 - n
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise fail("'__metadata__' must map text keys to text values")
@@ -221,18 +223,13 @@ def _read_header(data: bytes, source: str) -> dict:
         start, end = offsets
         if not (0 <= start <= end <= body):
             raise fail(f"file is truncated (tensor '{name}' runs past the end of the file)")
+        if end - start != math.prod(shape) * _DTYPES[info["dtype"]].itemsize:
+            raise fail(f"tensor '{name}': {end - start} bytes do not hold a {info['dtype']} tensor of shape {shape}")
     return header
 
 
-def load_concept(path: str | os.PathLike) -> Concept:
-    """Read and validate a concept file; any problem raises ConceptError naming the file."""
-    path = Path(path)
-    source = str(path)
-    try:
-        data = read_regular(path, MAX_FILE_BYTES)
-    except OSError as e:  # FileRefused says why (not a regular file, too large)
-        raise ConceptError(f"{source}: cannot read the file ({e.strerror or e})") from None
-    header = _read_header(data, source)
+def _concept_metadata(header: dict, source: str) -> dict[str, str]:
+    """The header's metadata once it is known to be a concept of this format version."""
     meta = header.get("__metadata__") or {}
     version = meta.get("perfusion_format")
     if version is None:
@@ -245,10 +242,12 @@ def load_concept(path: str | os.PathLike) -> Concept:
             f"{source}: concept format {version!r} is not supported (this version reads "
             f"format {FORMAT_VERSION}); update the extension"
         )
-    try:
-        tensors = _load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises its own error types for malformed bodies
-        raise ConceptError(f"{source}: unreadable tensor data ({e})") from None
+    return meta
+
+
+def _built(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Concept:
+    """The validated Concept of a file's tensors and metadata; any problem is a ConceptError naming the file."""
+    source = str(path)
     try:
         concept = _from_tensors(tensors, meta, source)
         concept.name = path.stem
@@ -259,6 +258,43 @@ def load_concept(path: str | os.PathLike) -> Concept:
         # a malformation no check above names; still this file's problem, never the caller's crash
         raise ConceptError(f"{source}: malformed concept ({type(e).__name__}: {e})") from None
     return concept
+
+
+def peek_concept(path: str | os.PathLike) -> Concept:
+    """The concept in `path` read from its header alone (8 bytes + the header, ~10 KB of a ~35 KB file): every
+    tensor on torch's meta device (shape and dtype, no values). Checked as load_concept checks a file, except
+    for the values themselves (finite, positive energy): what cards, the API and fit checks need."""
+    path = Path(path)
+    try:
+        head, size = read_prefix(path, MAX_FILE_BYTES, 8)
+        if len(head) == 8:  # then the header, whose length the first 8 bytes give (bounded: _read_header says why)
+            head, size = read_prefix(path, MAX_FILE_BYTES, 8 + min(struct.unpack("<Q", head)[0], MAX_HEADER_BYTES))
+    except OSError as e:
+        raise ConceptError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    header = _read_header(head, str(path), file_size=size)
+    meta = _concept_metadata(header, str(path))
+    tensors = {
+        name: torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta")
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    return _built(tensors, meta, path)
+
+
+def load_concept(path: str | os.PathLike) -> Concept:
+    """Read and validate a concept file; any problem raises ConceptError naming the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = read_regular(path, MAX_FILE_BYTES)
+    except OSError as e:  # FileRefused says why (not a regular file, too large)
+        raise ConceptError(f"{source}: cannot read the file ({e.strerror or e})") from None
+    meta = _concept_metadata(_read_header(data, source), source)
+    try:
+        tensors = _load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error types for malformed bodies
+        raise ConceptError(f"{source}: unreadable tensor data ({e})") from None
+    return _built(tensors, meta, path)
 
 
 def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> Concept:
@@ -376,11 +412,12 @@ def validate(concept: Concept, source: str = "concept") -> None:
     for layer, k in concept.keys.items():
         if k.shape != concept.values[layer].shape:
             raise fail(f"'k.{layer}' and 'v.{layer}' differ in shape")
-    for name, t in _tensors(concept).items():
-        if not torch.isfinite(t).all():
-            raise fail(f"tensor '{name}' holds NaN or Inf values")
-    if not float(concept.energy.reshape(())) > 0:
-        raise fail("energy must be positive")
+    if not concept.energy.is_meta:  # a header-only peek has shapes, no values
+        for name, t in _tensors(concept).items():
+            if not torch.isfinite(t).all():
+                raise fail(f"tensor '{name}' holds NaN or Inf values")
+        if not float(concept.energy.reshape(())) > 0:
+            raise fail("energy must be positive")
     if concept.lock not in TRAIN_LOCKS:
         raise fail(f"lock {concept.lock!r} is not one of {', '.join(TRAIN_LOCKS)}")
     for name in ("beta", "train_beta"):

@@ -17,6 +17,16 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes. Never blocks on a FIFO (opened non-blocking,
     checked with fstat before any read) and never reads past `limit` (a device such as /dev/zero behind a
     symlink, or a file that grows while read, is refused)."""
+    return _read(path, limit, None)[0]
+
+
+def read_prefix(path: str | os.PathLike, limit: int, nbytes: int) -> tuple[bytes, int]:
+    """(its first `nbytes` bytes, its size) of a regular file of at most `limit` bytes; refused as read_regular
+    refuses."""
+    return _read(path, limit, nbytes)
+
+
+def _read(path: str | os.PathLike, limit: int, nbytes: int | None) -> tuple[bytes, int]:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
         info = os.fstat(fd)
@@ -24,7 +34,7 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
             raise FileRefused(f"{path} is not a regular file")
         if info.st_size > limit:
             raise FileRefused(f"{path} is {info.st_size:,} bytes, more than the {limit:,}-byte limit")
-        chunks, left = [], limit + 1
+        chunks, left = [], limit + 1 if nbytes is None else min(nbytes, limit)
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
@@ -32,9 +42,11 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
             chunks.append(chunk)
             left -= len(chunk)
         data = b"".join(chunks)
+        if nbytes is not None:
+            return data, info.st_size
         if len(data) > limit:
             raise FileRefused(f"{path} grew past the {limit:,}-byte limit while it was read")
-        return data
+        return data, len(data)
     finally:
         os.close(fd)
 

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import perfusion
 from perfusion import ConceptError, load_concept, save_concept
+from perfusion.concept import peek_concept
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,38 @@ def test_bad_tensors_and_metadata(tmp_path, sd1, edit_tensors, edit_meta, messag
     with pytest.raises(ConceptError, match=message) as err:
         load_concept(bad)
     assert str(bad) in str(err.value)
+    if "NaN" in message:  # values: the header-only peek cannot see them (load, at generation, does)
+        assert peek_concept(bad).i_super.is_meta
+    else:
+        with pytest.raises(ConceptError, match=message):
+            peek_concept(bad)
+
+
+def test_peek_reads_the_header_only_and_matches_load(tmp_path, sd1, monkeypatch):
+    import perfusion.files
+
+    path = save_concept(sd1, tmp_path / "hugsy.safetensors")
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    read = []
+    real_read = perfusion.files.os.read
+
+    def counted(fd, size):
+        chunk = real_read(fd, size)
+        read.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(perfusion.files.os, "read", counted)
+    head = peek_concept(path)
+    assert sum(read) == 8 + 8 + n and 8 + n < path.stat().st_size / 2  # the length, then the header: no tensor data
+    read.clear()
+    full = load_concept(path)
+    assert sum(read) == path.stat().st_size  # control: load reads everything
+    assert all(t.is_meta for t in (head.i_star, head.a, head.energy, *head.values.values(), *head.embedding.values()))
+    for field in ("token", "superclass", "method", "arch", "context_dim", "clip_skip", "tau", "beta", "train_beta",
+                  "train_tau", "lock", "steps", "created", "base_model_hash", "covariance_hash", "name"):  # fmt: skip
+        assert getattr(head, field) == getattr(full, field), field
+    assert {k: v.shape for k, v in head.values.items()} == {k: v.shape for k, v in full.values.items()}
+    assert head.shared_metadata == full.shared_metadata
 
 
 def test_bad_files(tmp_path, sd1):
@@ -134,14 +167,24 @@ def test_bad_files(tmp_path, sd1):
         "oversized-header": struct.pack("<Q", 2**40) + good[8:],
         "header-not-json": struct.pack("<Q", 10) + b"not json!!" + b"\0" * 64,
     }
+    (n,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + n])
+    start, end = header["a"]["data_offsets"]
+    header["a"]["data_offsets"] = [start, end - 4]  # one float short of its [768] shape
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    cases["offsets-short-of-shape"] = struct.pack("<Q", len(raw)) + raw + good[8 + n :]
     for name, data in cases.items():
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(data)
-        with pytest.raises(ConceptError) as err:
-            load_concept(path)
-        assert str(path) in str(err.value), name
-    with pytest.raises(ConceptError, match="cannot read"):
-        load_concept(tmp_path / "missing.safetensors")
+        for read in (load_concept, peek_concept):
+            with pytest.raises(ConceptError) as err:
+                read(path)
+            assert str(path) in str(err.value), (name, read)
+    with pytest.raises(ConceptError, match="do not hold a F32 tensor of shape"):
+        peek_concept(tmp_path / "offsets-short-of-shape.safetensors")
+    for read in (load_concept, peek_concept):
+        with pytest.raises(ConceptError, match="cannot read"):
+            read(tmp_path / "missing.safetensors")
 
 
 def test_pickles_are_never_unpickled(tmp_path, sd1):

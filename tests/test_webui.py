@@ -1,5 +1,6 @@
 """The extension's generation side inside the WebUI stand-in (v1.10.1 call order), on the tiny model."""
 
+import hashlib
 import os
 import shutil
 
@@ -389,6 +390,31 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     p.prompt = "a photo of hugsy"
     with pytest.raises(ValueError, match="no <perfusion:NAME> tag"):
         options["concept"].confirm(p, ["Boxy"])
+
+
+def test_cards_read_headers_only_and_show_a_hash_once_known(folder, monkeypatch):
+    """A cards page of many concepts reads no file in full and hashes none (as Lora cards, which show the cached
+    hash only); a generation hashes the concept it uses, and its card then shows the hash."""
+    from modules import hashes
+
+    import perfusion.webui.library as library_module
+
+    host.make_concept(folder, name="cardonly")
+    loads, computed = [], []
+    real_load, real_sha256 = library_module.load_concept, hashes.sha256
+    monkeypatch.setattr(library_module, "load_concept", lambda path: loads.append(path) or real_load(path))
+    monkeypatch.setattr(hashes, "sha256", lambda *a, **kw: computed.append(a) or real_sha256(*a, **kw))
+    page = next(p for p in ui_extra_networks.extra_pages if p.title == "Perfusion")
+    page.refresh()
+    [item] = list(page.list_items())
+    assert loads == [] and computed == []
+    assert item["shorthash"] == "" and "sha256" not in item["metadata"] and "error" not in item["metadata"]
+    assert item["metadata"]["token"] == "hugsy" and item["metadata"]["layers"] == 7
+    host.txt2img("a photo of <perfusion:cardonly:0.15> hugsy")
+    assert len(loads) == 1 and len(computed) == 1  # the generation: the whole file, hashed once
+    [item] = list(page.list_items())
+    full = hashlib.sha256((folder / "cardonly.safetensors").read_bytes()).hexdigest()
+    assert item["shorthash"] == full[:12] and item["metadata"]["sha256"] == full and len(computed) == 1
 
 
 def test_hashes_come_from_the_webuis_cached_machinery(folder):

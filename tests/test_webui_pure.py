@@ -175,3 +175,26 @@ def test_cond_caches_are_cleared_in_place_on_every_host():
     p = namedtuple("P", "cached_c cached_uc cached_hr_c cached_hr_uc")(shared_two, shared_three, None, [1])
     host.clear_cond_caches(p)
     assert shared_two == [None, None] and shared_three == [None, None, None] and p.cached_hr_uc == [1]
+
+
+def test_a_lookup_during_a_rescan_sees_a_whole_listing(tmp_path, monkeypatch):
+    """The API's refresh runs on another thread than generations: a lookup in the middle of a rescan finds what
+    the last whole scan listed (it used to see an emptied listing and skip the concept)."""
+    from concepts import make_concept, random_covariance
+
+    import perfusion.webui.library as library_module
+    from perfusion import save_concept
+
+    save_concept(make_concept({"l.attn2": 8}, 16, random_covariance(16)), tmp_path / "hugsy.safetensors")
+    lib = Library([tmp_path])
+    seen = []
+    walk = library_module.os.walk
+
+    def walk_and_look(*a, **kw):
+        for step in walk(*a, **kw):
+            seen.append(lib.find("hugsy"))  # another thread's generation, mid-scan
+            yield step
+
+    monkeypatch.setattr(library_module.os, "walk", walk_and_look)
+    lib.refresh()
+    assert seen and all(e is not None and e.name == "hugsy" for e in seen)

@@ -146,13 +146,16 @@ def clip_skip() -> int:
 _preferences: dict[str, tuple[Optional[int], dict[str, float]]] = {}  # json path -> (its mtime, values)
 
 
-def file_sha256(path: Path, name: str) -> str:
+def file_sha256(path: Path, name: str, compute: bool = True) -> str:
     """A concept file's sha256 by the WebUI's own machinery (cached in its cache.json under
-    "perfusion/NAME", as Lora and textual inversion cache theirs); empty where the host has none."""
+    "perfusion/NAME", as Lora and textual inversion cache theirs); with compute False only from that cache;
+    empty where the host has none (or, without compute, has not hashed the file)."""
     try:
         from modules import hashes
     except ImportError:
         return ""
+    if not compute:
+        return hashes.sha256_from_cache(str(path), f"perfusion/{name}") or ""
     return hashes.sha256(str(path), f"perfusion/{name}") or ""
 
 

@@ -2,23 +2,27 @@
 
 A concept is `<folder>/**/NAME.safetensors` (the file stem is the tag's NAME); training checkpoints
 (`*.resume.safetensors`) and covariance caches are not concepts. Files are read only when asked for
-and cached by (size, mtime), so a retrained concept is picked up without a restart.
+and cached by (size, mtime), so a retrained concept is picked up without a restart: cards and listings
+read headers only (`peek`) and show a hash only once it is known; a generation loads the whole file and
+hashes it (once, cached by the host as Lora hashes are).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..concept import MAX_FILE_BYTES, Concept, ConceptError, is_concept_file, load_concept
+from ..concept import MAX_FILE_BYTES, Concept, ConceptError, is_concept_file, load_concept, peek_concept
 from ..files import is_regular, read_regular
 
-MAX_LOADED = 64  # concepts kept parsed (a prompt uses a few; the cards page walks them all once)
+MAX_LOADED = 64  # concepts kept loaded (a prompt uses a few)
+MAX_PEEKED = 4096  # header-only concepts kept (no tensor data: a few KB each), enough for every card of a big folder
 MAX_SCANNED = 20_000  # files looked at per refresh: a concepts folder set to "/" must not walk the whole disk
 
 
@@ -29,17 +33,30 @@ class Entry:
     name: str
     path: Path
     stamp: tuple[int, int]  # (size, mtime_ns)
-    hasher: Optional[Callable[[Path, str], str]] = field(default=None, repr=False)  # the host's cached sha256
+    # the host's sha256 (cached across restarts, as for Lora and embeddings): hasher(path, name, compute); with
+    # compute False it answers from its cache only ("" when the file was never hashed)
+    hasher: Optional[Callable[[Path, str, bool], str]] = field(default=None, repr=False)
     _hash: Optional[str] = field(default=None, repr=False)
 
     @property
+    def known_sha256(self) -> str:
+        """The file's sha256 when it is known without reading the file (hashed before, here or in the host's
+        cache), else "" (what cards show: hashing a thousand files would delay the page)."""
+        if self._hash is None and self.hasher is not None:
+            try:
+                self._hash = self.hasher(self.path, self.name, False) or None
+            except OSError:
+                pass
+        return self._hash or ""
+
+    @property
     def sha256(self) -> str:
-        """The file's sha256: the host's (cached across restarts, as for Lora and embeddings) when it has one."""
-        if self._hash is None:
+        """The file's sha256, computed when not known: the host's (cached across restarts) when it has one."""
+        if not self._hash:
             self._hash = ""
             try:
                 if self.hasher is not None and is_regular(self.path):
-                    self._hash = self.hasher(self.path, self.name) or ""
+                    self._hash = self.hasher(self.path, self.name, True) or ""
                 if not self._hash:
                     self._hash = hashlib.sha256(read_regular(self.path, MAX_FILE_BYTES)).hexdigest()
             except OSError:  # gone, replaced by a special file, or too large: no hash matches it
@@ -68,29 +85,34 @@ def _stamp(path: Path) -> tuple[int, int]:
 class Library:
     """Concept files under `folders` (searched recursively, first folder wins on a name clash)."""
 
-    def __init__(self, folders: list[Path], hasher: Optional[Callable[[Path, str], str]] = None):
+    def __init__(self, folders: list[Path], hasher: Optional[Callable[[Path, str, bool], str]] = None):
         self.folders = [Path(f) for f in folders]
         self.hasher = hasher
         self.entries: dict[str, Entry] = {}
         self.clashes: list[str] = []
         self._loaded: OrderedDict[Path, tuple[tuple[int, int], Concept]] = OrderedDict()  # least recent first
+        self._peeked: OrderedDict[Path, tuple[tuple[int, int], Concept]] = OrderedDict()
+        self._cache_lock = threading.Lock()  # the API's routes read concepts on other threads than generations
         self._folder_stamps: dict[str, Optional[int]] = {}  # every folder walked: its mtime at the last scan
         self.refresh()
 
     def refresh(self) -> None:
-        """Rescan the folders (hashes of unchanged files are kept)."""
+        """Rescan the folders (hashes of unchanged files are kept). The new listing replaces the old one whole at
+        the end: a generation that looks a concept up during a rescan (the API's refresh runs on another thread)
+        sees the old listing or the new one, never a half-built one."""
         old = {e.path: e for e in self.entries.values()}
-        self.entries, self.clashes = {}, []
-        self._folder_stamps = {}
+        entries: dict[str, Entry] = {}
+        clashes: list[str] = []
+        folder_stamps: dict[str, Optional[int]] = {}
         for folder in self.folders:
-            self._folder_stamps[str(folder)] = _folder_stamp(folder)
+            folder_stamps[str(folder)] = _folder_stamp(folder)
             if not folder.is_dir():
                 continue
             seen, scanned = set(), 0  # real paths of the folders walked: a symlink loop is walked once
             for root, dirs, files in os.walk(folder, followlinks=True):
                 scanned += len(files)
                 if scanned > MAX_SCANNED:
-                    self.clashes.append(
+                    clashes.append(
                         f"stopped looking for concepts after {MAX_SCANNED:,} files under {folder}: "
                         "is the concepts folder (Settings > Perfusion) the right one?"
                     )
@@ -100,29 +122,30 @@ class Library:
                     dirs[:] = []
                     continue
                 seen.add(real)
-                self._folder_stamps[root] = _folder_stamp(Path(root))
+                folder_stamps[root] = _folder_stamp(Path(root))
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for file in sorted(files):
                     if not is_concept_file(file):
                         continue
                     path = Path(root) / file
                     if not is_regular(path):  # a FIFO or device would hang whoever reads it
-                        self.clashes.append(f"{path} is not a regular file; skipped")
+                        clashes.append(f"{path} is not a regular file; skipped")
                         continue
                     try:
                         stamp = _stamp(path)
                     except OSError:
                         continue
                     name = file[: -len(".safetensors")]
-                    if name in self.entries:
-                        self.clashes.append(
-                            f"{path} has the same name as {self.entries[name].path}; rename one of them to use it"
+                    if name in entries:
+                        clashes.append(
+                            f"{path} has the same name as {entries[name].path}; rename one of them to use it"
                         )
                         continue
                     keep = old.get(path)
-                    self.entries[name] = (
+                    entries[name] = (
                         keep if keep is not None and keep.stamp == stamp else Entry(name, path, stamp, self.hasher)
                     )
+        self.entries, self.clashes, self._folder_stamps = entries, clashes, folder_stamps
 
     def find(self, name: str) -> Optional[Entry]:
         """The entry named `name` (exact, then case-insensitive); rescans once if it is unknown and a folder
@@ -150,20 +173,30 @@ class Library:
 
     def load(self, entry: Entry) -> Concept:
         """The concept in `entry`'s file (cached until the file changes); raises ConceptError."""
+        return self._read(entry, self._loaded, load_concept, MAX_LOADED)
+
+    def peek(self, entry: Entry) -> Concept:
+        """The concept in `entry`'s file from its header alone (tensors on the meta device: shapes, no values;
+        concept.peek_concept), cached until the file changes; raises ConceptError. For cards and fit checks."""
+        return self._read(entry, self._peeked, peek_concept, MAX_PEEKED)
+
+    def _read(self, entry: Entry, cache: OrderedDict, read: Callable[[Path], Concept], keep: int) -> Concept:
         try:
             stamp = _stamp(entry.path)
         except OSError as e:
             raise ConceptError(f"{entry.path}: cannot read ({e.strerror}); refresh the Perfusion cards") from None
-        cached = self._loaded.get(entry.path)
-        if cached is not None:
-            self._loaded.move_to_end(entry.path)
+        with self._cache_lock:
+            cached = cache.get(entry.path)
+            if cached is not None:
+                cache.move_to_end(entry.path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        concept = load_concept(entry.path)
+        concept = read(entry.path)
         concept.name = entry.name
         if stamp != entry.stamp:
             entry.stamp, entry._hash = stamp, None
-        self._loaded[entry.path] = (stamp, concept)
-        while len(self._loaded) > MAX_LOADED:  # a cards page of 1,000 concepts must not keep them all in memory
-            self._loaded.popitem(last=False)
+        with self._cache_lock:
+            cache[entry.path] = (stamp, concept)
+            while len(cache) > keep:  # least recently used first out: a big folder is not kept whole
+                cache.popitem(last=False)
         return concept

@@ -112,7 +112,7 @@ def problem_of(entry: Entry) -> Optional[str]:
     """Why the concept in `entry` cannot be used with the loaded model (file checks only while none is
     loaded); None when it can. What the cards and the API show before anyone generates."""
     try:
-        concept = library().load(entry)
+        concept = library().peek(entry)  # the header holds every shape the fit check reads
         model = host.sd_model()
         unet = host.diffusion_model(model)
         if unet is not None:

@@ -15,9 +15,10 @@ from .tags import format_tag
 
 
 def concept_metadata(entry) -> dict:
-    """What the card's metadata view shows (read from the file; an unusable file says why under "error")."""
+    """What the card's metadata view shows (read from the file's header; an unusable file says why under "error";
+    the sha256 once it is known)."""
     try:
-        c = library().load(entry)
+        c = library().peek(entry)
     except ConceptError as e:
         return {"error": str(e)}
     problem = network.problem_of(entry)
@@ -36,7 +37,7 @@ def concept_metadata(entry) -> dict:
         "trained gate": f"beta {c.train_beta:g}, tau {c.train_tau:g}",
         "suggested gate": f"beta {c.beta:g}, tau {c.tau:g}",
         "created": c.created,
-        "sha256": entry.sha256,
+        **({"sha256": entry.known_sha256} if entry.known_sha256 else {}),
     }
 
 
@@ -59,7 +60,7 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         prefs = host.card_preferences(entry.path)
         tau = prefs.get("tau")
         if tau is None:
-            tau = host.option("tau") if "error" in meta else library().load(entry).tau  # loaded: cached
+            tau = host.option("tau") if "error" in meta else library().peek(entry).tau  # peeked: cached
         token = meta.get("token", "")
         prompt = ui_extra_networks.quote_js(format_tag(entry.name, tau) + (f" {token}" if token else ""))
         description = self.find_description(path)
@@ -68,14 +69,14 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         item = {
             "name": entry.name,
             "filename": str(entry.path),
-            "shorthash": entry.shorthash,
+            "shorthash": entry.known_sha256[:12],
             "preview": self.find_preview(path),
             "description": description,
             "search_terms": [
                 self.search_terms_from_path(str(entry.path)),
                 token,
                 meta.get("superclass", ""),
-                entry.shorthash,
+                entry.known_sha256[:12],
             ]
             + (["unusable"] if "error" in meta else []),
             "local_preview": f"{path}.{host.webui_option('samples_format', 'png')}",
