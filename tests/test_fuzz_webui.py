@@ -210,6 +210,8 @@ WRONG_TYPES = [
     ("preview_beta", 9),
     ("steps", 10**9),
     ("existing", 1),
+    ("aspect", "wide"),
+    ("aspect", 1),
 ]
 
 
