@@ -43,31 +43,55 @@ def attention_masks(
     hooks.clear()
     n, _, h, w = latents.shape
     context, rows = adapter.encode([f"a photo of a {superclass}"] * n, {superclass: None})
-    row = rows[superclass][0][-1]
-    captured: dict[str, dict[str, torch.Tensor]] = {}
-    handles = []
-    for name, attn in hooks.layers.items():
-        store = captured.setdefault(name, {})
-        handles.append(attn.to_q.register_forward_hook(lambda m, a, y, s=store: s.__setitem__("q", y)))
-        handles.append(attn.to_k.register_forward_hook(lambda m, a, y, s=store: s.__setitem__("k", y)))
     try:
-        t = torch.full((n,), int(timestep_fraction * (adapter.alphas_cumprod.shape[0] - 1)), device=latents.device)
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
-        adapter.apply_model(q_sample(latents, t, noise, adapter.alphas_cumprod).to(context.dtype), t, context)
+        with QueryKeyCapture(hooks.layers) as captured:
+            t = torch.full((n,), int(timestep_fraction * (adapter.alphas_cumprod.shape[0] - 1)), device=latents.device)
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+            adapter.apply_model(q_sample(latents, t, noise, adapter.alphas_cumprod).to(context.dtype), t, context)
     finally:
-        for handle in handles:
-            handle.remove()
         hooks.activate(saved)
-    total = torch.zeros(n, h, w, device=latents.device)
-    for name, attn in hooks.layers.items():
-        q, k = captured[name]["q"].float(), captured[name]["k"].float()
-        heads = attn.heads
-        q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
-        k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]
-        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[..., row]  # [n, heads, hw]
-        side = int(round((probs.shape[-1] * w / h) ** 0.5))
-        grid = probs.mean(1).reshape(n, 1, probs.shape[-1] // side, side)
-        total += F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    lo = total.flatten(1).min(1).values[:, None, None]
-    hi = total.flatten(1).max(1).values[:, None, None]
-    return ((total - lo) / (hi - lo).clamp(min=1e-12)).cpu()
+    return min_max(captured.row_attention([rows[superclass][0][-1]] * n, (h, w))).cpu()
+
+
+class QueryKeyCapture:
+    """Within `with`, keeps what every cross-attention's to_q / to_k returned on the last forward (forward hooks,
+    so any attention implementation works)."""
+
+    def __init__(self, layers: dict):
+        self.layers, self.store, self._handles = layers, {name: {} for name in layers}, []
+
+    def __enter__(self) -> QueryKeyCapture:
+        for name, attn in self.layers.items():
+            store = self.store[name]
+            self._handles.append(attn.to_q.register_forward_hook(lambda m, a, y, s=store: s.__setitem__("q", y)))
+            self._handles.append(attn.to_k.register_forward_hook(lambda m, a, y, s=store: s.__setitem__("k", y)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def row_attention(self, rows: list[int], size: tuple[int, int]) -> torch.Tensor:
+        """[n, h, w]: per image of the captured batch, the attention its pixels pay to context row rows[i], averaged
+        over heads, resized to `size` (h, w) and summed over the layers."""
+        h, w = size
+        total = 0
+        for name, attn in self.layers.items():
+            q, k = self.store[name]["q"].float(), self.store[name]["k"].float()
+            n, heads = q.shape[0], attn.heads
+            q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
+            k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [n, heads, hw, rows]
+            probs = probs[torch.arange(n), :, :, torch.as_tensor(rows)].mean(1)  # [n, hw]
+            side = int(round((probs.shape[-1] * w / h) ** 0.5))
+            grid = probs.reshape(n, 1, probs.shape[-1] // side, side)
+            total = total + F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        return total
+
+
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """maps [n, h, w] scaled to [0, 1] per image."""
+    lo = maps.flatten(1).min(1).values[:, None, None]
+    hi = maps.flatten(1).max(1).values[:, None, None]
+    return (maps - lo) / (hi - lo).clamp(min=1e-12)
