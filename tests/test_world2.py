@@ -150,6 +150,11 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["instance"] for r in rows if "instance" in r} == {"boxy", "duo"}
     assert [r["group"] for r in rows if "group" in r and r["method"] == "base (words)"] == ["boxy + duo"]
+    assert [r["method"] for r in rows if r.get("group") == "boxy + duo"] == [
+        "base (words)",
+        "local approximate",
+        "local regional",
+    ]
     assert "key lock while training: hard" in (tmp_path / "out" / "results.md").read_text()
     assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").lock == "hard"
     assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").superclass == "ball"

@@ -37,6 +37,7 @@ from ...dataset import load_dataset
 from ...generate import generate
 from ...hooks import Activation
 from ...options import TRAIN_LOCKS
+from ...regional import Region, generate_regional
 from ...train import TrainConfig
 from .. import model as mini
 from ..demo import TEMPLATES, train_folder, world_covariance
@@ -168,6 +169,7 @@ class Mode:
     projection: str = "approximate"
     betas: tuple = (0.5, 0.6, 0.7, 0.8)
     edit: bool = True
+    regional: bool = False  # each concept from its own prompt inside its own region (perfusion.regional)
 
 
 MODES = (
@@ -180,6 +182,7 @@ GROUP_MODES = (
     Mode("local exact", projection="exact", betas=(0.7,)),
     Mode("global approximate", lock="global", betas=(0.5,)),
     Mode("global exact", lock="global", projection="exact", betas=(0.5,)),
+    Mode("local regional", betas=(0.6,), regional=True),
 )
 
 
@@ -203,6 +206,23 @@ def render(
         return from_tensor(generate(adapter, texts, [], words=words, **kw))
     items = [Activation(c, beta, c.tau, lock=mode.lock) for c in concepts]
     return from_tensor(generate(adapter, texts, items, projection=mode.projection, **kw))
+
+
+def render_regional(
+    adapter, prompts: list[Prompt], concepts: list[Concept], beta: float, seeds: int, steps: int, seed: int = 7
+) -> np.ndarray:
+    """Group prompts composed region by region: concept k's own prompt is 'a TOKEN at the PLACE on a BACKGROUND
+    background', its place and background the group prompt's."""
+    ps = [p for p in prompts for _ in range(seeds)]
+    regions = [
+        Region(
+            Activation(c, beta, c.tau),
+            [f"a {c.token} at the {p.places[p.objects.index(k)]} on a {p.asked['background']} background" for p in ps],
+        )
+        for k, c in enumerate(concepts)
+    ]
+    texts = [_fill(p.text, [c.token for c in concepts]) for p in ps]
+    return from_tensor(generate_regional(adapter, texts, regions, latent_shape=LATENT_SHAPE, seed=seed, steps=steps))
 
 
 def scores(images: np.ndarray, prompts: list[Prompt], looks: list[Thing], seeds: int) -> dict:
@@ -279,17 +299,13 @@ def benchmark(
         base = scores(said, prompts, looks, seeds)
         name = " + ".join(i.token for i in chosen)
         rows.append({"group": name, "method": "base (words)", **base})
-        for mode in GROUP_MODES[:1] if quick else GROUP_MODES:
-            images = render(
-                adapter,
-                [_fill(p.text, [i.token for i in chosen]) for p in prompts],
-                [concepts[k] for k in group],
-                mode,
-                mode.betas[0],
-                seeds,
-                steps,
-                seed=11,
-            )
+        for mode in (GROUP_MODES[0], GROUP_MODES[-1]) if quick else GROUP_MODES:
+            members = [concepts[k] for k in group]
+            if mode.regional:
+                images = render_regional(adapter, prompts, members, mode.betas[0], seeds, steps, seed=11)
+            else:
+                texts = [_fill(p.text, [i.token for i in chosen]) for p in prompts]
+                images = render(adapter, texts, members, mode, mode.betas[0], seeds, steps, seed=11)
             r = scores(images, prompts, looks, seeds)
             rows.append(
                 {
@@ -305,7 +321,7 @@ def benchmark(
                 f"(base words, every object as asked {base['all_words']:.2f})",
                 flush=True,
             )
-            if mode is GROUP_MODES[0]:
+            if mode in (GROUP_MODES[0], GROUP_MODES[-1]):
                 grids.append((f"{name}: {mode.name}", images[::seeds]))
     return rows, grids
 
