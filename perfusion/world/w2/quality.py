@@ -246,10 +246,16 @@ def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, progress=
 
 
 def benchmark(
-    adapter, instances: list[Instance], concepts: list[Concept], seeds: int, steps: int, quick: bool
+    adapter,
+    instances: list[Instance],
+    concepts: list[Concept],
+    seeds: int,
+    steps: int,
+    quick: bool,
+    groups_only: bool = False,
 ) -> tuple[list[dict], list]:
     rows, grids, rng = [], [], random.Random(0)
-    for inst, concept in zip(instances, concepts):
+    for inst, concept in [] if groups_only else zip(instances, concepts):
         other = other_object([inst.look], rng)
         prompts = single_prompts(other)
         looks = [inst.look]
@@ -384,6 +390,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/quality2"))
     p.add_argument("--train-lock", choices=TRAIN_LOCKS, default="local", help="the key lock concepts train with")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 training steps, 1 seed, 3 sampling steps")
+    p.add_argument("--groups-only", action="store_true", help="only the pairs and triples (no single-concept rows)")
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.seeds, a.sample_steps = 3, 1, 3
@@ -398,11 +405,14 @@ def main(argv=None) -> int:
     adapter = mini.load(a.weights)
     cov = world_covariance(adapter, a.out / "cache", captions=scenes_and_captions)
     concepts = [train_concept(adapter, cov, inst, a.steps, a.out, lock=a.train_lock) for inst in instances]
-    rows, grids = benchmark(adapter, instances, concepts, a.seeds, a.sample_steps, a.quick)
+    rows, grids = benchmark(adapter, instances, concepts, a.seeds, a.sample_steps, a.quick, a.groups_only)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(rows, indent=1))
     (a.out / "results.md").write_text(markdown(rows, a))
-    pareto_plot(mean_over_instances(rows), a.out / "pareto.png", ["base (superclass word)", *(m.name for m in MODES)])
+    if not a.groups_only:
+        pareto_plot(
+            mean_over_instances(rows), a.out / "pareto.png", ["base (superclass word)", *(m.name for m in MODES)]
+        )
     sample_grid(grids, a.out / "samples.png")
     print(f"wrote {a.out} in {time.monotonic() - started:.0f}s")
     return 0
