@@ -1,6 +1,6 @@
 """The main job on world 2: learn two instances (looks no caption can ask for) with Perfusion on the embedded
 mini model, then render a labelled contact sheet: the instances in new places, sizes and backgrounds, a beta
-sweep, and both in one prompt in every order and layout. Each image is labelled with what the identity reader
+sweep, and both in one prompt in every order and layout, applied together and composed region by region. Each image is labelled with what the identity reader
 (w2/analyze.py) sees: a check mark where the object is its instance.
 
     ./dev.sh demo [--steps N] [--out DIR] [--quick]
@@ -27,7 +27,7 @@ from ..scenes import from_tensor
 from .accuracy import LATENT_SHAPE, WEIGHTS
 from .analyze import is_instance, read, read_places
 from .examples import EXAMPLES, write_folder
-from .quality import Instance, group_prompts, train_concept
+from .quality import Instance, group_prompts, render_regional, train_concept
 from .scenes import Thing, scenes_and_captions
 
 DEMO = ("boxy", "duo")  # a blue box with a cyan lower half, a red ball with a yellow lower half
@@ -105,7 +105,13 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
         looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
         marks = " ".join(_mark(look, r) for look, r in zip(looks, readings))
         cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
-    rows.append((f"Two concepts in one prompt ({a} + {b}), every order and layout", cells))
+    rows.append((f"Two concepts applied together in one prompt ({a} + {b}), every order and layout", cells))
+    cells = []
+    for prompt, img in zip(prompts, render_regional(adapter, prompts, [ca, cb], BETA, 1, steps, seed=seed)):
+        looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
+        marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
+        cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
+    rows.append(("The same prompts composed region by region (perfusion.regional: each from its own prompt)", cells))
     return rows
 
 
