@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Adapter, concept_words
-from .diffusion import ddim_sample
+from .diffusion import ddim_sample, join_contexts
 from .hooks import Activation, attach
 from .masks import QueryKeyCapture, min_max
 
@@ -103,12 +103,12 @@ def generate_regional(
     rows = mask_rows(adapter, prompts, bases, regions)
     own = [adapter.encode(r.prompts, concept_words([r.item.concept]))[0] for r in regions]
     size = tuple(latent_shape[-2:])
-    running = [torch.zeros(n, *size) for _ in regions]
-    calls = [0]
+    # per region, the attention summed over the steps so far: min-max of the sum is min-max of the running mean
+    running = [torch.zeros(n, *size, device=adapter.device) for _ in regions]
 
     def guided(x, t, cond, items):
         hooks.activate(list(items))
-        both = adapter.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        both = adapter.apply_model(torch.cat([x, x]), torch.cat([t, t]), join_contexts(cond, uncond))
         c, u = both.chunk(2)
         return u + guidance * (c - u)
 
@@ -117,11 +117,10 @@ def generate_regional(
         hooks.clear()
         with QueryKeyCapture(hooks.layers) as captured:
             pred_base = guided(x, t, base, [])
-        calls[0] += 1
         masks = []
         for k in range(len(regions)):
-            running[k] += captured.row_attention(rows[k] + rows[k], size)[:n].cpu()
-            masks.append(min_max(running[k] / calls[0]).to(x.device))
+            running[k] += captured.row_attention(rows[k] + rows[k], size)[:n]
+            masks.append(min_max(running[k]))
         preds = [guided(x, t, cond, [r.item]) for cond, r in zip(own, regions)]
         return blend(pred_base, preds, masks)
 

@@ -52,7 +52,7 @@ class Entry:
     @property
     def sha256(self) -> str:
         """The file's sha256, computed when not known: the host's (cached across restarts) when it has one."""
-        if not self._hash:
+        if self._hash is None:
             self._hash = ""
             try:
                 if self.hasher is not None and is_regular(self.path):

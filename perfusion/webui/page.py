@@ -22,6 +22,7 @@ def concept_metadata(entry) -> dict:
     except ConceptError as e:
         return {"error": str(e)}
     problem = network.problem_of(entry)
+    known = entry.known_sha256
     return {
         **({"error": problem} if problem else {}),
         "token": c.token,
@@ -37,7 +38,7 @@ def concept_metadata(entry) -> dict:
         "trained gate": f"beta {c.train_beta:g}, tau {c.train_tau:g}",
         "suggested gate": f"beta {c.beta:g}, tau {c.tau:g}",
         "created": c.created,
-        **({"sha256": entry.known_sha256} if entry.known_sha256 else {}),
+        **({"sha256": known} if known else {}),
     }
 
 
@@ -66,17 +67,18 @@ class PerfusionPage(ui_extra_networks.ExtraNetworksPage):
         description = self.find_description(path)
         if "error" in meta:  # marked before anyone generates with it; the metadata view has the whole reason
             description = f"Unusable: {meta['error']}" + (f"\n{description}" if description else "")
+        shorthash = entry.known_sha256[:12]
         item = {
             "name": entry.name,
             "filename": str(entry.path),
-            "shorthash": entry.known_sha256[:12],
+            "shorthash": shorthash,
             "preview": self.find_preview(path),
             "description": description,
             "search_terms": [
                 self.search_terms_from_path(str(entry.path)),
                 token,
                 meta.get("superclass", ""),
-                entry.known_sha256[:12],
+                shorthash,
             ]
             + (["unusable"] if "error" in meta else []),
             "local_preview": f"{path}.{host.webui_option('samples_format', 'png')}",
