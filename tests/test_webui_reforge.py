@@ -62,7 +62,6 @@ def folder(reforge, tmp_path):
 
 def test_reforge_is_told_apart_from_forge(reforge):
     assert perfusion_host.kind() == "reforge" and not perfusion_host.forge_backend()
-    assert perfusion_host.training_unsupported() is None
 
 
 def test_the_word_is_registered_in_a1111s_database_and_the_gate_opens(folder):
@@ -85,15 +84,11 @@ def test_global_lock_under_inference_mode(folder):
     assert (torch.stack(list(glob.images)) - torch.stack(list(local.images))).abs().max() > 1e-4
 
 
-def test_the_training_tab_is_offered(reforge, monkeypatch):
-    gr = pytest.importorskip("gradio")
+def test_the_training_tab_is_offered(reforge):
+    pytest.importorskip("gradio")
     tabs = tab.create_tab()
     assert [t[1:] for t in tabs] == [("Perfusion", "perfusion_train")]
     assert "perfusion_train_check" in {b.elem_id for b in tabs[0][0].blocks.values() if hasattr(b, "elem_id")}
-    monkeypatch.setattr(perfusion_host, "kind", lambda: "neo")
-    unavailable = tab.create_tab()[0][0]
-    texts = [b.value for b in unavailable.blocks.values() if isinstance(b, gr.Markdown)]
-    assert any("not available here" in t and "Forge Neo" in t for t in texts)
 
 
 def test_taken_for_forge_the_word_would_be_lost_and_the_image_says_so(folder, monkeypatch):

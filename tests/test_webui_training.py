@@ -12,6 +12,7 @@ from PIL import Image
 from perfusion import load_concept
 from perfusion.webui import host as host_layer
 from perfusion.webui import tab, training
+from perfusion.webui.adapter import WebUIAdapter
 from perfusion.webui.training import TrainForm
 
 
@@ -126,13 +127,13 @@ def test_an_error_mid_run_leaves_the_status_failed(env, monkeypatch):
 @pytest.mark.parametrize("emphasis, hint", [("Original", "Emphasis mode to 'No norm'"), ("No norm", "--no-half")])
 def test_nan_in_the_text_encoding_fails_with_what_to_change(env, monkeypatch, emphasis, hint):
     concepts, photos = env
-    encode = training.WebUIAdapter.encode
+    encode = WebUIAdapter.encode
 
     def nan_encode(self, prompts, words=None, size=None):
         context, rows = encode(self, prompts, words, size)
         return context * float("nan"), rows
 
-    monkeypatch.setattr(training.WebUIAdapter, "encode", nan_encode)
+    monkeypatch.setattr(WebUIAdapter, "encode", nan_encode)
     monkeypatch.setitem(shared.opts.data, "emphasis", emphasis)
     result = training.train(form(photos))
     assert result.state == "failed" and "step 1: the text encoder" in result.message and hint in result.message

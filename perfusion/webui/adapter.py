@@ -147,3 +147,13 @@ class WebUIAdapter:
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.sd_model.decode_first_stage(latents)
+
+
+def adapter_for(sd_model: Any, resolution: int = 1024) -> WebUIAdapter:
+    """The training Adapter for the loaded model: over Forge's backend (Forge, Neo) or A1111's ldm/sgm (A1111,
+    reForge)."""
+    if host.forge_backend():
+        from .backend_adapter import BackendAdapter
+
+        return BackendAdapter(sd_model, resolution)
+    return WebUIAdapter(sd_model, resolution)

@@ -2,11 +2,11 @@
 Forge Neo. Which one runs is told once (`kind()`, from its packages, before any model loads); every function
 below that differs between them asks it.
 
-| kind | U-Net | textual-inversion vectors | training |
+| kind | U-Net | textual-inversion vectors | training through |
 |---|---|---|---|
-| a1111 | `sd_model.model.diffusion_model` (ldm/sgm) | `sd_hijack.model_hijack.embedding_db` | yes |
-| reforge | the same object as `forge_objects.unet.model.diffusion_model` (ldm_patched) | A1111's database | yes |
-| forge, neo | `forge_objects.unet.model.diffusion_model` (backend/) | each text engine's `.embeddings` | not yet |
+| a1111 | `sd_model.model.diffusion_model` (ldm/sgm) | `sd_hijack.model_hijack.embedding_db` | WebUIAdapter |
+| reforge | the same object as `forge_objects.unet.model.diffusion_model` (ldm_patched) | A1111's database | WebUIAdapter |
+| forge, neo | `forge_objects.unet.model.diffusion_model` (backend/) | each text engine's `.embeddings` | BackendAdapter |
 
 Every function takes the WebUI's own objects; `modules` is imported lazily so this module can be
 imported (and its pure helpers tested) without the WebUI.
@@ -50,16 +50,6 @@ def kind() -> HostKind:
 def forge_backend() -> bool:
     """The U-Net and text engines are Forge's `backend` (Forge, Neo), not A1111's (A1111, reForge)."""
     return kind() in ("forge", "neo")
-
-
-def training_unsupported() -> Optional[str]:
-    """Why this WebUI cannot train concepts (None where it can)."""
-    if forge_backend():
-        return (
-            f"training needs AUTOMATIC1111's WebUI or reForge; on {'Forge Neo' if kind() == 'neo' else 'Forge'} "
-            "concepts can be used, not trained (its backend keeps the model's weights as inference tensors)"
-        )
-    return None
 
 
 def diffusion_model(sd_model: Any) -> Optional[torch.nn.Module]:

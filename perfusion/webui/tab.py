@@ -18,8 +18,7 @@ from ..generate import generate
 from ..hooks import Activation
 from ..options import ASPECTS, LR_SCHEDULES, METHODS, TRAIN_LOCKS
 from . import host, training
-from .adapter import WebUIAdapter
-from .log import log
+from .adapter import adapter_for
 from .plot import loss_html
 from .training import MASK_SOURCES, TrainForm
 
@@ -37,7 +36,7 @@ def preview(form: TrainForm):
 
     def show(concept, step: int) -> Any:
         prompts = preview_prompts(form)
-        adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
+        adapter = adapter_for(host.sd_model(), int(form.resolution))
         with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
             images = generate(
                 adapter,
@@ -185,15 +184,8 @@ def form_widgets(gr: Any, d: TrainForm) -> dict[str, Any]:
 
 
 def create_tab():
-    """on_ui_tabs callback; where the WebUI cannot train (Forge, Neo) the tab says why."""
+    """on_ui_tabs callback (every host: A1111 and reForge on Gradio 3, Forge and Neo on Gradio 4)."""
     import gradio as gr
-
-    why = host.training_unsupported()
-    if why is not None:
-        log.warning(why)
-        with gr.Blocks(analytics_enabled=False) as tab:
-            gr.Markdown(f"**Perfusion training is not available here:** {why}.", elem_id="perfusion_train_unavailable")
-        return [(tab, "Perfusion", "perfusion_train")]
     from modules.call_queue import wrap_gradio_gpu_call, wrap_queued_call
 
     with gr.Blocks(analytics_enabled=False) as tab:
@@ -218,7 +210,7 @@ def create_tab():
         interrupt.click(fn=lambda: host.job_state().interrupt(), inputs=[], outputs=[])
         start.click(
             fn=wrap_gradio_gpu_call(run, extra_outputs=[""]),
-            _js="perfusion_start_training",
+            **{"_js" if gr.__version__.startswith("3.") else "js": "perfusion_start_training"},  # Gradio 4 renamed it
             inputs=[task_id, *form],
             outputs=[gallery, problems],
         )

@@ -32,7 +32,7 @@ from ..options import ASPECTS, BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU
 from ..report import overfitting_report
 from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
 from . import host
-from .adapter import WebUIAdapter
+from .adapter import adapter_for
 from .board import Board
 
 MASK_SOURCES = {"alpha": "alpha", "mask files": "files", "attention": "attention", "none": "none", "auto": "auto"}
@@ -202,7 +202,7 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
     else:
         try:
-            check_superclass(WebUIAdapter(model), form.superclass)
+            check_superclass(adapter_for(model), form.superclass)
         except (NotImplementedError, TrainError) as e:
             problems.append(str(e))
     if form.templates_file:
@@ -250,7 +250,7 @@ def mask_previews(form: TrainForm, dataset) -> list[tuple[str, str, Any]]:
     plan = planned_masks(form, dataset)
     masks = plan
     if any(isinstance(m, str) for m in plan):  # the trainer's latents (one batch per size) and seed
-        adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
+        adapter = adapter_for(host.sd_model(), int(form.resolution))
         with torch.no_grad(), host.vae_on(host.sd_model(), devices.device):
             latents = encode_by_size(adapter, [s.image for s in dataset.samples])
         masks = fill_attention_masks(adapter, latents, plan, form.superclass.strip(), seed=config(form).seed)
@@ -344,7 +344,7 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], Any]] = None) 
 
 def _train(form: TrainForm, dataset, preview) -> Status:
     global status
-    adapter = WebUIAdapter(host.sd_model(), int(form.resolution))
+    adapter = adapter_for(host.sd_model(), int(form.resolution))
     cfg = config(form)
     state = host.job_state()
     status = Status("training", form.name, 0, cfg.steps, message="text-encoding covariance (once per model)")

@@ -14,6 +14,7 @@ class EmbeddingDatabase:
         self.expected_shape = expected_shape
         self.ids_lookup = {}
         self.word_embeddings = {}
+        self.fixes = None  # set by the engine for the encoding under way, read (and cleared) by the token embedding
 
     def register_embedding_by_name(self, embedding, name):
         ids = self.tokenizer(name)
