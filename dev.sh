@@ -16,6 +16,17 @@ py="$venv/bin/python"
 cmd=${1:-help}; shift || true
 case "$cmd" in
   test)
+    # the training tab's browser test also runs on Gradio 4 (Forge, Neo), from its own pinned stack
+    g4=.venv-gradio4
+    g4stamp=$(sha256sum requirements-gradio4.txt | cut -c1-16)
+    if [ "$(cat "$g4/.stamp" 2>/dev/null)" != "$g4stamp" ]; then
+      echo "[dev] setting up $g4 (Gradio 4 for the tab's browser test)..." >&2
+      rm -rf "$g4"
+      "$py" -m pip install -q --disable-pip-version-check --target "$g4" -r requirements-gradio4.txt 2>&1 |
+        grep -v -e "dependency resolver" -e "requires .*, but you have" -e "which is not installed" >&2 || true
+      [ -d "$g4/gradio" ] || { echo "[dev] installing $g4 failed" >&2; exit 1; }
+      echo "$g4stamp" > "$g4/.stamp"
+    fi
     # lint and format first: a style slip fails here in seconds, not after the whole suite
     "$venv/bin/ruff" check --quiet . && "$venv/bin/ruff" format --check --quiet . || {
       echo "[dev] ruff found problems: run '$venv/bin/ruff check --fix . && $venv/bin/ruff format .'" >&2; exit 1; }

@@ -1,7 +1,10 @@
 """The Perfusion training tab served standalone: the WebUI stand-in with the tiny model, started the way
 webui.py starts the UI (scripts injected into gradio's page, create_ui, queue, launch, progress route).
 
-    PYTHONPATH=. .venv/bin/python tests/tab_server.py [PORT]   # then open http://127.0.0.1:PORT
+    PYTHONPATH=. .venv/bin/python tests/tab_server.py [PORT [CONCEPTS_DIR [COVARIANCE_PROMPTS]]]
+    PYTHONPATH=.venv-gradio4:. .venv/bin/python tests/tab_server.py ...   # on Gradio 4 (Forge, Neo)
+
+then open http://127.0.0.1:PORT.
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ def launch(port: int = 0):
 
 
 if __name__ == "__main__":
-    demo, url = launch(int(sys.argv[1]) if len(sys.argv) > 1 else 7870)
-    print(f"serving the Perfusion tab at {url}", flush=True)
+    from modules import shared
+
+    port, concepts, prompts = (sys.argv[1:] + [None] * 3)[:3]
+    if concepts:
+        shared.opts.data["perfusion_dir"] = concepts
+    if prompts:
+        shared.opts.data["perfusion_covariance_prompts"] = int(prompts)
+    import gradio
+
+    demo, url = launch(int(port or 7870))
+    print(f"serving the Perfusion tab on gradio {gradio.__version__} at {url}", flush=True)
     demo.block_thread()

@@ -1,10 +1,15 @@
-"""The training tab in a real browser: served standalone by the WebUI stand-in (gradio 3.41.2, the WebUI's
-version) and driven in headless Chromium (Debian's /usr/bin/chromium, or PERFUSION_CHROMIUM).
-PERFUSION_SCREENSHOT=path saves the finished tab there (docs/images/training-tab-standin.png)."""
+"""The training tab in a real browser, on both Gradio versions the hosts run: served standalone by the WebUI
+stand-in on gradio 3.41.2 (A1111, reForge; in this process) and on gradio 4.40.0 (Forge, Neo; a tab server
+started with .venv-gradio4, which dev.sh installs, first on its path), driven in headless Chromium (Debian's
+/usr/bin/chromium, or PERFUSION_CHROMIUM). PERFUSION_SCREENSHOT=path saves the finished tab there
+(docs/images/training-tab-standin.png; Gradio 4: the same name with -gradio4)."""
 
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ if not os.path.exists(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM} in CI (.ci/run installs Debian's chromium)", pytrace=False)
     pytest.skip(f"no Chromium at {CHROMIUM} (apt install chromium, or set PERFUSION_CHROMIUM)", allow_module_level=True)
 
+GRADIO4 = Path(__file__).resolve().parent.parent / ".venv-gradio4"
 import tab_server  # noqa: E402
 import webui_host as host  # noqa: E402
 from modules import errors, shared  # noqa: E402
@@ -25,28 +31,61 @@ from modules import errors, shared  # noqa: E402
 from perfusion import load_concept  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tab")
+def serve_gradio4(root: Path):
+    """The tab server on Gradio 4 in its own process; returns (process, url, log path)."""
+    if not (GRADIO4 / "gradio").is_dir():
+        message = f"no Gradio 4 stack at {GRADIO4} (./dev.sh test installs it from requirements-gradio4.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    log = root / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(GRADIO4), str(GRADIO4.parent)])}
+    command = [sys.executable, tab_server.__file__, str(tab_server.free_port()), str(root / "concepts"), "128"]
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while "serving the Perfusion tab on gradio 4." not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the Gradio 4 tab server did not start:\n{log.read_text()[-3000:]}", pytrace=False)
+        time.sleep(0.2)
+    return process, log.read_text().split(" at ")[-1].strip(), log
+
+
+@pytest.fixture(scope="module", params=["gradio3", "gradio4"])
+def served(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
     photos = root / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
     for k in range(3):
         Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(photos / f"bear{k}.png")
     (photos / "notes.png").write_bytes(b"not an image")
-    shared.opts.data["perfusion_dir"] = str(root / "concepts")
-    shared.opts.data["perfusion_covariance_prompts"] = 128
-    demo, url = tab_server.launch()
+    if request.param == "gradio3":
+        shared.opts.data["perfusion_dir"] = str(root / "concepts")
+        shared.opts.data["perfusion_covariance_prompts"] = 128
+        demo, url = tab_server.launch()
+        server_errors = lambda: errors.exception_records  # noqa: E731
+    else:
+        process, url, log = serve_gradio4(root)
+        server_errors = lambda: [line for line in log.read_text().splitlines() if "Traceback" in line]  # noqa: E731
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url, wait_until="networkidle")
-        yield page, root, photos
+        page_errors = []
+        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        page.goto(url, wait_until="load")
+        page.locator("#tab_perfusion_train").wait_for(state="attached", timeout=60000)
+        yield page, root, photos, server_errors
         browser.close()
-    demo.close()
-    host.unload_extension()
-    shared.opts.data.pop("perfusion_dir", None)
-    shared.opts.data.pop("perfusion_covariance_prompts", None)
+        assert page_errors == []
+    if request.param == "gradio3":
+        demo.close()
+        host.unload_extension()
+        shared.opts.data.pop("perfusion_dir", None)
+        shared.opts.data.pop("perfusion_covariance_prompts", None)
+    else:
+        process.kill()
+        process.wait()
 
 
 def fill(page, form: dict) -> None:
@@ -59,7 +98,7 @@ def fill(page, form: dict) -> None:
 
 
 def test_check_reports_problems_then_a_ready_dataset(served):
-    page, _, photos = served
+    page, _, photos, _ = served
     fill(page, {"name": "hugsy", "token": "hugsy", "superclass": "teddy bear", "folder": str(photos)})
     page.click("#perfusion_train_check")
     problems = page.locator("#perfusion_train_error").first  # gradio 3 repeats an HTML's elem_id inside
@@ -75,7 +114,7 @@ def test_check_reports_problems_then_a_ready_dataset(served):
 
 
 def test_train_shows_progress_previews_and_the_finished_concept(served):
-    page, root, photos = served
+    page, root, photos, server_errors = served
     fill(
         page,
         {
@@ -116,8 +155,8 @@ def test_train_shows_progress_previews_and_the_finished_concept(served):
     progress_text.get_by_text("Finished step 6").wait_for(timeout=30000)
     concept = load_concept(root / "concepts" / "hugsy.safetensors")
     assert concept.steps == 6 and concept.superclass == "teddy"
-    assert errors.exception_records == []
+    assert server_errors() == []
     shot = os.environ.get("PERFUSION_SCREENSHOT")
     page.screenshot(path=str(root / "tab.png"), full_page=True)
     if shot:
-        shutil.copy(root / "tab.png", shot)
+        shutil.copy(root / "tab.png", shot if "gradio3" in root.name else shot.replace(".png", "-gradio4.png"))
