@@ -16,6 +16,7 @@ from PIL import Image
 from tiny import tiny_adapter
 
 from perfusion import load_concept
+from perfusion.diffusion import pooled
 from perfusion.webui import host as perfusion_host
 from perfusion.webui import tab, training
 from perfusion.webui.adapter import adapter_for
@@ -221,3 +222,44 @@ def test_a_quantized_unet_is_named_by_check(neo, photos, monkeypatch):
     assert any("quantized storage" in p and "ParameterGGUF" in p for p in problems), problems
     monkeypatch.undo()
     assert not any("quantized" in p for p in training.check(form(photos))[0])
+
+
+@pytest.fixture
+def neo_xl(neo):
+    """Neo with an SDXL-shaped model (the A1111 SDXL stand-in's encoders and U-Net, built as Neo builds them)."""
+    from backend.diffusion_engine.sdxl import StableDiffusionXL
+    from webui_host_sdxl import SIZE_FEATURES, TinySDXLModel
+
+    parts = TinySDXLModel(seed=4)
+    clip_l, clip_g = (e.encoder for e in parts.conditioner.embedders)
+    shared.sd_model = StableDiffusionXL(clip_l, clip_g, parts.model.diffusion_model, parts.adapter, SIZE_FEATURES)
+    yield shared.sd_model
+    shared.sd_model = neo
+
+
+def test_sdxl_both_halves_learn_and_the_size_conditioning_reaches_the_unet(neo_xl):
+    adapter = adapter_for(neo_xl, 64)
+    assert adapter.arch == "sdxl" and adapter.prediction == "eps"
+    start = adapter.word_embedding("teddy")
+    assert {k: tuple(v.shape) for k, v in start.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
+    emb = {k: (v + 0.1).requires_grad_(True) for k, v in start.items()}
+    context, rows = adapter.encode(["a photo of hugsy"], {"hugsy": emb}, size=(64, 128))
+    vector = pooled(context)
+    assert context.shape[-1] == 2048 and rows["hugsy"] == [[4]] and vector.shape == (1, 1280 + 48)
+    other, _ = adapter.encode(["a photo of hugsy"], {"hugsy": emb}, size=(128, 64))
+    assert not torch.equal(vector[:, 1280:], pooled(other)[:, 1280:]) and torch.equal(
+        vector[:, :1280], pooled(other)[:, :1280]
+    )
+    x, t, _ = inputs(adapter)
+    out = adapter.apply_model(x[:1], t[:1], context)
+    out.square().mean().backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in emb.values())
+    with torch.no_grad():  # the vector is the U-Net's y: another size, another prediction
+        assert (adapter.apply_model(x[:1], t[:1], other) - out).abs().max() > 1e-5
+
+
+def test_sdxl_trains_on_neo(neo_xl, photos):
+    result = training.train(form(photos, name="xlbear", token="xlbear", preview_every=0, report_samples=0))
+    assert result.state == "done", result.message
+    concept = load_concept(result.concept)
+    assert concept.arch == "sdxl" and set(concept.embedding) == {"clip_l", "clip_g"} and concept.steps == 4

@@ -22,14 +22,19 @@ class ForgeObjects:
 
 
 class CLIPTextModel(torch.nn.Module):
-    """transformers 4's layout (`.text_model.embeddings`; Neo pins 4.56) over whichever is installed (5 flattens it)."""
+    """transformers 4's layout (`.text_model.embeddings`; Neo pins 4.56) over whichever is installed (5 flattens
+    CLIPTextModel)."""
 
     def __init__(self, model):
         super().__init__()
-        self.text_model = getattr(model, "text_model", model)
+        self.model = model
+
+    @property
+    def text_model(self):
+        return getattr(self.model, "text_model", self.model)
 
     def forward(self, input_ids, **kwargs):
-        return self.text_model(input_ids, **kwargs)
+        return self.model(input_ids=input_ids, **kwargs)
 
 
 class IntegratedCLIP(torch.nn.Module):

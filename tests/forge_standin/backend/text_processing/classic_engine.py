@@ -43,8 +43,19 @@ class CLIPEmbeddingForTextualInversion(torch.nn.Module):
 
 
 class ClassicTextProcessingEngine:
-    def __init__(self, text_encoder, tokenizer, embedding_key="clip_l", embedding_expected_shape=768, clip_skip=1):
+    def __init__(
+        self,
+        text_encoder,
+        tokenizer,
+        embedding_key="clip_l",
+        embedding_expected_shape=768,
+        minimal_clip_skip=1,
+        clip_skip=1,
+        return_pooled=False,
+        final_layer_norm=True,
+    ):
         self.tokenizer = tokenizer
+        self.minimal_clip_skip, self.return_pooled, self.final_layer_norm = minimal_clip_skip, return_pooled, final_layer_norm
         self.embeddings = EmbeddingDatabase(lambda text: self.tokenize([text])[0], embedding_expected_shape)
         self.embedding_key = embedding_key
         self.text_encoder = text_encoder
@@ -86,17 +97,21 @@ class ClassicTextProcessingEngine:
 
     def __call__(self, texts):
         batch = [self.tokenize_line(t)[0] for t in texts]
-        used, zs = {}, []
+        used, zs, pooled = {}, [], None
         for i in range(max(len(chunks) for chunks in batch)):
             chunk = [chunks[min(i, len(chunks) - 1)] for chunks in batch]
             self.embeddings.fixes = [c.fixes for c in chunk]
             used.update({fix.embedding.name: fix.embedding for c in chunk for fix in c.fixes})
             tokens = torch.tensor([c.tokens for c in chunk])
             out = self.text_encoder.transformer(tokens, output_hidden_states=True)
-            z = out.hidden_states[-max(self.clip_skip, 1)]
-            zs.append(self.text_encoder.transformer.text_model.final_layer_norm(z))
+            z = out.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
+            if self.final_layer_norm:
+                z = self.text_encoder.transformer.text_model.final_layer_norm(z)
+            if pooled is None and self.return_pooled:
+                pooled = out.text_embeds  # the projected EOS row of the first chunk
+            zs.append(z)
         if used:
             names = ", ".join(used)
             record = last_extra_generation_params
             record["TI"] = f"{record['TI']}, {names}" if "TI" in record else names
-        return torch.hstack(zs)
+        return (torch.hstack(zs), pooled) if self.return_pooled else torch.hstack(zs)
