@@ -55,7 +55,11 @@ class ClassicTextProcessingEngine:
         final_layer_norm=True,
     ):
         self.tokenizer = tokenizer
-        self.minimal_clip_skip, self.return_pooled, self.final_layer_norm = minimal_clip_skip, return_pooled, final_layer_norm
+        self.minimal_clip_skip, self.return_pooled, self.final_layer_norm = (
+            minimal_clip_skip,
+            return_pooled,
+            final_layer_norm,
+        )
         self.embeddings = EmbeddingDatabase(lambda text: self.tokenize([text])[0], embedding_expected_shape)
         self.embedding_key = embedding_key
         self.text_encoder = text_encoder
