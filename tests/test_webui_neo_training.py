@@ -263,3 +263,19 @@ def test_sdxl_trains_on_neo(neo_xl, photos):
     assert result.state == "done", result.message
     concept = load_concept(result.concept)
     assert concept.arch == "sdxl" and set(concept.embedding) == {"clip_l", "clip_g"} and concept.steps == 4
+
+
+def test_forge_trains_through_the_same_adapter(neo, photos, monkeypatch):
+    """lllyasviel's Forge (main @ dfdcbab6) has the same backend objects: told apart from Neo by its version, it
+    gets BackendAdapter and trains."""
+    from modules_forge import forge_version
+
+    monkeypatch.setattr(forge_version, "version", "f2.0.1v1.10.1-previous-669-gdfdcbab6")
+    perfusion_host.kind.cache_clear()
+    try:
+        assert perfusion_host.kind() == "forge" and isinstance(adapter_for(neo, 64), BackendAdapter)
+        result = training.train(form(photos, name="forgebear", steps=2, preview_every=0, report_samples=0))
+        assert result.state == "done" and load_concept(result.concept).steps == 2
+    finally:
+        monkeypatch.undo()
+        perfusion_host.kind.cache_clear()
