@@ -187,6 +187,50 @@ def test_differentiable_attention_replaces_only_functions_without_a_backward(neo
         assert unet.attention_function is chosen
 
 
+def test_with_sageattention_chosen_the_gradient_still_reaches_the_keys_and_values(neo, monkeypatch):
+    from backend import attention
+    from backend.nn import unet
+
+    monkeypatch.setattr(unet, "attention_function", attention.attention_sage)
+    adapter = BackendAdapter(neo, 64)
+    make_trainable([unet_of(neo)])
+    x, t, context = inputs(adapter)
+    context.requires_grad_(True)
+    with copies_into_norms(unet_of(neo)), pytest.raises(RuntimeError, match="does not require grad"):
+        # the control: with the backend's own choice nothing leads back to the context
+        unet_of(neo)(x, t.float(), context=context).square().mean().backward()
+    adapter.apply_model(x, t, context).square().mean().backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.01), (torch.bfloat16, 0.05)])
+def test_a_half_precision_unet_trains_close_to_fp32(neo, dtype, tolerance):
+    """Forge and Neo compute in fp16/bf16 on a GPU: the step's prediction and the gradient reaching the context
+    stay close to fp32's (relative to their largest value) and finite. The loss is scaled as the trainer's
+    GradScaler scales it for fp16 weights (its gradients would otherwise sit near fp16's smallest numbers)."""
+    adapter = BackendAdapter(neo, 64)
+    x, t, context = inputs(adapter, seed=2)
+
+    def step():
+        c = context.clone().requires_grad_(True)
+        out = adapter.apply_model(x, t, c)
+        (out.square().mean() * 2.0**16).backward()
+        return out.detach(), c.grad / 2.0**16
+
+    want, want_grad = step()
+    kmodel = neo.forge_objects.unet.model
+    unet_of(neo).to(dtype)
+    unet_of(neo).dtype = kmodel.computation_dtype = adapter.dtype = dtype
+    try:
+        got, grad = step()
+    finally:
+        unet_of(neo).float()
+        unet_of(neo).dtype = kmodel.computation_dtype = torch.float32
+    assert got.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert (got - want).abs().max() < tolerance * want.abs().max()
+    assert (grad - want_grad).abs().max() < 2 * tolerance * want_grad.abs().max()
+
+
 def form(photos, **kw) -> TrainForm:
     base = dict(name="neobear", token="neobear", superclass="teddy", folder=str(photos), steps=4, batch_size=2)
     base.update(grad_accum=1, resolution=64, save_every=2, preview_every=2, report_samples=2)
