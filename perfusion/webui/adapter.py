@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Optional
 
 import torch
@@ -87,6 +88,9 @@ class WebUIAdapter:
             for key, encoder in zip(keys, self.encoders)
         }
 
+    def _autocast(self) -> AbstractContextManager:
+        return devices.autocast()  # as the WebUI trains: fp16 weights, fp32 concept tensors
+
     def _condition(self, prompts: list[str], size: tuple[int, int]) -> torch.Tensor:
         """The WebUI's conditioning of `prompts`: rows [B, N, d] (SDXL: carrying its pooled vector [B, k], whose
         size conditioning says `size`, (width, height) px)."""
@@ -110,7 +114,7 @@ class WebUIAdapter:
                 if emb is not None:  # the tensors themselves (not copies): gradients reach them
                     vec = emb[""] if set(emb) == {""} else dict(emb)
                     replaced += host.register_word(self.sd_model, word, vec, host.embedding_size(emb))
-            with devices.autocast():  # as the WebUI trains: fp16 weights, fp32 concept tensors
+            with self._autocast():
                 context = self._condition(list(prompts), size or (self.resolution, self.resolution))
             rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
         finally:

@@ -18,8 +18,8 @@ What that backend does for inference and training must undo, each in one place h
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any, Optional
 
 import torch
@@ -158,34 +158,24 @@ class BackendAdapter(WebUIAdapter):
                 out[key] = table(ids).float().clone()
         return out
 
-    def encode(
-        self,
-        prompts: list[str],
-        words: Optional[Mapping[str, Optional[Embedding]]] = None,
-        size: Optional[tuple[int, int]] = None,
-    ) -> tuple[torch.Tensor, dict[str, list[list[int]]]]:
+    def _autocast(self) -> AbstractContextManager:
+        return nullcontext()  # the backend casts to its computation dtype itself
+
+    def _condition(self, prompts: list[str], size: tuple[int, int]) -> torch.Tensor:
+        """The text engines' conditioning of `prompts` (registered words included) with gradients: rows [B, N, d]
+        (SDXL: carrying the pooled vector [B, k] whose size conditioning says `size`, (width, height) px)."""
         from backend.text_processing import classic_engine
         from modules.prompt_parser import SdConditioning
 
-        words = dict(words or {})
         self._ready(self.sd_model.forge_objects.clip.patcher, self.encoders)
         record = dict(classic_engine.last_extra_generation_params)  # the engine notes each word it used ("TI")
-        replaced = []
         try:
-            for word, emb in words.items():
-                if emb is not None:  # the tensors themselves (not copies): gradients reach them
-                    vec = emb[""] if set(emb) == {""} else dict(emb)
-                    replaced += host.register_word(self.sd_model, word, vec, host.embedding_size(emb))
-            width, height = size or (self.resolution, self.resolution)
             learned = type(self.sd_model).get_learned_conditioning.__wrapped__  # without its inference_mode
-            cond = learned(self.sd_model, SdConditioning(list(prompts), width=width, height=height))
-            rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
+            cond = learned(self.sd_model, SdConditioning(prompts, width=size[0], height=size[1]))
         finally:
-            host.restore_words(self.sd_model, replaced)
             classic_engine.last_extra_generation_params.clear()
             classic_engine.last_extra_generation_params.update(record)
-        context = with_pooled(cond["crossattn"], cond["vector"]) if self.sdxl else cond
-        return context, rows
+        return with_pooled(cond["crossattn"], cond["vector"]) if self.sdxl else cond
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self._ready(self.sd_model.forge_objects.unet, [self.diffusion_model])

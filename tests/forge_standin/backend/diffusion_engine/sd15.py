@@ -49,33 +49,20 @@ class VAE:
         self.first_stage_model = torch.nn.Linear(1, 1)  # where the VAE's weights would live (vae_on moves it)
 
 
-class StableDiffusion:
-    def __init__(self, adapter):
-        prediction = "v_prediction" if adapter.prediction == "v" else "epsilon"
-        neo_blocks(adapter.diffusion_model)
-        unet = UnetPatcher(KModel(adapter.diffusion_model, Prediction(adapter.alphas_cumprod, prediction)))
-        clip = CLIP({"clip_l": IntegratedCLIP(adapter.text_encoder)})
-        self.text_processing_engine = ClassicTextProcessingEngine(
-            clip.cond_stage_model.clip_l, adapter.tokenizer, embedding_expected_shape=adapter.context_dim
-        )
-        self.forge_objects = ForgeObjects(unet, clip, VAE(*adapter.first_stage))
+class ForgeDiffusionEngine:
+    """backend/diffusion_engine/base.py with what each engine repeats: the VAE entry points under
+    inference_mode and the loads its loader makes (so the weights start as inference tensors)."""
+
+    def __init__(self, unet, clip, vae, model_hash):
+        self.forge_objects = ForgeObjects(unet, clip, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
-        self.is_sd1, self.is_sdxl = True, False
-        self.sd_model_hash = "neo00000"
+        self.sd_model_hash = model_hash
         memory_management.load_model_gpu(unet)
         memory_management.load_model_gpu(clip.patcher)
 
     @property
     def first_stage_model(self):
         return self.forge_objects.vae.first_stage_model
-
-    def set_clip_skip(self, clip_skip):
-        self.text_processing_engine.clip_skip = clip_skip
-
-    @torch.inference_mode()
-    def get_learned_conditioning(self, prompt):
-        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
-        return self.text_processing_engine(prompt)
 
     @torch.inference_mode()
     def encode_first_stage(self, x):
@@ -87,3 +74,24 @@ class StableDiffusion:
 
     def get_first_stage_encoding(self, x):
         return x
+
+
+class StableDiffusion(ForgeDiffusionEngine):
+    def __init__(self, adapter):
+        prediction = "v_prediction" if adapter.prediction == "v" else "epsilon"
+        neo_blocks(adapter.diffusion_model)
+        unet = UnetPatcher(KModel(adapter.diffusion_model, Prediction(adapter.alphas_cumprod, prediction)))
+        clip = CLIP({"clip_l": IntegratedCLIP(adapter.text_encoder)})
+        self.text_processing_engine = ClassicTextProcessingEngine(
+            clip.cond_stage_model.clip_l, adapter.tokenizer, embedding_expected_shape=adapter.context_dim
+        )
+        super().__init__(unet, clip, VAE(*adapter.first_stage), "neo00000")
+        self.is_sd1, self.is_sdxl = True, False
+
+    def set_clip_skip(self, clip_skip):
+        self.text_processing_engine.clip_skip = clip_skip
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompt):
+        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
+        return self.text_processing_engine(prompt)

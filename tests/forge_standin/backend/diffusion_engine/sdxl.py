@@ -7,7 +7,7 @@ import torch
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
 from backend import memory_management
-from backend.diffusion_engine.sd15 import VAE, ForgeObjects, IntegratedCLIP
+from backend.diffusion_engine.sd15 import VAE, ForgeDiffusionEngine, IntegratedCLIP
 from backend.modules.k_model import KModel, Prediction
 from backend.nn.unet import neo_blocks
 from backend.patcher.clip import CLIP
@@ -15,7 +15,7 @@ from backend.patcher.unet import UnetPatcher
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 
 
-class StableDiffusionXL:
+class StableDiffusionXL(ForgeDiffusionEngine):
     def __init__(self, clip_l, clip_g, unet, adapter, size_features: int):
         neo_blocks(unet)
         self.size_features = size_features
@@ -28,16 +28,8 @@ class StableDiffusionXL:
         self.text_processing_engine_g = ClassicTextProcessingEngine(
             clip.cond_stage_model.clip_g, adapter.tokenizer, "clip_g", return_pooled=True, **engine
         )
-        self.forge_objects = ForgeObjects(patcher, clip, VAE(*adapter.first_stage))
-        self.forge_objects_original = self.forge_objects.shallow_copy()
+        super().__init__(patcher, clip, VAE(*adapter.first_stage), "neoxl000")
         self.is_sd1, self.is_sdxl = False, True
-        self.sd_model_hash = "neoxl000"
-        memory_management.load_model_gpu(patcher)
-        memory_management.load_model_gpu(clip.patcher)
-
-    @property
-    def first_stage_model(self):
-        return self.forge_objects.vae.first_stage_model
 
     def set_clip_skip(self, clip_skip):
         self.text_processing_engine_l.clip_skip = clip_skip
@@ -53,14 +45,3 @@ class StableDiffusionXL:
         sizes = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
         flat = timestep_embedding(sizes, self.size_features).flatten()[None].repeat(pooled.shape[0], 1)
         return {"crossattn": torch.cat([cond_l, cond_g], dim=2), "vector": torch.cat([pooled, flat.to(pooled)], 1)}
-
-    @torch.inference_mode()
-    def encode_first_stage(self, x):
-        return self.forge_objects.vae.encode(x)
-
-    @torch.inference_mode()
-    def decode_first_stage(self, x):
-        return self.forge_objects.vae.decode(x)
-
-    def get_first_stage_encoding(self, x):
-        return x
