@@ -8,6 +8,8 @@ pays to the superclass word's context row. Queries and keys are read with forwar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,7 @@ def attention_masks(
             adapter.apply_model(q_sample(latents, t, noise, adapter.alphas_cumprod).to(context.dtype), t, context)
     finally:
         hooks.activate(saved)
-    return min_max(captured.row_attention([rows[superclass][0][-1]] * n, (h, w))).cpu()
+    return min_max(captured.row_attention([[rows[superclass][0][-1]] * n], (h, w))[0]).cpu()
 
 
 class QueryKeyCapture:
@@ -72,21 +74,24 @@ class QueryKeyCapture:
             handle.remove()
         self._handles = []
 
-    def row_attention(self, rows: list[int], size: tuple[int, int]) -> torch.Tensor:
-        """[n, h, w]: per image of the captured batch, the attention its pixels pay to context row rows[i], averaged
-        over heads, resized to `size` (h, w) and summed over the layers."""
+    def row_attention(self, rows: Sequence[Sequence[int]], size: tuple[int, int]) -> torch.Tensor:
+        """[m, n, h, w]: for each of the m lists rows[j] (a context row per image of the first n = len(rows[j])
+        images of the captured batch), the attention each image's pixels pay to its row, averaged over heads,
+        resized to `size` (h, w) and summed over the layers. One softmax per layer serves all m lists."""
         h, w = size
+        index = torch.as_tensor(rows)  # [m, n]
+        m, n = index.shape
         total = 0
         for name, attn in self.layers.items():
-            q, k = self.store[name]["q"].float(), self.store[name]["k"].float()
-            n, heads = q.shape[0], attn.heads
+            q, k = self.store[name]["q"][:n].float(), self.store[name]["k"][:n].float()
+            heads = attn.heads
             q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
             k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]
             probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [n, heads, hw, rows]
-            probs = probs[torch.arange(n), :, :, torch.as_tensor(rows)].mean(1)  # [n, hw]
-            side = int(round((probs.shape[-1] * w / h) ** 0.5))
-            grid = probs.reshape(n, 1, probs.shape[-1] // side, side)
-            total = total + F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            picked = probs.permute(0, 3, 1, 2)[torch.arange(n)[None], index.to(probs.device)].mean(2)  # [m, n, hw]
+            side = int(round((picked.shape[-1] * w / h) ** 0.5))
+            grid = picked.reshape(m * n, 1, picked.shape[-1] // side, side)
+            total = total + F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).reshape(m, n, h, w)
         return total
 
 

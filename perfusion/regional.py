@@ -103,8 +103,8 @@ def generate_regional(
     rows = mask_rows(adapter, prompts, bases, regions)
     own = [adapter.encode(r.prompts, concept_words([r.item.concept]))[0] for r in regions]
     size = tuple(latent_shape[-2:])
-    # per region, the attention summed over the steps so far: min-max of the sum is min-max of the running mean
-    running = [torch.zeros(n, *size, device=adapter.device) for _ in regions]
+    # [regions, n, h, w]: the attention summed over the steps so far (min-max of the sum is min-max of the mean)
+    running = torch.zeros(len(regions), n, *size, device=adapter.device)
 
     def guided(x, t, cond, items):
         hooks.activate(list(items))
@@ -117,10 +117,8 @@ def generate_regional(
         hooks.clear()
         with QueryKeyCapture(hooks.layers) as captured:
             pred_base = guided(x, t, base, [])
-        masks = []
-        for k in range(len(regions)):
-            running[k] += captured.row_attention(rows[k] + rows[k], size)[:n]
-            masks.append(min_max(running[k]))
+        running.add_(captured.row_attention(rows, size))  # the conditional half of the batch
+        masks = [min_max(r) for r in running]
         preds = [guided(x, t, cond, [r.item]) for cond, r in zip(own, regions)]
         return blend(pred_base, preds, masks)
 
