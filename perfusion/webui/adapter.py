@@ -50,9 +50,13 @@ class WebUIAdapter:
         self.diffusion_model = host.diffusion_model(sd_model)
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().double().cpu()
         self.prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+        self._describe()
+
+    def _describe(self) -> None:
+        """context_dim, arch and model_hash, read from the U-Net found and the WebUI's model."""
         self.context_dim = next(iter(find_cross_attention(self.diffusion_model).values())).to_k.in_features
         self.arch = "sdxl" if self.sdxl else {768: "sd1", 1024: "sd2"}.get(self.context_dim, "other")
-        self.model_hash = str(getattr(sd_model, "sd_model_hash", "") or "")
+        self.model_hash = str(getattr(self.sd_model, "sd_model_hash", "") or "")
 
     @property
     def encoder_hash(self) -> str:

@@ -26,7 +26,6 @@ import torch
 
 from ..adapter import Embedding
 from ..diffusion import pooled, with_pooled
-from ..hooks import find_cross_attention
 from ..train import TrainError
 from . import host
 from .adapter import SDXL_ENCODERS, WebUIAdapter
@@ -117,8 +116,7 @@ class BackendAdapter(WebUIAdapter):
         if len(self.engines) != (2 if self.sdxl else 1):
             raise TrainError("this model's text engines are not SD1's one or SDXL's clip_l and clip_g")
         self.encoders = [e.text_encoder for e in self.engines]
-        objects = sd_model.forge_objects
-        self.kmodel = objects.unet.model
+        self.kmodel = sd_model.forge_objects.unet.model
         self.diffusion_model = self.kmodel.diffusion_model
         quantized = quantized_storage([self.diffusion_model, *self.encoders])
         if quantized:
@@ -130,9 +128,7 @@ class BackendAdapter(WebUIAdapter):
         self.alphas_cumprod = predictor.alphas_cumprod.detach().double().cpu()
         self.prediction = "v" if predictor.prediction_type == "v_prediction" else "eps"
         self.dtype = self.kmodel.computation_dtype
-        self.context_dim = next(iter(find_cross_attention(self.diffusion_model).values())).to_k.in_features
-        self.arch = "sdxl" if self.sdxl else {768: "sd1"}.get(self.context_dim, "other")
-        self.model_hash = str(getattr(sd_model, "sd_model_hash", "") or "")
+        self._describe()
         sd_model.set_clip_skip(host.clip_skip())  # a generation sets it; training may come first
 
     @property
