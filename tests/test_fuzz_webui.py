@@ -158,14 +158,6 @@ def test_a_file_as_concepts_folder(world, tmp_path):
     shared.opts.data.pop("perfusion_dir")
 
 
-def _photos(folder, n=3):
-    folder.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    for k in range(n):
-        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(folder / f"bear{k}.png")
-    return folder
-
-
 def _form(photos, **kw) -> dict:
     base = dict(
         name="hugsy",
@@ -216,7 +208,7 @@ WRONG_TYPES = [
 
 
 def test_every_wrong_field_type_or_range_is_one_422_before_anything_starts(folder, tmp_path):
-    photos = _photos(tmp_path / "photos")
+    photos = host.write_photos(tmp_path / "photos")
     api = client()
     for field, value in WRONG_TYPES:
         body = {**_form(photos), field: value}
@@ -240,7 +232,7 @@ def test_every_wrong_field_type_or_range_is_one_422_before_anything_starts(folde
 def test_a_second_request_while_one_is_queued_gets_409(folder, tmp_path):
     from modules.call_queue import queue_lock
 
-    photos = _photos(tmp_path / "photos")
+    photos = host.write_photos(tmp_path / "photos")
     api = client()
     with queue_lock:  # as during a generation: the first run waits in the queue
         first = api.post("/perfusion/v1/train", json=_form(photos))
@@ -274,7 +266,7 @@ def test_a_second_request_while_one_is_queued_gets_409(folder, tmp_path):
     ],
 )
 def test_names_the_library_would_hide_or_mangle_are_refused(folder, tmp_path, name):
-    problems, _ = training.check(TrainForm(**_form(_photos(tmp_path / "photos"), name=name)))
+    problems, _ = training.check(TrainForm(**_form(host.write_photos(tmp_path / "photos"), name=name)))
     assert any("name" in p for p in problems), problems
 
 
@@ -286,14 +278,16 @@ def test_error_messages_do_not_list_other_folders(folder, tmp_path):
     problems, _ = training.check(TrainForm(**_form(etc)))
     text = "\n".join(problems)
     assert "secret00.conf" in text and "secret39.conf" not in text and "and 35 more" in text
-    missing = training.check(TrainForm(**_form(_photos(tmp_path / "p"), templates_file="/nonexistent/t.txt")))[0]
-    folder_file = training.check(TrainForm(**_form(_photos(tmp_path / "p"), templates_file=str(tmp_path))))[0]
+    missing = training.check(
+        TrainForm(**_form(host.write_photos(tmp_path / "p"), templates_file="/nonexistent/t.txt"))
+    )[0]
+    folder_file = training.check(TrainForm(**_form(host.write_photos(tmp_path / "p"), templates_file=str(tmp_path))))[0]
     strip = lambda ps, path: [p.replace(path, "PATH") for p in ps if "templates" in p]  # noqa: E731
     assert strip(missing, "/nonexistent/t.txt") == strip(folder_file, str(tmp_path))  # the same words either way
 
 
 def test_training_folder_attacks(folder, tmp_path):
-    photos = _photos(tmp_path / "photos")
+    photos = host.write_photos(tmp_path / "photos")
     os.mkfifo(photos / "pipe.png")
     os.symlink("/dev/zero", photos / "zero.png")
     os.symlink(photos / "loop.png", photos / "loop.png")
@@ -366,7 +360,7 @@ def test_templates_file_that_is_not_a_small_text_file(folder, tmp_path, kind):
         path.mkdir()
     else:
         path.write_text("a photo of [name]\n" * 20_000)
-    problems, _ = training.check(TrainForm(**_form(_photos(tmp_path / "photos"), templates_file=str(path))))
+    problems, _ = training.check(TrainForm(**_form(host.write_photos(tmp_path / "photos"), templates_file=str(path))))
     assert any("templates" in p and "cannot read it" in p for p in problems), problems
 
 

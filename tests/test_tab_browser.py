@@ -11,9 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -54,11 +52,7 @@ def serve_gradio4(root: Path):
 @pytest.fixture(scope="module", params=["gradio3", "gradio4"])
 def served(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(photos / f"bear{k}.png")
+    photos = host.write_photos(root / "photos")
     (photos / "notes.png").write_bytes(b"not an image")
     if request.param == "gradio3":
         shared.opts.data["perfusion_dir"] = str(root / "concepts")

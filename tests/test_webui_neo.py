@@ -4,8 +4,6 @@ tests/test_webui_neo_training.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,31 +15,23 @@ from perfusion.webui import host as perfusion_host
 from perfusion.webui import tab
 from perfusion.webui.state import runtime
 
-STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge_standin")
-
 
 @pytest.fixture(scope="module")
 def neo():
-    sys.path.insert(0, STANDIN)
-    perfusion_host.kind.cache_clear()
-    from backend.text_processing.textual_inversion import EmbeddingDatabase
+    with host.forge_standin():
+        from backend.text_processing.textual_inversion import EmbeddingDatabase
 
-    host.load_extension()
-    model = host.load_model()
-    unet = model.model.diffusion_model
-    model.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)))
-    engine_db = EmbeddingDatabase(model.adapter._ids, expected_shape=model.adapter.context_dim)
-    model.text_processing_engine = SimpleNamespace(embeddings=engine_db)
-    model.cond_stage_model.database = lambda: engine_db  # Neo conditions through its engine's database only
-    yield model, engine_db
-    model.cond_stage_model.database = lambda: sd_hijack.model_hijack.embedding_db
-    del model.forge_objects, model.text_processing_engine
-    host.unload_extension()
-    sys.path.remove(STANDIN)
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("backend", "modules_forge"):
-            del sys.modules[name]
-    perfusion_host.kind.cache_clear()
+        host.load_extension()
+        model = host.load_model()
+        unet = model.model.diffusion_model
+        model.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)))
+        engine_db = EmbeddingDatabase(model.adapter._ids, expected_shape=model.adapter.context_dim)
+        model.text_processing_engine = SimpleNamespace(embeddings=engine_db)
+        model.cond_stage_model.database = lambda: engine_db  # Neo conditions through its engine's database only
+        yield model, engine_db
+        model.cond_stage_model.database = lambda: sd_hijack.model_hijack.embedding_db
+        del model.forge_objects, model.text_processing_engine
+        host.unload_extension()
 
 
 @pytest.fixture

@@ -4,15 +4,10 @@ KModel returning x0), trained through BackendAdapter and the tab's own training 
 
 from __future__ import annotations
 
-import os
-import sys
-
-import numpy as np
 import pytest
 import torch
 import webui_host as host
 from modules import errors, shared
-from PIL import Image
 from tiny import tiny_adapter
 
 from perfusion import load_concept
@@ -28,37 +23,25 @@ from perfusion.webui.backend_adapter import (
 )
 from perfusion.webui.training import TrainForm
 
-STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge_standin")
-
 
 @pytest.fixture(scope="module")
 def neo():
-    sys.path.insert(0, STANDIN)
-    perfusion_host.kind.cache_clear()
-    host.load_extension()
-    host.load_model()
-    from backend.diffusion_engine.sd15 import StableDiffusion
+    with host.forge_standin():
+        host.load_extension()
+        host.load_model()
+        from backend.diffusion_engine.sd15 import StableDiffusion
 
-    was = shared.sd_model
-    shared.sd_model = StableDiffusion(tiny_adapter(seed=3))
-    yield shared.sd_model
-    shared.sd_model = was
-    host.unload_extension()
-    sys.path.remove(STANDIN)
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("backend", "modules_forge"):
-            del sys.modules[name]
-    perfusion_host.kind.cache_clear()
+        was = shared.sd_model
+        shared.sd_model = StableDiffusion(tiny_adapter(seed=3))
+        yield shared.sd_model
+        shared.sd_model = was
+        host.unload_extension()
 
 
 @pytest.fixture
 def photos(neo, tmp_path):
     host.reset()
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(folder / f"bear{k}.png")
+    folder = host.write_photos(tmp_path / "photos")
     shared.opts.data["perfusion_dir"] = str(tmp_path / "concepts")
     shared.opts.data["perfusion_covariance_prompts"] = 128
     yield folder

@@ -30,11 +30,7 @@ def sdxl():
 @pytest.fixture
 def env(sdxl, tmp_path):
     host.reset()
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(1)
-    for k in range(2):
-        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(photos / f"bear{k}.png")
+    photos = host.write_photos(tmp_path / "photos", count=2, seed=1)
     shared.opts.data["perfusion_dir"] = str(tmp_path / "concepts")
     shared.opts.data["perfusion_covariance_prompts"] = 64
     yield tmp_path / "concepts", photos

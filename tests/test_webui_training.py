@@ -27,12 +27,7 @@ def webui():
 @pytest.fixture
 def env(webui, tmp_path, monkeypatch):
     host.reset()
-    concepts, photos = tmp_path / "concepts", tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        pixels = (rng.random((72, 72, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(photos / f"bear{k}.png")
+    concepts, photos = tmp_path / "concepts", host.write_photos(tmp_path / "photos")
     shared.opts.data["perfusion_dir"] = str(concepts)
     shared.opts.data["perfusion_covariance_prompts"] = 128
     shared.state.interrupted = False

@@ -37,6 +37,7 @@ from perfusion import Concept, gate_direction, save_concept  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENSION = os.path.join(paths.extensions_dir, "sd-webui-perfusion")
+FORGE_STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge_standin")
 
 
 class PromptChunk:
@@ -299,3 +300,33 @@ def spy_on_gate(concept) -> list[float]:
 
     sd_samplers.sample_hook = spy
     return seen
+
+
+def write_photos(folder, count: int = 3, seed: int = 0):
+    """`count` random 72x72 RGB photos bear0.png, bear1.png, ... in `folder` (created if missing); returns it."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        Image.fromarray((rng.random((72, 72, 3)) * 255).astype(np.uint8)).save(os.path.join(folder, f"bear{k}.png"))
+    return folder
+
+
+@contextmanager
+def forge_standin():
+    """Forge Neo's stand-in packages (tests/forge_standin: `backend`, `modules_forge`) importable inside; the
+    host's kind is told again on entry and after, and the stand-in's modules are forgotten."""
+    from perfusion.webui import host as perfusion_host
+
+    sys.path.insert(0, FORGE_STANDIN)
+    perfusion_host.kind.cache_clear()
+    try:
+        yield
+    finally:
+        sys.path.remove(FORGE_STANDIN)
+        for name in list(sys.modules):
+            if name.split(".")[0] in ("backend", "modules_forge"):
+                del sys.modules[name]
+        perfusion_host.kind.cache_clear()
