@@ -9,6 +9,7 @@ pays to the superclass word's context row. Queries and keys are read with forwar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,16 +75,21 @@ class QueryKeyCapture:
             handle.remove()
         self._handles = []
 
-    def row_attention(self, rows: Sequence[Sequence[int]], size: tuple[int, int]) -> torch.Tensor:
-        """[m, n, h, w]: for each of the m lists rows[j] (a context row per image of the first n = len(rows[j])
-        images of the captured batch), the attention each image's pixels pay to its row, averaged over heads,
-        resized to `size` (h, w) and summed over the layers. One softmax per layer serves all m lists."""
+    def row_attention(
+        self, rows: Sequence[Sequence[int]], size: tuple[int, int], batch: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """[m, n, h, w]: for each of the m lists rows[j] (a context row per image of the n = len(rows[j]) images
+        `batch` of the captured batch, by default its first n), the attention each image's pixels pay to its row,
+        averaged over heads, resized to `size` (h, w) and summed over the layers. One softmax per layer serves all
+        m lists."""
         h, w = size
         index = torch.as_tensor(rows)  # [m, n]
         m, n = index.shape
+        picked_rows = torch.as_tensor(list(range(n)) if batch is None else list(batch))
         total = 0
         for name, attn in self.layers.items():
-            q, k = self.store[name]["q"][:n].float(), self.store[name]["k"][:n].float()
+            q = self.store[name]["q"][picked_rows.to(self.store[name]["q"].device)].float()
+            k = self.store[name]["k"][picked_rows.to(self.store[name]["k"].device)].float()
             heads = attn.heads
             q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
             k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]

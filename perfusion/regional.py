@@ -2,27 +2,37 @@
 
 Applied together in one prompt, a concept's look travels on the context rows after its word (a causal text
 encoder computes them from the learned embedding) to the other objects, and its own object loses it
-(docs/world.md). Here every sampling step runs
+(docs/world.md). Here every U-Net call on a prompt holding several concepts runs
   * the base prompt: every concept word replaced by its superclass word, no edit (the layout and the other
     objects, as the base model draws words), whose cross-attention on each superclass word locates that
-    concept's object: a soft mask M_k, the running mean over the steps so far, min-max per image;
-  * each concept's own prompt (e.g. "a hugsy at the left on a gray background"), its edit on;
-and blends the guided predictions: pred = (1 - sum M_k) pred_base + sum M_k pred_k (sum M_k capped at 1).
-No layout is asked of the user: the base model's own attention places each object.
+    concept's object: a soft mask M_k, the running mean over the calls so far, min-max per image;
+  * each concept's own prompt (its clause of the prompt, `own_prompt`), its edit on, for the prompt's rows only;
+and blends the predictions: pred = (1 - sum M_k) pred_base + sum M_k pred_k (sum M_k capped at 1). The blend is
+linear, so blending the conditional rows before the host's classifier-free guidance equals blending the guided
+predictions. No layout is asked of the user: the base model's own attention places each object.
+
+`RegionalComposition` is the seam: forward hooks on the diffusion model that recognise a prompt's context rows
+in any batch (as KeyContexts does for global locking) and run the extra passes there, so the same object serves
+the engine's sampler and every host's.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from .adapter import Adapter, concept_words
-from .diffusion import ddim_sample, join_contexts
-from .hooks import Activation, attach
+from .diffusion import ddim_sample
+from .hooks import Activation, Activations, Hooks, KeyContexts, attach
 from .masks import QueryKeyCapture, min_max
+from .tokens import whole_word
+
+# Where a prompt splits into clauses (an object with its own words): commas, semicolons, line breaks, "and".
+_CLAUSE_BREAK = re.compile(r"\s*(?:[,;\n]|\band\b)\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,37 @@ class Region:
 
     item: Activation
     prompts: list[str]
+
+
+@dataclass(frozen=True)
+class Twins:
+    """What regional composition runs in place of one prompt's context [N, d] (every concept word in it).
+
+    base: the prompt with every concept word as its superclass word [N, d]; own: per region, that concept's own
+    prompt [N, d] (None where this prompt lacks the concept); rows: per region, the base context's row of the
+    superclass word standing for it (None likewise); own_keys: per region, what the key path reads under global
+    locking (own with the concept word as its superclass), or None."""
+
+    base: torch.Tensor
+    own: tuple[Optional[torch.Tensor], ...]
+    rows: tuple[Optional[int], ...]
+    own_keys: tuple[Optional[torch.Tensor], ...] = ()
+
+
+def own_prompt(prompt: str, word: str, others: Sequence[str]) -> str:
+    """`prompt` without the clauses (split at commas, semicolons, line breaks and "and") that name another concept's
+    word and not `word`: "a hugsy at the left and a boxy at the right, on the moon" -> "a hugsy at the left, on the
+    moon" for hugsy. Measured on the mini world (docs/world.md): a concept drawn from its own clause keeps its look
+    far more often than from the whole prompt with the others as words."""
+    mine, theirs = whole_word(word), [whole_word(o) for o in others]
+    parts = _CLAUSE_BREAK.split(prompt)
+    breaks = [m.group(0) for m in _CLAUSE_BREAK.finditer(prompt)]
+    kept, seps = [], []
+    for i, part in enumerate(parts):
+        if mine.search(part) or not any(t.search(part) for t in theirs):
+            kept.append(part)
+            seps.append(breaks[i - 1] if i and kept[:-1] else "")
+    return "".join(s + p for s, p in zip(seps, kept)).strip()
 
 
 def blend(base: torch.Tensor, own: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -49,8 +90,7 @@ def base_prompts(prompts: list[str], regions: Sequence[Region]) -> list[str]:
     out = []
     for text in prompts:
         for r in regions:
-            c = r.item.concept
-            text = re.sub(rf"(?<!\w){re.escape(c.token)}(?!\w)", c.superclass, text, flags=re.IGNORECASE)
+            text = whole_word(r.item.concept.token).sub(r.item.concept.superclass, text)
         out.append(text)
     return out
 
@@ -77,6 +117,176 @@ def mask_rows(adapter: Adapter, prompts: list[str], bases: list[str], regions: S
     return out
 
 
+def _batch_slice(value: Any, index: torch.Tensor, size: int) -> Any:
+    """`value` with every tensor whose first dimension is the batch (`size`) cut to `index`, through dicts,
+    lists and tuples (a U-Net's extra inputs: SDXL's y, ControlNet residuals)."""
+    if isinstance(value, torch.Tensor):
+        return value[index.to(value.device)] if value.dim() and value.shape[0] == size else value
+    if isinstance(value, dict):
+        return {k: _batch_slice(v, index, size) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_batch_slice(v, index, size) for v in value)
+    return value
+
+
+class RegionalComposition:
+    """Forward hooks on `hooks.model` (the diffusion model, called as model(x, t, context=..., ...)) that compose
+    `items` region by region wherever a batch row's context is one added with `add` (module docstring). Rows that
+    match nothing (the unconditional ones) run as the bare model. While attached, the Hooks' own activations stay
+    empty; each concept is switched on only for its own pass. `detach()` removes everything."""
+
+    def __init__(self, hooks: Hooks, items: Sequence[Activation], projection: str = "approximate", atol: float = 1e-3):
+        self.hooks, self.items, self.projection, self.atol = hooks, list(items), projection, atol
+        self.pairs: list[tuple[torch.Tensor, Twins]] = []
+        self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
+        self._call: Optional[tuple] = None
+        hooks.clear()
+        model = hooks.model
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+
+    def add(self, context: torch.Tensor, twins: Sequence[Twins]) -> None:
+        """Register a batch of prompts' contexts [B, N, d] with one Twins each."""
+        if len(twins) != context.shape[0]:
+            raise ValueError(f"{len(twins)} twins for {context.shape[0]} contexts")
+        for c, t in zip(context, twins):
+            if len(t.own) != len(self.items) or len(t.rows) != len(self.items):
+                raise ValueError(f"twins for {len(t.own)} regions, {len(self.items)} concepts composed")
+            self.pairs.append((c.detach(), t))
+
+    def reset(self) -> None:
+        """Forget the masks (a new generation)."""
+        self.running.clear()
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.pairs, self._call = [], [], None
+        self.running.clear()
+
+    def _match(self, e: torch.Tensor) -> Optional[tuple[Twins, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The twins of a batch row's context [N, d] and how to bring a twin to its length: hosts lengthen a
+        prompt's rows to batch it with a longer negative prompt, with copies of it (Forge, ComfyUI) or with the
+        empty prompt's rows (A1111's pad_cond_uncond), so a registered context may be only the row's start."""
+        for c, twins in reversed(self.pairs):  # the newest registration of a context wins
+            n = c.shape[0]
+            if c.shape[1:] != e.shape[1:] or n > e.shape[0] or not _close(e[:n], c, self.atol):
+                continue
+            if e.shape[0] == n:
+                return twins, lambda t: t
+            if e.shape[0] % n == 0 and _close(e, c.to(e.device).repeat(e.shape[0] // n, 1), self.atol):
+                return twins, lambda t, r=e.shape[0] // n: t.repeat(r, 1)
+            return twins, lambda t, tail=e[n:]: torch.cat([t.to(tail), tail])
+        return None
+
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        self._call = None
+        context = kwargs.get("context", args[2] if len(args) > 2 else None)
+        if context is None or self.hooks.activations.items:
+            return None  # not a text-conditioned call, or someone switched concepts on: leave it alone
+        matched = [(b, *found) for b in range(context.shape[0]) if (found := self._match(context[b])) is not None]
+        if not matched:
+            return None
+        base = context.clone()
+        for b, twins, fit in matched:
+            base[b] = _fit(fit(twins.base.to(base.device, base.dtype)), base.shape[1])
+        capture = QueryKeyCapture(self.hooks.layers).__enter__()
+        self._call = (args, kwargs, context, matched, capture)
+        if "context" in kwargs:
+            return args, {**kwargs, "context": base}
+        return (*args[:2], base, *args[3:]), kwargs
+
+    def _after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any):
+        if self._call is None:
+            return None
+        args, kwargs, context, matched, capture = self._call
+        self._call = None
+        capture.__exit__(None, None, None)
+        if not isinstance(output, torch.Tensor):
+            return None
+        x = args[0] if args else kwargs["x"]
+        size = tuple(x.shape[-2:])
+        masks = self._masks(capture, matched, size)  # [regions, matched, h, w]
+        preds, weights = [], []
+        for k in range(len(self.items)):
+            # rows of the batch with concept k, grouped by their own prompt's length (one pass per length)
+            groups: dict[int, list[int]] = {}
+            for j, (_, twins, fit) in enumerate(matched):
+                if twins.own[k] is not None:
+                    groups.setdefault(fit(twins.own[k]).shape[0], []).append(j)
+            if not groups:
+                continue
+            full = output[[b for b, _, _ in matched]].clone()
+            for mine in groups.values():
+                full[mine] = self._own_pass(module, args, kwargs, context, [matched[j] for j in mine], k).to(full)
+            mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
+            mask[[j for mine in groups.values() for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
+            for j, (_, twins, _) in enumerate(matched):
+                if twins.own[k] is not None and twins.rows[k] is not None:
+                    mask[j] = masks[k, j].to(mask)
+            preds.append(full)
+            weights.append(mask)
+        if not preds:
+            return None
+        out = output.clone()
+        index = [b for b, _, _ in matched]
+        out[index] = blend(output[index], preds, weights)
+        return out
+
+    def _own_pass(self, module, args: tuple, kwargs: dict, context: torch.Tensor, rows: list, k: int) -> torch.Tensor:
+        """The U-Net's prediction for the batch rows `rows` (matched entries) with concept k's own prompt and only
+        its edit on."""
+        item = self.items[k]
+        index = torch.as_tensor([b for b, _, _ in rows])
+        own = torch.stack([fit(t.own[k].to(context)) for _, t, fit in rows])
+        keys = None
+        if item.lock == "global":  # the key path reads the own prompt with the concept word as its superclass
+            keys = KeyContexts()
+            keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(context)), own.shape[1]) for _, t, fit in rows]))
+        size = context.shape[0]
+        sub_args, sub_kwargs = _batch_slice(args, index, size), _batch_slice(kwargs, index, size)
+        if "context" in kwargs:
+            sub_kwargs["context"] = own
+        else:
+            sub_args = (*sub_args[:2], own, *sub_args[3:])
+        self.hooks.activate(Activations([item], self.projection, keys))
+        try:
+            return module.forward(*sub_args, **sub_kwargs)
+        finally:
+            self.hooks.clear()
+
+    def _masks(self, capture: QueryKeyCapture, matched: list, size: tuple) -> torch.Tensor:
+        """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown), from the
+        running sum of the base pass's attention on the region's superclass row."""
+        rows = [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(len(self.items))]
+        maps = capture.row_attention(rows, size, batch=[b for b, _, _ in matched])  # [regions, matched, h, w]
+        out = torch.zeros_like(maps)
+        for j, (b, t, _) in enumerate(matched):
+            running = self.running.get(b)
+            if running is None or running.shape != maps[:, j].shape:  # the first call, or a new size (hires fix)
+                running = torch.zeros_like(maps[:, j])
+            running = running + maps[:, j]
+            self.running[b] = running
+            for k in range(len(self.items)):
+                if t.rows[k] is not None:
+                    out[k, j] = min_max(running[k][None])[0]
+        return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
+    return torch.allclose(a.float(), b.to(a.device).float(), atol=atol, rtol=1e-3)
+
+
+def _fit(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """rows [M, d] cut or lengthened (its last row repeated) to [n, d]: a twin whose words took another number of
+    75-token chunks than the prompt's."""
+    if rows.shape[0] >= n:
+        return rows[:n]
+    return torch.cat([rows, rows[-1:].repeat(n - rows.shape[0], 1)])
+
+
 @torch.no_grad()
 def generate_regional(
     adapter: Adapter,
@@ -89,6 +299,7 @@ def generate_regional(
     guidance: float = 2.0,
     eta: float = 1.0,
     negative: str = "",
+    projection: str = "approximate",
 ) -> torch.Tensor:
     """Images [n, 3, R, R] in [-1, 1]: `prompts` (each holding every region's concept word) composed region by
     region (module docstring); the same sampler, noise and guidance as generate()."""
@@ -97,43 +308,39 @@ def generate_regional(
         raise ValueError(f"every region needs one prompt per image ({n})")
     hooks = attach(adapter.diffusion_model, context_dim=adapter.context_dim)
     saved = hooks.activations
+    items = [r.item for r in regions]
+    cond, _ = adapter.encode(prompts, concept_words([i.concept for i in items]))
     bases = base_prompts(prompts, regions)
     base, _ = adapter.encode(bases)
     uncond, _ = adapter.encode([negative] * n)
     rows = mask_rows(adapter, prompts, bases, regions)
     own = [adapter.encode(r.prompts, concept_words([r.item.concept]))[0] for r in regions]
-    size = tuple(latent_shape[-2:])
-    # [regions, n, h, w]: the attention summed over the steps so far (min-max of the sum is min-max of the mean)
-    running = torch.zeros(len(regions), n, *size, device=adapter.device)
-
-    def guided(x, t, cond, items):
-        hooks.activate(list(items))
-        both = adapter.apply_model(torch.cat([x, x]), torch.cat([t, t]), join_contexts(cond, uncond))
-        c, u = both.chunk(2)
-        return u + guidance * (c - u)
-
-    def denoise(x, t, _context):
-        """ddim_sample's model without its own guidance: the blended guided prediction."""
-        hooks.clear()
-        with QueryKeyCapture(hooks.layers) as captured:
-            pred_base = guided(x, t, base, [])
-        running.add_(captured.row_attention(rows, size))  # the conditional half of the batch
-        masks = [min_max(r) for r in running]
-        preds = [guided(x, t, cond, [r.item]) for cond, r in zip(own, regions)]
-        return blend(pred_base, preds, masks)
-
+    own_keys = [adapter.encode(base_prompts(r.prompts, [r]))[0] if r.item.lock == "global" else None for r in regions]
+    twins = [
+        Twins(
+            base[b],
+            tuple(o[b] for o in own),
+            tuple(r[b] for r in rows),
+            tuple(None if k is None else k[b] for k in own_keys),
+        )
+        for b in range(n)
+    ]
+    composition = RegionalComposition(hooks, items, projection)
+    composition.add(cond, twins)
     try:
         latents = ddim_sample(
-            denoise,
+            adapter.apply_model,
             adapter.alphas_cumprod,
-            base,
-            None,  # guidance happens inside denoise, per context
+            cond,
+            uncond,
             (n, *latent_shape),
             adapter.prediction,
             steps=steps,
             eta=eta,
+            guidance=guidance,
             generator=torch.Generator().manual_seed(seed),
         )
     finally:
+        composition.detach()
         hooks.activate(saved)
     return adapter.decode_latents(latents).clamp(-1, 1)

@@ -8,9 +8,19 @@ import torch
 from tiny import pattern_images, tiny_adapter, tiny_covariance
 
 import perfusion.regional as regional
+from perfusion.adapter import concept_words
 from perfusion.generate import generate
 from perfusion.hooks import Activation, attach
-from perfusion.regional import Region, base_prompts, blend, generate_regional, mask_rows
+from perfusion.regional import (
+    Region,
+    RegionalComposition,
+    Twins,
+    base_prompts,
+    blend,
+    generate_regional,
+    mask_rows,
+    own_prompt,
+)
 from perfusion.train import TrainConfig, Trainer
 
 
@@ -57,35 +67,57 @@ def test_base_prompts_and_mask_rows(trained):
         mask_rows(adapter, ["a hugsy alone"], ["a toy alone"], regions)
 
 
-def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base_image(trained, monkeypatch):
-    adapter, c = trained
-    hooks = attach(adapter.diffusion_model)
-    regions = [
+def test_own_prompt_keeps_the_concepts_clause_and_the_shared_ones():
+    others = ["boxy"]
+    assert own_prompt("a hugsy at the left and a boxy at the right", "hugsy", others) == "a hugsy at the left"
+    assert own_prompt("a boxy at the left and a hugsy at the right", "hugsy", others) == "a hugsy at the right"
+    assert (
+        own_prompt("photo of hugsy, boxy on a shelf, on the moon, 4k", "hugsy", others)
+        == "photo of hugsy, on the moon, 4k"
+    )
+    assert own_prompt("Hugsy AND boxy;\nstudio light", "hugsy", others) == "Hugsy;\nstudio light"
+    assert own_prompt("hugsy hugging boxy", "hugsy", others) == "hugsy hugging boxy"  # one clause: nothing to drop
+    assert own_prompt("a boxyish hugsy and a candy", "hugsy", others) == "a boxyish hugsy and a candy"  # whole words
+    # control: the other concept's own prompt is the mirror image
+    assert own_prompt("a hugsy at the left and a boxy at the right", "boxy", ["hugsy"]) == "a boxy at the right"
+
+
+def _regions(c):
+    return [
         Region(Activation(c["hugsy"], 0.6, 0.15), ["a hugsy at the left"] * 2),
         Region(Activation(c["mochi"], 0.6, 0.15), ["a mochi at the right"] * 2),
     ]
+
+
+def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base_image(trained, monkeypatch):
+    adapter, c = trained
+    model = adapter.diffusion_model
+    hooks = attach(model)
+    regions = _regions(c)
     prompts = ["a hugsy at the left and a mochi at the right"] * 2
     kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5)
     seen, masks_seen = [], []
-    real_apply, real_blend = adapter.apply_model, regional.blend
+    real_forward, real_blend = model.forward, regional.blend
 
-    def spy_apply(x, t, context):
-        seen.append([i.concept.token for i in hooks.activations.items])
-        return real_apply(x, t, context)
+    def spy_forward(x, *args, **kwargs):
+        seen.append(([i.concept.token for i in hooks.activations.items], x.shape[0]))
+        return real_forward(x, *args, **kwargs)
 
     def spy_blend(base, own, masks):
         masks_seen.append(masks)
         return real_blend(base, own, masks)
 
-    monkeypatch.setattr(adapter, "apply_model", spy_apply)
+    monkeypatch.setattr(model, "forward", spy_forward)
     monkeypatch.setattr(regional, "blend", spy_blend)
     out = generate_regional(adapter, prompts, regions, **kw)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()  # decoded: the tiny first stage
-    assert seen == [[], ["hugsy"], ["mochi"]] * 3  # per step: the base pass, then each concept alone
+    # per step: the base pass over the prompts and the unconditional rows (4), then each concept on the prompts' 2
+    assert seen == [([], 4), (["hugsy"], 2), (["mochi"], 2)] * 3
     assert all(0 <= m.min() and m.max() <= 1 and m.max() > 0.99 for ms in masks_seen for m in ms)
     assert hooks.activations.items == []  # nothing left switched on
+    assert not model._forward_hooks and not model._forward_pre_hooks  # the seam is gone after the generation
     assert torch.equal(out, generate_regional(adapter, prompts, regions, **kw))  # reproducible
-    monkeypatch.setattr(adapter, "apply_model", real_apply)
+    monkeypatch.setattr(model, "forward", real_forward)
     monkeypatch.setattr(regional, "min_max", lambda maps: torch.zeros_like(maps))  # no region anywhere
     alone = generate_regional(adapter, prompts, regions, **kw)
     base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, **kw)
@@ -93,3 +125,110 @@ def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base
     assert (out - base).abs().max() > 1e-3  # control: with the regions, the concepts change the image
     with pytest.raises(ValueError, match="one prompt per image"):
         generate_regional(adapter, prompts, [Region(regions[0].item, ["x"])], **kw)
+
+
+def _composition(adapter, c, prompts):
+    """A RegionalComposition over the tiny U-Net with `prompts` registered; returns it with their context."""
+    regions = _regions(c)
+    hooks = attach(adapter.diffusion_model)
+    cond, _ = adapter.encode(prompts, concept_words([r.item.concept for r in regions]))
+    bases = base_prompts(prompts, regions)
+    base, _ = adapter.encode(bases)
+    rows = mask_rows(adapter, prompts, bases, regions)
+    own = [adapter.encode(r.prompts[: len(prompts)], concept_words([r.item.concept]))[0] for r in regions]
+    twins = [Twins(base[b], (own[0][b], own[1][b]), (rows[0][b], rows[1][b])) for b in range(len(prompts))]
+    composition = RegionalComposition(hooks, [r.item for r in regions])
+    composition.add(cond, twins)
+    return composition, cond
+
+
+def test_the_seam_finds_the_prompts_rows_in_any_batch_order_and_leaves_other_rows_bare(trained):
+    """Hosts batch the conditional and unconditional rows in either order, or call them apart: the prompt's rows
+    come out the same, and rows it did not register (the unconditional ones) are the bare model's."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    prompts = ["a hugsy at the left and a mochi at the right", "a mochi on a hugsy"]
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([600, 600])
+    uncond, _ = adapter.encode(["", ""])
+    bare = model(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([uncond, uncond]))
+    bare_alone = model(x, t, context=uncond)
+    composition, cond = _composition(adapter, c, prompts)
+    try:
+        together = model(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([cond, uncond]))
+        composition.reset()
+        swapped = model(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([uncond, cond]))
+        composition.reset()
+        apart = model(x, t, context=cond)
+        untouched = model(x, t, context=uncond)
+    finally:
+        composition.detach()
+    assert torch.allclose(together[:2], swapped[2:], atol=1e-5) and torch.allclose(together[:2], apart, atol=1e-5)
+    assert torch.equal(together[2:], bare[:2]) and torch.equal(untouched, bare_alone)
+    plain = model(x, t, context=cond)  # control: the prompt without the seam (and no concept on) differs
+    assert (plain - apart).abs().max() > 1e-4
+
+
+def test_the_seam_keeps_the_masks_per_row_and_starts_again_at_a_new_size(trained):
+    adapter, c = trained
+    model = adapter.diffusion_model
+    prompts = ["a hugsy at the left and a mochi at the right"]
+    composition, cond = _composition(adapter, c, prompts)
+    try:
+        model(torch.randn(1, 4, 8, 8), torch.tensor([500]), context=cond)
+        first = composition.running[0].clone()
+        model(torch.randn(1, 4, 8, 8), torch.tensor([400]), context=cond)
+        assert composition.running[0].shape == (2, 8, 8) and (composition.running[0] - first).abs().min() > 0
+        model(torch.randn(1, 4, 16, 16), torch.tensor([300]), context=cond)  # a hires pass: masks start again
+        assert composition.running[0].shape == (2, 16, 16)
+    finally:
+        composition.detach()
+    assert composition.running == {}
+
+
+def test_the_seam_follows_a_prompt_lengthened_to_batch_with_a_longer_negative_prompt(trained):
+    """Forge and ComfyUI repeat a prompt's rows, A1111 appends the empty prompt's, to batch it with a longer negative
+    prompt: the rows are still recognised, and the twins lengthened alike."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    prompts = ["a hugsy at the left and a mochi at the right"]
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([500])
+    empty, _ = adapter.encode([""])
+    composition, cond = _composition(adapter, c, prompts)
+    try:
+        plain = model(x, t, context=cond)
+        composition.reset()
+        repeated = model(x, t, context=cond.repeat(1, 2, 1))  # attention over a repeated context is unchanged
+        composition.reset()
+        padded = model(x, t, context=torch.cat([cond, empty], 1))
+        first = composition.running[0].clone()
+    finally:
+        composition.detach()
+    assert torch.allclose(plain, repeated, atol=1e-5)
+    bare = model(x, t, context=cond)
+    assert (padded - bare).abs().max() > 1e-4 and first.max() > 0  # control: composed, not passed through
+
+
+def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained):
+    """A context registered with one concept and no mask row (an AND sub-prompt or schedule entry that names only
+    it) comes out as that concept applied alone, whatever the other concepts do."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    hooks = attach(model)
+    items = [r.item for r in _regions(c)]
+    cond, _ = adapter.encode(["a hugsy on a table"], concept_words([items[0].concept]))
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([500])
+    hooks.activate([items[0]])
+    try:
+        alone = model(x, t, context=cond)
+    finally:
+        hooks.clear()
+    base, _ = adapter.encode(["a toy on a table"])
+    composition = RegionalComposition(hooks, items)
+    composition.add(cond, [Twins(base[0], (cond[0], None), (None, None))])
+    try:
+        composed = model(x, t, context=cond)
+    finally:
+        composition.detach()
+    assert torch.allclose(composed, alone, atol=1e-5)
+    assert (alone - model(x, t, context=cond)).abs().max() > 1e-4  # control: the concept does change it

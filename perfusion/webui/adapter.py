@@ -120,12 +120,12 @@ class WebUIAdapter:
                     replaced += host.register_word(self.sd_model, word, vec, host.embedding_size(emb))
             with self._autocast():
                 context = self._condition(list(prompts), size or (self.resolution, self.resolution))
-            rows = {word: [self._rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
+            rows = {word: [self.rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
         finally:
             host.restore_words(self.sd_model, replaced)
         return context, rows
 
-    def _rows(self, prompt: str, word: str, is_embedding: bool) -> list[int]:
+    def rows(self, prompt: str, word: str, is_embedding: bool) -> list[int]:
         """The last context row of each occurrence of `word` in `prompt` (as the encoder saw it)."""
         chunks, _ = self.text.tokenize_line(prompt)
         length = len(chunks[0].tokens) if chunks else 77
