@@ -18,6 +18,10 @@ TrainLock = Literal["local", "hard"]
 # What a user picks (sliders, tags, settings, X/Y/Z, ComfyUI): auto applies each concept with its training lock.
 LockChoice = Literal["auto", "local", "global", "hard"]
 Projection = Literal["approximate", "exact"]  # how several concepts share one edit
+# How a prompt with several concepts is drawn: regional, each concept from its own clause inside the region where
+# the base model's attention puts its superclass word (perfusion.regional; measured best, docs/world.md); together,
+# the paper's: every concept edits the one prompt, their edits combined per Projection.
+Composition = Literal["regional", "together"]
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
 IStarGradient = Literal["detach", "straight_through"]  # how the EMA of i* meets the gradient
@@ -32,6 +36,7 @@ LOCKS: tuple[str, ...] = get_args(Lock)
 TRAIN_LOCKS: tuple[str, ...] = get_args(TrainLock)
 LOCK_CHOICES: tuple[str, ...] = get_args(LockChoice)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
+COMPOSITIONS: tuple[str, ...] = get_args(Composition)
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)
 I_STAR_GRADIENTS: tuple[str, ...] = get_args(IStarGradient)
@@ -42,6 +47,7 @@ BUCKET_MULTIPLE = 64
 
 # The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
 BETA, TAU = 0.7, 0.15
+COMPOSITION: Composition = "regional"
 TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
 # What tags, sliders, settings and the API accept (higher beta: weaker concept, closer to the prompt).
 BETA_RANGE = (-1.0, 2.0)

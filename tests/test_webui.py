@@ -198,10 +198,14 @@ def test_two_concepts_combine_and_infotext_paste_resolves_hashes(folder, capsys)
     host.make_concept(folder, "hugsy")
     host.make_concept(folder, "boxy", token="boxy", superclass="box", seed=3)
     out = host.txt2img(
-        "<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy", args=(True, 0.7, 0.15, "local", "exact")
+        "<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy",
+        args=(True, 0.7, 0.15, "local", "exact", "together"),
     )
     info = out.infotexts[0]
-    assert "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.2 beta=0.7 lock=local; projection=exact" in info
+    assert (
+        "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.2 beta=0.7 lock=local; composition=together projection=exact"
+        in info
+    )
     params = infotext_utils.parse_generation_parameters(info)
     script_callbacks.infotext_pasted_callback(info, params)
     assert params["Prompt"] == "<perfusion:hugsy:0.15> <perfusion:boxy:0.2> hugsy and boxy"
@@ -336,9 +340,10 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     axes.add_axes()
     axes.add_axes()  # "Reload UI" calls on_before_ui again
     labels = [o.label for o in xyz.axis_options]
-    assert labels == [f"[Perfusion] {x}" for x in ("concept", "beta", "tau", "lock", "projection")]
+    assert labels == [f"[Perfusion] {x}" for x in ("concept", "beta", "tau", "lock", "projection", "composition")]
     options = {o.label.split()[-1]: o for o in xyz.axis_options}
     assert options["lock"].choices() == ["auto", "local", "global", "hard"]
+    assert options["composition"].choices() == ["regional", "together"]
     host.make_concept(folder)
     results = []
     for beta in (0.4, 0.9):
@@ -384,6 +389,12 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     assert torch.equal(images(cells["hugsy"][1]), images(host.txt2img(prompt)))
     assert torch.equal(images(cells["none"][1]), images(host.txt2img("a photo of  teddy on the moon")))
     assert (images(cells["Boxy"][1]) - images(cells["hugsy"][1])).abs().max() > 1e-4
+    pair = "a photo of <perfusion:hugsy> hugsy and <perfusion:Boxy> boxy"
+    for value in ("together", "regional"):  # the composition axis over the accordion's choice
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=pair, seed=1, steps=3, width=64, height=64)
+        p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate", "regional")
+        options["composition"].apply(p, value, ["together", "regional"])
+        assert f"composition={value}" in processing.process_images(p).infotexts[0].split("Perfusion defaults")[0]
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
     with pytest.raises(ValueError, match="no concept named 'nobody'"):
         options["concept"].confirm(p, ["hugsy", "nobody"])  # before the grid starts, not in its fifth cell

@@ -215,7 +215,7 @@ def runner(is_img2img: bool = False):
     r = scripts.ScriptRunner()
     r.initialize_scripts(is_img2img)
     script = next(s for s in r.alwayson_scripts if s.title() == "Perfusion")
-    script.args_from, script.args_to = 1, 6
+    script.args_from, script.args_to = 1, 7  # the accordion's 6 controls
     return r, script
 
 

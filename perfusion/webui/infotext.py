@@ -36,14 +36,16 @@ def record(p: Any, applied: list[Applied], defaults: Defaults) -> None:
     """What was applied, the files' hashes and the accordion's values, into the image's parameters."""
     text = "; ".join(a.describe() for a in applied)
     if len(applied) > 1:
-        text += f"; projection={defaults.projection}"
+        text += f"; composition={defaults.composition}"
+        if defaults.composition == "together":
+            text += f" projection={defaults.projection}"
     p.extra_generation_params[CONCEPTS] = text
     p.extra_generation_params[HASHES] = ", ".join(f"{a.entry.name}: {a.entry.shorthash}" for a in applied)
     p.extra_generation_params[DEFAULTS] = defaults_text(defaults)
 
 
 def defaults_text(d: Defaults) -> str:
-    return f"beta={d.beta:g} tau={d.tau:g} lock={d.lock} projection={d.projection}"
+    return f"beta={d.beta:g} tau={d.tau:g} lock={d.lock} projection={d.projection} composition={d.composition}"
 
 
 def parse_defaults(text: Optional[str]) -> dict[str, str]:

@@ -15,8 +15,8 @@ from modules import extra_networks, prompt_parser
 
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
-from ..options import BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
-from . import host, infotext
+from ..options import BETA_RANGE, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
+from . import composition, host, infotext
 from .library import Entry
 from .log import log
 from .resolve import Defaults, ModelFacts, check_fit, resolve, whole_word
@@ -47,6 +47,8 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
             gate["lock"] = activation_lock(value)
         elif field == "projection" and value in PROJECTIONS:
             rest["projection"] = value
+        elif field == "composition" and value in COMPOSITIONS:
+            rest["composition"] = value
         else:
             warn(p, f"X/Y/Z plot: {field} {value!r} is out of range or unknown; the tags' and sliders' value is used")
     applied = [replace(a, activation=replace(a.activation, **gate)) for a in applied]
@@ -78,6 +80,7 @@ def defaults_from_settings() -> Defaults:
         float(host.option("tau")),
         str(host.option("lock")),
         str(host.option("projection")),
+        str(host.option("composition")),
     )
 
 
@@ -126,6 +129,7 @@ def problem_of(entry: Entry) -> Optional[str]:
 
 def switch_off() -> None:
     """Every concept off, our embeddings unregistered (a user's own embedding of the same word is restored)."""
+    composition.stop()
     if runtime.hooks is not None:
         runtime.hooks.clear()
     runtime.applied, runtime.key_contexts = [], None
@@ -214,9 +218,15 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         applied, defaults = _with_overrides(p, applied, defaults)
         for a in applied:
             _register_embedding(p, model, a.activation.concept)
-        runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
-        hooks.activate(engine.Activations([a.activation for a in applied], defaults.projection, runtime.key_contexts))
         runtime.applied = applied
+        if defaults.composition == "regional" and len(applied) > 1:
+            # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
+            composition.start(hooks, [a.activation for a in applied], defaults.projection)
+        else:
+            runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
+            hooks.activate(
+                engine.Activations([a.activation for a in applied], defaults.projection, runtime.key_contexts)
+            )
         infotext.record(p, applied, defaults)
 
     def deactivate(self, p: Any) -> None:
@@ -271,3 +281,23 @@ def feed_global_lock(p: Any, cond: Any) -> None:
         return
     for original, twin in zip(originals, copies):
         contexts.add(original, twin)
+
+
+def feed_regional(p: Any, cond: Any) -> None:
+    """Regional composition: register the sampling pass's conditioning (composition.feed). Where that fails the
+    concepts are applied together for this image, with a warning, and the image still generates."""
+    if runtime.regional is None:
+        return
+    try:
+        composition.feed(p, cond)
+    except Exception as e:  # an unforeseen prompt syntax or conditioning layout: never lose the image
+        log.exception("regional composition could not read this prompt")
+        warn(p, f"regional composition could not read this prompt ({e}); the concepts are applied together")
+        items = list(runtime.regional.items)
+        projection = runtime.regional.projection
+        composition.stop()
+        runtime.key_contexts = engine.KeyContexts() if any(i.lock == "global" for i in items) else None
+        runtime.hooks.activate(engine.Activations(items, projection, runtime.key_contexts))
+        if runtime.key_contexts is not None:
+            feed_global_lock(p, cond)
+        infotext.record(p, runtime.applied, replace(generation_defaults(p), composition="together"))

@@ -15,7 +15,7 @@ from torch import nn
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
 from ..hooks import ConceptMismatch
-from ..options import BETA, TAU, LockChoice, Projection, activation_lock
+from ..options import BETA, COMPOSITION, TAU, Composition, LockChoice, Projection, activation_lock
 from ..tokens import MAX_EMBEDDING_ROWS, whole_word
 from .library import Entry, Library
 from .state import Applied
@@ -31,6 +31,7 @@ class Defaults:
     tau: float = TAU
     lock: LockChoice = "auto"
     projection: Projection = "approximate"
+    composition: Composition = COMPOSITION
 
 
 @dataclass(frozen=True)

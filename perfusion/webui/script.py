@@ -2,7 +2,8 @@
 
 Its values reach the generation on the processing object (network.set_generation_defaults in process,
 read by the extra network's activate), are written to the infotext when the prompt has tags, and come back on paste and
-through the API's `alwayson_scripts` ({"perfusion": {"args": [enabled, beta, tau, lock, projection]}}).
+through the API's `alwayson_scripts` ({"perfusion": {"args": [enabled, beta, tau, lock, projection, composition]}};
+a shorter list leaves the rest at the settings').
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from modules import scripts
 
-from ..options import BETA, BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
+from ..options import BETA, BETA_RANGE, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
 from . import infotext, network
 from .network import defaults_from_settings
 from .resolve import Defaults
@@ -35,10 +36,16 @@ class PerfusionScript(scripts.Script):
                     value=True, label="Apply <perfusion:...> tags", elem_id=f"perfusion_{tab}_enabled"
                 )
                 lock = gr.Radio(list(LOCK_CHOICES), value=d.lock, label="Key locking", elem_id=f"perfusion_{tab}_lock")
+                composition = gr.Radio(
+                    list(COMPOSITIONS),
+                    value=d.composition,
+                    label="Several concepts",
+                    elem_id=f"perfusion_{tab}_composition",
+                )
                 projection = gr.Radio(
                     list(PROJECTIONS),
                     value=d.projection,
-                    label="Several concepts",
+                    label="Projection (together)",
                     elem_id=f"perfusion_{tab}_projection",
                 )
             with gr.Row():
@@ -65,9 +72,10 @@ class PerfusionScript(scripts.Script):
             (tau, pasted("tau", float)),
             (lock, pasted("lock", str)),
             (projection, pasted("projection", str)),
+            (composition, pasted("composition", str)),
         ]
         self.paste_field_names = [infotext.DEFAULTS]
-        return [enabled, beta, tau, lock, projection]
+        return [enabled, beta, tau, lock, projection, composition]
 
     def process(
         self,
@@ -77,6 +85,7 @@ class PerfusionScript(scripts.Script):
         tau: float = TAU,
         lock: str = "auto",
         projection: str = "approximate",
+        composition: str = "",
         *rest: Any,
     ) -> None:
         settings = defaults_from_settings()
@@ -86,11 +95,13 @@ class PerfusionScript(scripts.Script):
             _gate_value(p, "tau", tau, TAU_RANGE, settings.tau),
             lock if lock in LOCK_CHOICES else settings.lock,
             projection if projection in PROJECTIONS else settings.projection,
+            composition if composition in COMPOSITIONS else settings.composition,
         )
         network.set_generation_defaults(p, d)  # written to the infotext only when a concept is applied
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         network.feed_global_lock(p, kwargs.get("c"))
+        network.feed_regional(p, kwargs.get("c"))
 
 
 def _gate_value(p: Any, name: str, value: Any, allowed: tuple[float, float], fallback: float) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modules import shared
 
-from ..options import BETA, BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
+from ..options import BETA, BETA_RANGE, COMPOSITION, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
 from .host import OPTION_PREFIX
 
 WARNING_MODES = ("UI and console", "console only")
@@ -39,8 +39,15 @@ def register() -> None:
         "lock": shared.OptionInfo(
             "auto", "Default key locking (auto: as each concept was trained)", radio, {"choices": list(LOCK_CHOICES)}
         ),
+        "composition": shared.OptionInfo(
+            COMPOSITION,
+            "Several concepts in one prompt: regional (each from its own clause, in its own region) or together "
+            "(the paper's: every concept edits the one prompt)",
+            radio,
+            {"choices": list(COMPOSITIONS)},
+        ),
         "projection": shared.OptionInfo(
-            "approximate", "Several concepts in one prompt: projection", radio, {"choices": list(PROJECTIONS)}
+            "approximate", "Several concepts together: projection", radio, {"choices": list(PROJECTIONS)}
         ),
         "covariance_prompts": shared.OptionInfo(
             25000,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .. import hooks as engine
+from ..regional import RegionalComposition
 from . import host
 from .library import Entry, Library
 
@@ -31,6 +32,7 @@ class Runtime:
     hooks: Optional[engine.Hooks] = None
     applied: list[Applied] = field(default_factory=list)
     key_contexts: Optional[engine.KeyContexts] = None
+    regional: Optional[RegionalComposition] = None  # several concepts composed region by region (composition.py)
     registered: list[tuple[Any, str, Any]] = field(default_factory=list)  # (db, word, embedding it replaced)
     words: tuple = ()  # (name, token, file stamp) of the embeddings the last conditioning was made with
     layers: Optional[tuple[Any, dict]] = None  # (U-Net, its cross-attention layers) for checks without hooks

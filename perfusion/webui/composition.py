@@ -1,0 +1,149 @@
+"""Regional composition in the WebUI: two or more concepts in one prompt, each drawn from its own clause inside the
+region where the base model's attention puts its superclass word (perfusion.regional; docs/world.md has the
+measurements that made it the default).
+
+`start` puts a RegionalComposition on the U-Net in place of the concepts' activations (activate); `feed` tells it,
+before every sampling pass (the first and the hires fix), which context tensors of the batch's conditioning are
+prompts with concepts and what runs in their place. Prompt schedules and AND sub-prompts each give one context
+tensor; each is handled on its own text: a sub-prompt with one concept applies it as usual, one with none runs as
+the bare model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+
+from ..hooks import Activation, Hooks
+from ..regional import RegionalComposition, Twins, own_prompt
+from ..tokens import whole_word
+from . import host
+from .adapter import adapter_for
+from .state import runtime
+
+
+def start(hooks: Hooks, items: Sequence[Activation], projection: str) -> RegionalComposition:
+    stop()
+    runtime.regional = RegionalComposition(hooks, items, projection)
+    return runtime.regional
+
+
+def stop() -> None:
+    if runtime.regional is not None:
+        runtime.regional.detach()
+    runtime.regional = None
+
+
+def entry_texts(prompts: list[str], steps: int, hires_steps: Optional[int]) -> list[str]:
+    """The text behind every context tensor of the WebUI's multi-conditioning of `prompts`, in host.cond_tensors'
+    order: per image, per AND sub-prompt, per schedule entry."""
+    from modules import prompt_parser
+
+    res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
+    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+        flat, steps, hires_steps, host.webui_option("use_old_scheduling", False)
+    )
+    return [text for indexes in res_indexes for index, _ in indexes for _, text in schedules[index]]
+
+
+def superclass_row(
+    text_rows: dict[str, list[int]], base_rows: dict[str, list[int]], items: Sequence[Activation], k: int
+) -> Optional[int]:
+    """The base text's row of the superclass word that stands where concept k's word first stands in the text.
+
+    text_rows: rows of each concept word and each superclass word in the text (the user may write a superclass
+    word too); base_rows: rows of each superclass word in the base text (every concept word replaced by its
+    superclass). The base text's occurrences of a superclass come in text order: the user's own, and the concepts'
+    that share it."""
+    concept = items[k].concept
+    mine = text_rows.get(concept.token) or []
+    if not mine:
+        return None
+    before = sum(row < mine[0] for row in text_rows.get(concept.superclass, []))
+    before += sum(
+        row < mine[0]
+        for j, item in enumerate(items)
+        if j != k and item.concept.superclass == concept.superclass
+        for row in text_rows.get(item.concept.token, [])
+    )
+    rows = base_rows.get(concept.superclass, [])
+    return rows[before] if before < len(rows) else None
+
+
+def feed(p: Any, cond: Any) -> int:
+    """Register the batch's context tensors that hold concept words with their twins; returns how many were
+    registered. Called right before each sampling pass with that pass's conditioning."""
+    composition = runtime.regional
+    model = host.sd_model()
+    if composition is None or model is None or cond is None:
+        return 0
+    composition.pairs.clear()
+    composition.reset()
+    hires = bool(getattr(p, "is_hr_pass", False))
+    prompts = list((p.hr_prompts if hires else p.prompts) or [])
+    steps = getattr(p, "firstpass_steps", None) or p.steps
+    hires_steps = None
+    if hires:
+        hires_steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * getattr(p, "step_multiplier", 1)
+    texts = entry_texts(prompts, steps, hires_steps)
+    # [N, d] each (A1111 keeps one per schedule entry; a batched [B, N, d] is B of them)
+    originals = [row for t in host.cond_tensors(cond) for row in t.reshape(-1, *t.shape[-2:])]
+    if len(texts) != len(originals):
+        raise ValueError(f"{len(originals)} conditioning tensors for {len(texts)} prompt texts")
+    items = composition.items
+    tokens = [i.concept.token for i in items]
+    plans = []  # (original [N, d], texts to encode, the text) per tensor with a concept word in it
+    for text, original in zip(texts, originals):
+        present = [k for k, t in enumerate(tokens) if whole_word(t).search(text)]
+        if not present:
+            continue
+        base = text
+        for item in items:
+            base = whole_word(item.concept.token).sub(item.concept.superclass, base)
+        own = {k: own_prompt(text, tokens[k], [tokens[j] for j in present if j != k]) for k in present}
+        keys = {
+            k: whole_word(tokens[k]).sub(items[k].concept.superclass, own[k])
+            for k in present
+            if items[k].lock == "global"
+        }
+        plans.append((original, text, base, own, keys))
+    if not plans:
+        return 0
+    wanted = sorted({t for _, _, base, own, keys in plans for t in (base, *own.values(), *keys.values())})
+    encoded = dict(zip(wanted, _encode(p, model, wanted)))
+    adapter = adapter_for(model)
+    for original, text, base, own, keys in plans:
+        rows = _rows(adapter, items, text, base, list(own))
+        if len(own) > 1:  # a concept whose superclass word was not found in the base text sits this one out
+            own = {k: o for k, o in own.items() if rows[k] is not None}
+        twins = Twins(
+            encoded[base],
+            tuple(encoded[own[k]] if k in own else None for k in range(len(items))),
+            rows,
+            tuple(encoded[keys[k]] if k in keys else None for k in range(len(items))),
+        )
+        composition.add(original[None], [twins])
+    return len(composition.pairs)
+
+
+def _rows(adapter: Any, items: Sequence[Activation], text: str, base: str, present: list[int]) -> tuple:
+    """Per concept: its superclass row in `base`; None where `text` lacks it; and for the one concept of a text
+    that holds only one, None too (its own pass then covers the whole image: the concept applied as usual)."""
+    if len(present) < 2:
+        return tuple(None for _ in items)
+    words = {i.concept.token: True for i in items} | {i.concept.superclass: False for i in items}
+    text_rows = {w: adapter.rows(text, w, is_embedding) for w, is_embedding in words.items()}
+    base_rows = {i.concept.superclass: adapter.rows(base, i.concept.superclass, False) for i in items}
+    return tuple(superclass_row(text_rows, base_rows, items, k) if k in present else None for k in range(len(items)))
+
+
+@torch.no_grad()
+def _encode(p: Any, model: Any, texts: list[str]) -> list[torch.Tensor]:
+    """The WebUI's conditioning of each text (emphasis, CLIP skip, the concepts' words registered): [N, d] each."""
+    from modules.prompt_parser import SdConditioning
+
+    cond = model.get_learned_conditioning(SdConditioning(texts, width=p.width, height=p.height))
+    (tensor,) = list(host.cond_tensors(cond))
+    return list(tensor)

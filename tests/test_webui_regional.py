@@ -1,0 +1,172 @@
+"""Regional composition in the WebUI stand-in (v1.10.1 call order), on the tiny model: two concepts in one prompt are
+composed region by region by default, the paper's way stays selectable, and nothing is left behind."""
+
+import pytest
+import torch
+import webui_host as host
+from modules import infotext_utils, sd_samplers
+
+from perfusion.webui import composition
+from perfusion.webui.state import runtime
+
+PAIR = "a photo of <perfusion:hugsy> hugsy at the left and <perfusion:boxy> boxy at the right, on the moon"
+REGIONAL = (True, 0.7, 0.15, "local", "approximate", "regional")
+TOGETHER = (True, 0.7, 0.15, "local", "approximate", "together")
+
+
+@pytest.fixture(scope="module")
+def world():
+    host.load_extension()
+    model = host.load_model()
+    yield model
+    host.unload_extension()
+
+
+@pytest.fixture
+def folder(world, tmp_path):
+    with host.concepts_folder(tmp_path) as f:
+        host.make_concept(f, "hugsy")
+        host.make_concept(f, "boxy", token="boxy", superclass="box", seed=3)
+        yield f
+
+
+def images(processed):
+    return torch.stack(list(processed.images))
+
+
+@pytest.fixture
+def calls(world, monkeypatch):
+    """Every U-Net forward: (the concepts switched on, batch rows)."""
+    unet = world.model.diffusion_model
+    real, seen = unet.forward, []
+
+    def spy(x, *args, **kwargs):
+        seen.append(([i.concept.token for i in runtime.hooks.activations.items], x.shape[0]))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    return seen
+
+
+def test_two_concepts_compose_region_by_region_by_default(folder, calls):
+    out = host.txt2img(PAIR, batch_size=2, steps=3)
+    info = out.infotexts[0]
+    assert "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.15 beta=0.7 lock=local; composition=regional" in info
+    assert "composition=regional" in info.split("Perfusion defaults:")[1] and out.comments == ""
+    # per step: the base pass on the batch's 2 prompts and 2 unconditional rows, then each concept on the 2 prompts
+    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3
+    together = host.txt2img(PAIR, batch_size=2, steps=3, args=TOGETHER)
+    assert "composition=together projection=approximate" in together.infotexts[0]
+    assert calls[9:] == [(["hugsy", "boxy"], 4)] * 3  # the paper's: one pass, both concepts on
+    assert (images(out) - images(together)).abs().max() > 1e-3
+    assert torch.equal(images(out), images(host.txt2img(PAIR, batch_size=2, steps=3)))  # reproducible
+
+
+def test_each_concept_reads_its_own_clause_and_the_base_reads_superclass_words(folder, monkeypatch):
+    encoded = []
+    real = composition._encode
+
+    def spy(p, model, texts):
+        encoded.extend(texts)
+        return real(p, model, texts)
+
+    monkeypatch.setattr(composition, "_encode", spy)
+    host.txt2img(PAIR)
+    assert sorted(encoded) == sorted(  # the prompt as the WebUI hands it over: each tag left a space
+        [
+            "a photo of  teddy at the left and  box at the right, on the moon",
+            "a photo of  hugsy at the left, on the moon",
+            "boxy at the right, on the moon",
+        ]
+    )
+    twins = runtime_pairs_after(PAIR)
+    (only,) = twins
+    assert only.rows[0] is not None and only.rows[1] is not None and only.rows[0] < only.rows[1]
+
+
+def runtime_pairs_after(prompt):
+    """The twins the composition held during the generation of `prompt` (read inside the sampler)."""
+    held = []
+
+    def sample(params):
+        held.extend(t for _, t in runtime.regional.pairs)
+        return host.unet_sampler(params)
+
+    sd_samplers.sample_hook = sample
+    try:
+        host.txt2img(prompt, steps=1)
+    finally:
+        sd_samplers.sample_hook = host.unet_sampler
+    return held
+
+
+def test_one_concept_and_tag_free_prompts_are_unchanged_and_nothing_stays_on_the_unet(folder, world, calls):
+    single = "a photo of <perfusion:hugsy> hugsy"
+    regional_default = images(host.txt2img(single))
+    assert images(host.txt2img(single, args=TOGETHER)).equal(regional_default)  # one concept: nothing to compose
+    assert all(shape == 2 for _, shape in calls)  # one pass per step
+    base = images(host.txt2img("a photo of hugsy at the left and boxy at the right, on the moon"))
+    host.txt2img(PAIR)
+    assert images(host.txt2img("a photo of hugsy at the left and boxy at the right, on the moon")).equal(base)
+    unet = world.model.diffusion_model
+    assert runtime.regional is None and not unet._forward_hooks and not unet._forward_pre_hooks
+
+
+def test_an_image_whose_prompt_names_one_of_the_two_gets_it_applied_alone(folder, calls):
+    """A batch of two prompts (as a prompts-from-file script makes), the second naming only hugsy: there hugsy is
+    applied as usual (its own pass covers the image) and boxy not at all. Compared at CFG scale 1: composing, the
+    unconditional rows run as the bare model, where the paper's application edits them too (as far as the gate
+    leaks, which the tiny model's random concepts do a lot)."""
+    single = "<perfusion:hugsy> a photo of hugsy on the moon"
+    out = host.txt2img([PAIR, single], batch_size=2, steps=2, cfg_scale=1)
+    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 1)] * 2
+    alone = host.txt2img(single, seed=2, steps=2, cfg_scale=1)  # the batch's second image has the next seed
+    assert torch.allclose(images(out)[1], images(alone)[0], atol=1e-5)
+    base = host.txt2img("a photo of hugsy on the moon", seed=2, steps=2, cfg_scale=1)
+    assert (images(alone) - images(base)).abs().max() > 1e-2  # control: hugsy changes that image
+
+
+def test_an_unreadable_prompt_falls_back_to_together_with_a_warning(folder, monkeypatch, calls):
+    def broken(p, cond):
+        raise ValueError("2 conditioning tensors for 1 prompt texts")
+
+    monkeypatch.setattr(composition, "feed", broken)
+    out = host.txt2img(PAIR, steps=2)
+    assert "could not read this prompt" in out.comments and "applied together" in out.comments
+    assert "composition=together" in out.infotexts[0]
+    assert calls == [(["hugsy", "boxy"], 2)] * 2
+    together = host.txt2img(PAIR, steps=2, args=TOGETHER)
+    assert images(out).equal(images(together))
+
+
+def test_the_choice_comes_back_on_paste_and_from_the_settings(folder):
+    from modules import shared
+
+    from perfusion.webui.script import _pasted
+
+    out = host.txt2img(PAIR, args=TOGETHER)
+    params = infotext_utils.parse_generation_parameters(out.infotexts[0])
+    assert _pasted(params, "composition", str) == "together"  # what the accordion's radio gets on paste
+    shared.opts.data["perfusion_composition"] = "together"
+    try:
+        short = host.txt2img(PAIR, args=(True, 0.7, 0.15, "local", "approximate"))  # an API caller's 5 args
+    finally:
+        shared.opts.data["perfusion_composition"] = "regional"
+    assert "composition=together" in short.infotexts[0]
+
+
+def test_global_locking_reads_each_concepts_own_clause_with_its_superclass_word(folder, monkeypatch):
+    encoded = []
+    real = composition._encode
+
+    def spy(p, model, texts):
+        encoded.extend(texts)
+        return real(p, model, texts)
+
+    monkeypatch.setattr(composition, "_encode", spy)
+    glob = host.txt2img(PAIR.replace("<perfusion:boxy>", "<perfusion:boxy:lock=global>"), steps=2)
+    assert "boxy tau=0.15 beta=0.7 lock=global" in glob.infotexts[0] and glob.comments == ""
+    assert "box at the right, on the moon" in encoded  # boxy's key path; hugsy (local) needs none
+    assert not any(t.startswith("a photo of  teddy at the left,") for t in encoded)
+    local = host.txt2img(PAIR, steps=2)
+    assert (images(glob) - images(local)).abs().max() > 1e-4
