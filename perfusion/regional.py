@@ -139,6 +139,7 @@ class RegionalComposition:
         self.hooks, self.items, self.projection, self.atol = hooks, list(items), projection, atol
         self.pairs: list[tuple[torch.Tensor, Twins]] = []
         self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
+        self.composed = 0  # U-Net calls in which a registered context was found (a host's check that it works)
         self._call: Optional[tuple] = None
         hooks.clear()
         model = hooks.model
@@ -189,6 +190,7 @@ class RegionalComposition:
         matched = [(b, *found) for b in range(context.shape[0]) if (found := self._match(context[b])) is not None]
         if not matched:
             return None
+        self.composed += 1
         base = context.clone()
         for b, twins, fit in matched:
             base[b] = _fit(fit(twins.base.to(base.device, base.dtype)), base.shape[1])

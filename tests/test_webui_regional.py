@@ -170,3 +170,15 @@ def test_global_locking_reads_each_concepts_own_clause_with_its_superclass_word(
     assert not any(t.startswith("a photo of  teddy at the left,") for t in encoded)
     local = host.txt2img(PAIR, steps=2)
     assert (images(glob) - images(local)).abs().max() > 1e-4
+
+
+def test_a_prompt_the_unet_never_sees_is_reported(folder, monkeypatch):
+    """Another extension that rewrites the conditioning on its way to the U-Net: the concepts cannot be composed,
+    and the image says so instead of silently dropping them."""
+    from perfusion import regional
+
+    monkeypatch.setattr(regional.RegionalComposition, "_match", lambda self, e: None)
+    out = host.txt2img(PAIR, steps=2)
+    assert "did not find this prompt's conditioning" in out.comments
+    monkeypatch.undo()
+    assert host.txt2img(PAIR, steps=2).comments == ""  # control: found, nothing said

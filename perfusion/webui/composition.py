@@ -81,6 +81,7 @@ def feed(p: Any, cond: Any) -> int:
         return 0
     composition.pairs.clear()
     composition.reset()
+    composition.composed = 0
     hires = bool(getattr(p, "is_hr_pass", False))
     prompts = list((p.hr_prompts if hires else p.prompts) or [])
     steps = getattr(p, "firstpass_steps", None) or p.steps
@@ -147,3 +148,10 @@ def _encode(p: Any, model: Any, texts: list[str]) -> list[torch.Tensor]:
     cond = model.get_learned_conditioning(SdConditioning(texts, width=p.width, height=p.height))
     (tensor,) = list(host.cond_tensors(cond))
     return list(tensor)
+
+
+def missed() -> bool:
+    """Prompts with concepts were registered for this batch but no U-Net call carried them: the sampler (or another
+    extension) changed the conditioning on its way to the U-Net, and the concepts were not drawn."""
+    composition = runtime.regional
+    return composition is not None and bool(composition.pairs) and composition.composed == 0

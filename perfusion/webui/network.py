@@ -301,3 +301,13 @@ def feed_regional(p: Any, cond: Any) -> None:
         if runtime.key_contexts is not None:
             feed_global_lock(p, cond)
         infotext.record(p, runtime.applied, replace(generation_defaults(p), composition="together"))
+
+
+def check_regional(p: Any) -> None:
+    """After a batch: say so when regional composition never found the prompt in the U-Net's batches."""
+    if composition.missed():
+        warn(
+            p,
+            "regional composition did not find this prompt's conditioning in the sampler's U-Net calls (another "
+            "extension changes it?), so the concepts were not drawn; choose 'together' under Several concepts",
+        )

@@ -103,6 +103,9 @@ class PerfusionScript(scripts.Script):
         network.feed_global_lock(p, kwargs.get("c"))
         network.feed_regional(p, kwargs.get("c"))
 
+    def postprocess_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        network.check_regional(p)
+
 
 def _gate_value(p: Any, name: str, value: Any, allowed: tuple[float, float], fallback: float) -> float:
     """A slider's (or alwayson_scripts') value when it is a number in the range tags accept, else the
