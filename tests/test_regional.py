@@ -232,3 +232,53 @@ def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained):
         composition.detach()
     assert torch.allclose(composed, alone, atol=1e-5)
     assert (alone - model(x, t, context=cond)).abs().max() > 1e-4  # control: the concept does change it
+
+
+def test_the_seam_cuts_every_batch_input_to_the_rows_it_runs_sdxls_vector_too():
+    """A U-Net that also takes one vector per row (SDXL's y): each concept's pass gets its rows' vectors, so the
+    composed rows come out the same in either batch order."""
+    from models import small_unet
+
+    torch.manual_seed(0)
+    unet = small_unet(64, seed=1).requires_grad_(False)
+    unet.num_classes = "sequential"
+    unet.label_emb = torch.nn.Sequential(torch.nn.Linear(12, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128))
+    unet.requires_grad_(False)
+    hooks = attach(unet)
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = torch.randn(2, 77, 64, generator=g), torch.randn(2, 77, 64, generator=g)
+    y = torch.randn(4, 12, generator=g)  # a different vector for every row
+    x, t = torch.randn(2, 4, 8, 8, generator=g).repeat(2, 1, 1, 1), torch.tensor([500] * 4)
+    from concepts import layer_widths, make_concept, random_covariance
+
+    cov = random_covariance(64)
+    # beta -10: the gate open on every row, so each concept's pass changes its rows
+    items = [
+        Activation(make_concept(layer_widths(unet), 64, cov, seed, token=f"word{seed}"), beta=-10.0, tau=1.0)
+        for seed in (3, 4)
+    ]
+    twins = [
+        Twins(torch.randn(77, 64, generator=g), tuple(torch.randn(77, 64, generator=g) for _ in items), (5, 9))
+        for _ in range(2)
+    ]
+    seen = []
+    real = unet.forward
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.shape[0], kwargs["y"].clone()))
+        return real(x, *args, **kwargs)
+
+    unet.forward = spy
+    composition = RegionalComposition(hooks, items)
+    composition.add(cond, twins)
+    try:
+        first = unet(x, t, context=torch.cat([cond, uncond]), y=y)
+        composition.reset()
+        order = [2, 3, 0, 1]
+        second = unet(x[order], t, context=torch.cat([uncond, cond]), y=y[order])
+    finally:
+        composition.detach()
+        del unet.forward
+    assert [n for n, _ in seen] == [4, 2, 2] * 2
+    assert torch.equal(seen[1][1], y[:2]) and torch.equal(seen[4][1], y[:2])  # the prompts' own vectors
+    assert torch.allclose(first[:2], second[2:], atol=1e-5) and torch.allclose(first[2:], second[:2], atol=1e-5)
