@@ -19,15 +19,16 @@ the engine's sampler and every host's.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from .adapter import Adapter, concept_words
+from .concept import Concept
 from .diffusion import ddim_sample
-from .hooks import Activation, Activations, Hooks, KeyContexts, attach
+from .hooks import Activation, Activations, Editor, KeyContexts, attach
 from .masks import QueryKeyCapture, min_max
 from .tokens import whole_word
 
@@ -95,25 +96,42 @@ def base_prompts(prompts: list[str], regions: Sequence[Region]) -> list[str]:
     return out
 
 
+def superclass_rows(
+    text: str, base_rows: Mapping[str, Sequence[int]], concepts: Sequence[Concept]
+) -> tuple[Optional[int], ...]:
+    """Per concept: the row, in the base text (`text` with every concept word as its superclass word), of the
+    superclass word that stands where the concept's word first stands in `text`; None where `text` lacks the word
+    (or the base text has too few occurrences). base_rows: {superclass: the rows of its occurrences in the base
+    text, in order}. Those occurrences come in text order: the ones written in `text`, and the concept words
+    that share the superclass."""
+    out = []
+    for c in concepts:
+        first = whole_word(c.token).search(text)
+        if first is None:
+            out.append(None)
+            continue
+        head = text[: first.start()]
+        before = len(whole_word(c.superclass).findall(head))
+        before += sum(
+            len(whole_word(o.token).findall(head)) for o in concepts if o is not c and o.superclass == c.superclass
+        )
+        rows = list(base_rows.get(c.superclass, []))
+        out.append(rows[before] if before < len(rows) else None)
+    return tuple(out)
+
+
 def mask_rows(adapter: Adapter, prompts: list[str], bases: list[str], regions: Sequence[Region]) -> list[list[int]]:
     """Per region, per image: the base prompt's row of the superclass word that stands where the region's concept
-    word stood (concepts sharing a superclass take its occurrences in the order their words appear)."""
-    _, own_rows = adapter.encode(prompts, concept_words([r.item.concept for r in regions]))
-    _, base_rows = adapter.encode(bases, {r.item.concept.superclass: None for r in regions})
+    word stood (superclass_rows)."""
+    concepts = [r.item.concept for r in regions]
+    _, base_rows = adapter.encode(bases, {c.superclass: None for c in concepts})
     out = [[0] * len(prompts) for _ in regions]
-    for b in range(len(prompts)):
-        by_class: dict[str, list[tuple[int, int]]] = {}
-        for k, r in enumerate(regions):
-            found = own_rows[r.item.concept.token][b]
-            if not found:
-                raise ValueError(
-                    f"prompt {b} ({prompts[b]!r}) does not contain the concept word {r.item.concept.token!r}"
-                )
-            by_class.setdefault(r.item.concept.superclass, []).append((found[0], k))
-        for superclass, members in by_class.items():
-            rows = base_rows[superclass][b]
-            for (_, k), row in zip(sorted(members), rows):
-                out[k][b] = row
+    for b, prompt in enumerate(prompts):
+        rows = superclass_rows(prompt, {s: v[b] for s, v in base_rows.items()}, concepts)
+        for k, row in enumerate(rows):
+            if row is None:
+                raise ValueError(f"prompt {b} ({prompt!r}) does not contain the concept word {concepts[k].token!r}")
+            out[k][b] = row
     return out
 
 
@@ -130,23 +148,45 @@ def _batch_slice(value: Any, index: torch.Tensor, size: int) -> Any:
 
 
 class RegionalComposition:
-    """Forward hooks on `hooks.model` (the diffusion model, called as model(x, t, context=..., ...)) that compose
-    `items` region by region wherever a batch row's context is one added with `add` (module docstring). Rows that
-    match nothing (the unconditional ones) run as the bare model. While attached, the Hooks' own activations stay
-    empty; each concept is switched on only for its own pass. `detach()` removes everything."""
+    """Composes `items` region by region in every call of a diffusion model (model(x, t, context=..., ...)) where a
+    batch row's context is one added with `add` (module docstring); rows that match nothing (the unconditional
+    ones) run as the bare model. `editor` is what edits that model's cross-attention: its activations stay empty,
+    each concept is switched on only for its own pass. The seam is either forward hooks on `model` (given) or the
+    object itself wrapping a forward: `composition(forward, *args, **kwargs)`. `detach()` removes the hooks.
 
-    def __init__(self, hooks: Hooks, items: Sequence[Activation], projection: str = "approximate", atol: float = 1e-3):
-        self.hooks, self.items, self.projection, self.atol = hooks, list(items), projection, atol
+    The masks start again whenever the timestep goes up or the latent size changes (a new image, a hires pass);
+    `pairs` keeps the newest `limit` registrations (None: all; a long-lived host that never clears them)."""
+
+    def __init__(
+        self,
+        editor: Editor,
+        items: Sequence[Activation],
+        projection: str = "approximate",
+        *,
+        model: Optional[torch.nn.Module] = None,
+        limit: Optional[int] = None,
+        atol: float = 1e-3,
+    ):
+        self.editor, self.items, self.projection, self.atol, self.limit = editor, list(items), projection, atol, limit
         self.pairs: list[tuple[torch.Tensor, Twins]] = []
         self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
         self.composed = 0  # U-Net calls in which a registered context was found (a host's check that it works)
         self._call: Optional[tuple] = None
-        hooks.clear()
-        model = hooks.model
-        self._handles = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.register_forward_hook(self._after, with_kwargs=True),
-        ]
+        self._last_t: Optional[float] = None
+        editor.clear()
+        self._handles = []
+        if model is not None:
+            self._handles = [
+                model.register_forward_pre_hook(lambda m, a, kw: self._before(a, kw), with_kwargs=True),
+                model.register_forward_hook(lambda m, a, kw, out: self._after(m.forward, out), with_kwargs=True),
+            ]
+
+    def __call__(self, forward: Callable, *args: Any, **kwargs: Any) -> Any:
+        """forward(*args, **kwargs) composed (the seam for a host that swaps the model's forward)."""
+        replaced = self._before(args, kwargs)
+        out = forward(*args, **kwargs) if replaced is None else forward(*replaced[0], **replaced[1])
+        composed = self._after(forward, out)
+        return out if composed is None else composed
 
     def add(self, context: torch.Tensor, twins: Sequence[Twins]) -> None:
         """Register a batch of prompts' contexts [B, N, d] with one Twins each."""
@@ -156,6 +196,8 @@ class RegionalComposition:
             if len(t.own) != len(self.items) or len(t.rows) != len(self.items):
                 raise ValueError(f"twins for {len(t.own)} regions, {len(self.items)} concepts composed")
             self.pairs.append((c.detach(), t))
+        if self.limit is not None:
+            del self.pairs[: max(0, len(self.pairs) - self.limit)]
 
     def reset(self) -> None:
         """Forget the masks (a new generation)."""
@@ -182,25 +224,33 @@ class RegionalComposition:
             return twins, lambda t, tail=e[n:]: torch.cat([t.to(tail), tail])
         return None
 
-    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+    def _before(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        """The call's arguments with the base prompt in the registered rows (None: leave the call alone)."""
         self._call = None
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        if context is None or self.hooks.activations.items:
+        if context is None or self.editor.activations.items:
             return None  # not a text-conditioned call, or someone switched concepts on: leave it alone
         matched = [(b, *found) for b in range(context.shape[0]) if (found := self._match(context[b])) is not None]
         if not matched:
             return None
+        t = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+        if isinstance(t, torch.Tensor) and t.numel():
+            now = float(t.max())
+            if self._last_t is not None and now > self._last_t:  # the sampler starts again: a new image
+                self.running.clear()
+            self._last_t = now
         self.composed += 1
         base = context.clone()
         for b, twins, fit in matched:
             base[b] = _fit(fit(twins.base.to(base.device, base.dtype)), base.shape[1])
-        capture = QueryKeyCapture(self.hooks.layers).__enter__()
+        capture = QueryKeyCapture(self.editor.layers).__enter__()
         self._call = (args, kwargs, context, matched, capture)
         if "context" in kwargs:
             return args, {**kwargs, "context": base}
         return (*args[:2], base, *args[3:]), kwargs
 
-    def _after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any):
+    def _after(self, forward: Callable, output: Any) -> Any:
+        """The call's output with the registered rows composed (None: unchanged)."""
         if self._call is None:
             return None
         args, kwargs, context, matched, capture = self._call
@@ -222,7 +272,7 @@ class RegionalComposition:
                 continue
             full = output[[b for b, _, _ in matched]].clone()
             for mine in groups.values():
-                full[mine] = self._own_pass(module, args, kwargs, context, [matched[j] for j in mine], k).to(full)
+                full[mine] = self._own_pass(forward, args, kwargs, context, [matched[j] for j in mine], k).to(full)
             mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
             mask[[j for mine in groups.values() for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
             for j, (_, twins, _) in enumerate(matched):
@@ -237,7 +287,7 @@ class RegionalComposition:
         out[index] = blend(output[index], preds, weights)
         return out
 
-    def _own_pass(self, module, args: tuple, kwargs: dict, context: torch.Tensor, rows: list, k: int) -> torch.Tensor:
+    def _own_pass(self, forward: Callable, args: tuple, kwargs: dict, context: torch.Tensor, rows: list, k: int):
         """The U-Net's prediction for the batch rows `rows` (matched entries) with concept k's own prompt and only
         its edit on."""
         item = self.items[k]
@@ -253,11 +303,11 @@ class RegionalComposition:
             sub_kwargs["context"] = own
         else:
             sub_args = (*sub_args[:2], own, *sub_args[3:])
-        self.hooks.activate(Activations([item], self.projection, keys))
+        self.editor.activate(Activations([item], self.projection, keys))
         try:
-            return module.forward(*sub_args, **sub_kwargs)
+            return forward(*sub_args, **sub_kwargs)
         finally:
-            self.hooks.clear()
+            self.editor.clear()
 
     def _masks(self, capture: QueryKeyCapture, matched: list, size: tuple) -> torch.Tensor:
         """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown), from the
@@ -327,7 +377,7 @@ def generate_regional(
         )
         for b in range(n)
     ]
-    composition = RegionalComposition(hooks, items, projection)
+    composition = RegionalComposition(hooks, items, projection, model=hooks.model)
     composition.add(cond, twins)
     try:
         latents = ddim_sample(

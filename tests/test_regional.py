@@ -20,6 +20,7 @@ from perfusion.regional import (
     generate_regional,
     mask_rows,
     own_prompt,
+    superclass_rows,
 )
 from perfusion.train import TrainConfig, Trainer
 
@@ -82,6 +83,21 @@ def test_own_prompt_keeps_the_concepts_clause_and_the_shared_ones():
     assert own_prompt("a hugsy at the left and a boxy at the right", "boxy", ["hugsy"]) == "a boxy at the right"
 
 
+def test_superclass_rows_count_the_written_superclass_words_and_the_concepts_sharing_it():
+    from concepts import make_concept, random_covariance
+
+    cov = random_covariance(8)
+    hugsy, boxy, mochi = (
+        make_concept({}, 8, cov, s, token=t, superclass=sup)
+        for s, (t, sup) in enumerate((("hugsy", "teddy"), ("boxy", "teddy"), ("mochi", "cat")))
+    )
+    text = "a Teddy beside hugsy, a cat and boxy"  # base: "a teddy beside teddy, a cat and teddy"
+    rows = superclass_rows(text, {"teddy": [2, 4, 9], "cat": [7]}, [hugsy, boxy, mochi])
+    assert rows == (4, 9, None)  # mochi's word is not in the text
+    assert superclass_rows("boxy then hugsy", {"teddy": [1, 3]}, [hugsy, boxy]) == (3, 1)  # text order, not list order
+    assert superclass_rows("hugsy and boxy", {"teddy": [1]}, [hugsy, boxy]) == (1, None)  # too few in the base
+
+
 def _regions(c):
     return [
         Region(Activation(c["hugsy"], 0.6, 0.15), ["a hugsy at the left"] * 2),
@@ -137,7 +153,7 @@ def _composition(adapter, c, prompts):
     rows = mask_rows(adapter, prompts, bases, regions)
     own = [adapter.encode(r.prompts[: len(prompts)], concept_words([r.item.concept]))[0] for r in regions]
     twins = [Twins(base[b], (own[0][b], own[1][b]), (rows[0][b], rows[1][b])) for b in range(len(prompts))]
-    composition = RegionalComposition(hooks, [r.item for r in regions])
+    composition = RegionalComposition(hooks, [r.item for r in regions], model=hooks.model)
     composition.add(cond, twins)
     return composition, cond
 
@@ -181,6 +197,14 @@ def test_the_seam_keeps_the_masks_per_row_and_starts_again_at_a_new_size(trained
         assert composition.running[0].shape == (2, 8, 8) and (composition.running[0] - first).abs().min() > 0
         model(torch.randn(1, 4, 16, 16), torch.tensor([300]), context=cond)  # a hires pass: masks start again
         assert composition.running[0].shape == (2, 16, 16)
+        x = torch.randn(1, 4, 16, 16)
+        model(x, torch.tensor([200]), context=cond)
+        accumulated = composition.running[0].clone()
+        model(x, torch.tensor([900]), context=cond)  # the timestep goes up: the next image, masks start again
+        restarted = composition.running[0].clone()
+        composition.reset()
+        model(x, torch.tensor([900]), context=cond)
+        assert torch.allclose(restarted, composition.running[0]) and not torch.allclose(accumulated, restarted)
     finally:
         composition.detach()
     assert composition.running == {}
@@ -224,7 +248,7 @@ def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained):
     finally:
         hooks.clear()
     base, _ = adapter.encode(["a toy on a table"])
-    composition = RegionalComposition(hooks, items)
+    composition = RegionalComposition(hooks, items, model=hooks.model)
     composition.add(cond, [Twins(base[0], (cond[0], None), (None, None))])
     try:
         composed = model(x, t, context=cond)
@@ -269,7 +293,7 @@ def test_the_seam_cuts_every_batch_input_to_the_rows_it_runs_sdxls_vector_too():
         return real(x, *args, **kwargs)
 
     unet.forward = spy
-    composition = RegionalComposition(hooks, items)
+    composition = RegionalComposition(hooks, items, model=hooks.model)
     composition.add(cond, twins)
     try:
         first = unet(x, t, context=torch.cat([cond, uncond]), y=y)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..hooks import Activation, Hooks
-from ..regional import RegionalComposition, Twins, own_prompt
+from ..regional import RegionalComposition, Twins, own_prompt, superclass_rows
 from ..tokens import whole_word
 from . import host
 from .adapter import adapter_for
@@ -26,7 +26,7 @@ from .state import runtime
 
 def start(hooks: Hooks, items: Sequence[Activation], projection: str) -> RegionalComposition:
     stop()
-    runtime.regional = RegionalComposition(hooks, items, projection)
+    runtime.regional = RegionalComposition(hooks, items, projection, model=hooks.model)
     return runtime.regional
 
 
@@ -46,30 +46,6 @@ def entry_texts(prompts: list[str], steps: int, hires_steps: Optional[int]) -> l
         flat, steps, hires_steps, host.webui_option("use_old_scheduling", False)
     )
     return [text for indexes in res_indexes for index, _ in indexes for _, text in schedules[index]]
-
-
-def superclass_row(
-    text_rows: dict[str, list[int]], base_rows: dict[str, list[int]], items: Sequence[Activation], k: int
-) -> Optional[int]:
-    """The base text's row of the superclass word that stands where concept k's word first stands in the text.
-
-    text_rows: rows of each concept word and each superclass word in the text (the user may write a superclass
-    word too); base_rows: rows of each superclass word in the base text (every concept word replaced by its
-    superclass). The base text's occurrences of a superclass come in text order: the user's own, and the concepts'
-    that share it."""
-    concept = items[k].concept
-    mine = text_rows.get(concept.token) or []
-    if not mine:
-        return None
-    before = sum(row < mine[0] for row in text_rows.get(concept.superclass, []))
-    before += sum(
-        row < mine[0]
-        for j, item in enumerate(items)
-        if j != k and item.concept.superclass == concept.superclass
-        for row in text_rows.get(item.concept.token, [])
-    )
-    rows = base_rows.get(concept.superclass, [])
-    return rows[before] if before < len(rows) else None
 
 
 def feed(p: Any, cond: Any) -> int:
@@ -130,14 +106,13 @@ def feed(p: Any, cond: Any) -> int:
 
 
 def _rows(adapter: Any, items: Sequence[Activation], text: str, base: str, present: list[int]) -> tuple:
-    """Per concept: its superclass row in `base`; None where `text` lacks it; and for the one concept of a text
-    that holds only one, None too (its own pass then covers the whole image: the concept applied as usual)."""
+    """Per concept: its superclass row in `base` (regional.superclass_rows); all None for a text that holds only
+    one concept (its own pass then covers the whole image: the concept applied as usual)."""
     if len(present) < 2:
         return tuple(None for _ in items)
-    words = {i.concept.token: True for i in items} | {i.concept.superclass: False for i in items}
-    text_rows = {w: adapter.rows(text, w, is_embedding) for w, is_embedding in words.items()}
-    base_rows = {i.concept.superclass: adapter.rows(base, i.concept.superclass, False) for i in items}
-    return tuple(superclass_row(text_rows, base_rows, items, k) if k in present else None for k in range(len(items)))
+    concepts = [i.concept for i in items]
+    base_rows = {c.superclass: adapter.rows(base, c.superclass, False) for c in concepts}
+    return superclass_rows(text, base_rows, concepts)
 
 
 @torch.no_grad()
