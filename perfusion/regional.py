@@ -75,6 +75,56 @@ def own_prompt(prompt: str, word: str, others: Sequence[str]) -> str:
     return "".join(s + p for s, p in zip(seps, kept)).strip()
 
 
+@dataclass(frozen=True)
+class TwinPlan:
+    """The texts regional composition encodes for one prompt text that names concepts: `base` (every concept word
+    as its superclass word), `own` {concept index: its clause} and, for globally locked ones, `keys` {index: the
+    clause with its word as the superclass word, what its keys read}."""
+
+    text: str
+    base: str
+    own: dict[int, str]
+    keys: dict[int, str]
+
+    def texts(self) -> set[str]:
+        return {self.base, *self.own.values(), *self.keys.values()}
+
+    def twins(
+        self, encoded: Mapping[str, torch.Tensor], base_rows: Mapping[str, Sequence[int]], items: Sequence[Activation]
+    ) -> Twins:
+        """The Twins from each text's encoding [N, d] and the base text's superclass rows. A text that names one
+        concept gets no mask row: its own pass covers the image (the concept applied as usual). In a text that
+        names several, a concept whose superclass row is not found sits it out."""
+        n = len(items)
+        rows: tuple[Optional[int], ...] = (None,) * n
+        own = dict(self.own)
+        if len(own) > 1:
+            rows = superclass_rows(self.text, base_rows, [i.concept for i in items])
+            own = {k: t for k, t in own.items() if rows[k] is not None}
+        return Twins(
+            encoded[self.base],
+            tuple(encoded[own[k]] if k in own else None for k in range(n)),
+            rows,
+            tuple(encoded[self.keys[k]] if k in self.keys and k in own else None for k in range(n)),
+        )
+
+
+def plan_twins(text: str, items: Sequence[Activation]) -> Optional[TwinPlan]:
+    """What to encode for `text`; None when it names none of the concepts (it runs as the bare model)."""
+    tokens = [i.concept.token for i in items]
+    present = [k for k, t in enumerate(tokens) if whole_word(t).search(text)]
+    if not present:
+        return None
+    base = text
+    for item in items:
+        base = whole_word(item.concept.token).sub(item.concept.superclass, base)
+    own = {k: own_prompt(text, tokens[k], [tokens[j] for j in present if j != k]) for k in present}
+    keys = {
+        k: whole_word(tokens[k]).sub(items[k].concept.superclass, own[k]) for k in present if items[k].lock == "global"
+    }
+    return TwinPlan(text, base, own, keys)
+
+
 def blend(base: torch.Tensor, own: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """(1 - sum M_k) base + sum M_k own_k for predictions [n, C, h, w] and masks [n, h, w] in [0, 1]; where the
     masks add up to more than 1 they are scaled down to sum 1."""

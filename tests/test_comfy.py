@@ -115,7 +115,7 @@ def test_two_chained_loaders_equal_the_engines_two_concept_edit(world):
     adapter, model, clip, _, concepts = world
     for projection in ("approximate", "exact"):
         m1, c1 = load(model, clip, "hugsy.safetensors", tau=0.2, beta=0.6)
-        m2, c2 = load(m1, c1, "boxy.safetensors", projection=projection)
+        m2, c2 = load(m1, c1, "boxy.safetensors", projection=projection, composition="together")
         assert [a.concept.token for a in patch.applied(m2)] == ["hugsy", "boxy"]
         chained = denoise(m2, c2)
         model_management.load_models_gpu([model])  # the base again: the shared U-Net unpatched
@@ -339,7 +339,56 @@ def test_global_lock_pairs_the_prompt_with_its_superclass_twin_as_the_engine_doe
         reference = adapter.diffusion_model(x, torch.tensor([500]), context=context)
     torch.testing.assert_close(chained, reference, rtol=1e-5, atol=1e-5)
     # a later local loader in the chain keeps the global concept's pairing
-    m2, c2 = load(m, c, "boxy.safetensors")
+    m2, c2 = load(m, c, "boxy.safetensors", composition="together")
     assert patch.key_contexts(m2) is patch.key_contexts(m)
     assert isinstance(c2.tokenize("a photo of hugsy and boxy"), text.TwinTokens)
+    # composed, the global concept's keys read its clause with the superclass word, registered with the prompt
+    m3, c3 = load(m, c, "boxy.safetensors")
+    denoise(m3, c3)
+    ((_, twins),) = patch.composition(m3).pairs
+    assert twins.own_keys[0] is not None and twins.own_keys[1] is None  # hugsy global, boxy local
+    # and a loader after the composed chain that applies them together pairs again
+    m4, c4 = load(m3, c3, "boxy.safetensors", tau=0.3, composition="together")
+    assert patch.key_contexts(m4) is not None and c4.tokenize("a photo of hugsy").twin is not None
+    assert torch.equal(denoise(model, clip), denoise(model, clip))  # the inputs untouched
+
+
+def test_two_chained_loaders_compose_region_by_region_as_the_engine_does(world, caplog):
+    """composition=regional (the default): the chain's CLIP registers the prompt with its twins when it encodes it,
+    the MODEL's U-Net forward composes; the result equals the engine's RegionalComposition with the same texts."""
+    from perfusion.regional import RegionalComposition, Twins
+
+    adapter, model, clip, _, concepts = world
+    m1, c1 = load(model, clip, "hugsy.safetensors")
+    assert patch.composition(m1) is None  # one concept: nothing to compose
+    m2, c2 = load(m1, c1, "boxy.safetensors")
+    composed = patch.composition(m2)
+    assert composed is not None and [a.concept.token for a in patch.applied(m2)] == ["hugsy", "boxy"]
+    with caplog.at_level("WARNING", logger="perfusion"):
+        unregistered = denoise(m2, clip)  # encoded with a CLIP that does not know the concepts
+    assert "connect that CLIP" in caplog.text and composed.composed == 0
+    chained = denoise(m2, c2)
+    assert len(composed.pairs) == 1 and composed.composed == 1
+    assert (chained - unregistered).abs().max() > 1e-4
+    model_management.load_models_gpu([model])  # the base again: the shared U-Net unpatched
+    words = {t: c.embedding for t, c in concepts.items()}
+    context, _ = adapter.encode([PROMPT], words)
+    base, rows = adapter.encode(["a photo of teddy and box on the moon"], {"teddy": None, "box": None})
+    own = [adapter.encode([t], words)[0][0] for t in ("a photo of hugsy", "boxy on the moon")]
+    items = [Activation(concepts["hugsy"]), Activation(concepts["boxy"])]
+    hooks = attach(adapter.diffusion_model)
+    reference_composition = RegionalComposition(hooks, items, model=adapter.diffusion_model)
+    reference_composition.add(context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]))])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    try:
+        with torch.no_grad():
+            reference = adapter.diffusion_model(x, torch.tensor([500]), context=context)
+    finally:
+        reference_composition.detach()
+        hooks.detach()
+    torch.testing.assert_close(chained, reference, rtol=1e-5, atol=1e-5)
+    together, _ = load(m1, c1, "boxy.safetensors", composition="together")
+    assert patch.composition(together) is None and patch.UNET_FORWARD not in together.object_patches
+    assert (denoise(together, c2) - chained).abs().max() > 1e-4
     assert torch.equal(denoise(model, clip), denoise(model, clip))  # the inputs untouched

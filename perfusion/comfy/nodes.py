@@ -12,11 +12,11 @@ from typing import Any
 
 from ..concept import Concept, ConceptError, is_concept_file, load_concept
 from ..hooks import Activation, KeyContexts
-from ..options import BETA_RANGE, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
+from ..options import BETA_RANGE, COMPOSITION, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
 from . import patch, text
 
 FOLDER = "perfusion"  # folder_paths name; ComfyUI/models/perfusion by default
-MAX_PAIRS = 64  # (prompt, twin) encodings kept for global locking: the prompts of recent workflows
+MAX_PAIRS = 64  # prompt encodings kept with their twins (global locking, regional composition): recent workflows
 log = logging.getLogger("perfusion")
 
 
@@ -122,7 +122,16 @@ class PerfusionConceptLoader:
                 ),
                 "projection": (
                     list(PROJECTIONS),
-                    {"default": "approximate", "tooltip": "How the concepts of a chain share one edit."},
+                    {"default": "approximate", "tooltip": "How the concepts of a chain share one edit (together)."},
+                ),
+                "composition": (
+                    list(COMPOSITIONS),
+                    {
+                        "default": COMPOSITION,
+                        "tooltip": "Two or more concepts in a chain: regional draws each from its own clause of the "
+                        "prompt (split at commas and 'and') where the model puts its superclass word; together is "
+                        "the paper's one edit. The last loader's choice holds for the chain; encode with its CLIP.",
+                    },
                 ),
             },
         }
@@ -140,10 +149,14 @@ class PerfusionConceptLoader:
         beta: float,
         lock: str = "auto",
         projection: str = "approximate",
+        composition: str = COMPOSITION,
     ):
         path, concept = self.reader.read(concept_name)
-        if lock not in LOCK_CHOICES or projection not in PROJECTIONS:
-            raise ValueError(f"{concept_name}: lock must be one of {LOCK_CHOICES} and projection one of {PROJECTIONS}")
+        if lock not in LOCK_CHOICES or projection not in PROJECTIONS or composition not in COMPOSITIONS:
+            raise ValueError(
+                f"{concept_name}: lock must be one of {LOCK_CHOICES}, projection one of {PROJECTIONS} and "
+                f"composition one of {COMPOSITIONS}"
+            )
         for other in patch.applied(model):
             if other.concept.token.lower() == concept.token.lower() and other.concept.name != concept.name:
                 raise ValueError(
@@ -153,12 +166,12 @@ class PerfusionConceptLoader:
         activation = Activation(concept, beta=beta or None, tau=tau or None, lock=activation_lock(lock))
         lock = activation.lock  # auto: the concept's own
         contexts = patch.key_contexts(model)
-        if contexts is None and lock == "global":
-            contexts = KeyContexts(limit=MAX_PAIRS)
+        if contexts is None and any(a.lock == "global" for a in [*patch.applied(model), activation]):
+            contexts = KeyContexts(limit=MAX_PAIRS)  # also after a composed chain, which pairs nothing
         words = frozenset({concept.token.lower()} if lock == "global" else ())
         try:
-            patched = patch.with_concepts(model, [activation], projection, contexts)
-            taught = text.with_words(clip, [concept], words, contexts)
+            patched = patch.with_concepts(model, [activation], projection, contexts, composition, MAX_PAIRS)
+            taught = text.with_words(clip, [concept], words, contexts, patch.composition(patched))
         except ConceptError as e:
             raise type(e)(f"{path}: {e}") from None
         skip = 1 if clip.layer_idx is None else -int(clip.layer_idx)

@@ -3,18 +3,23 @@
 The patcher applies object patches to the shared U-Net when the clone is loaded and restores them when
 another one is, so the input MODEL keeps its output (as a LoRA's clone does). The swapped forward calls the
 module's own forward (ComfyUI's cast or offloaded Linear, weight patches included) and then the engine's edit.
+With several concepts composed region by region, the U-Net's own forward is swapped too: a ComposedForward that
+runs the engine's RegionalComposition around it (the prompts registered by the loader's CLIP, text.py).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 
 from ..hooks import Activation, Activations, Editor, KeyContexts, find_cross_attention
-from ..options import Projection
+from ..options import Composition, Projection
+from ..regional import RegionalComposition
 
+log = logging.getLogger("perfusion")
 UNET = "diffusion_model"  # the U-Net's attribute on the patcher's model (comfy.model_base.BaseModel)
 
 
@@ -33,8 +38,28 @@ class PatchedForward:
         return y if edited is None else edited
 
 
+class ComposedForward:
+    """What the U-Net's forward runs while the clone is loaded: `original`, composed region by region."""
+
+    def __init__(self, composition: RegionalComposition, original: Callable[..., torch.Tensor]):
+        self.composition, self.original = composition, original
+        self.warned = False
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        if not self.composition.pairs and not self.warned:
+            self.warned = True
+            log.warning(
+                "Perfusion: no prompt naming the concepts was encoded with the last concept loader's CLIP, so they "
+                "are not drawn; connect that CLIP to the text encode nodes"
+            )
+        return self.composition(self.original, *args, **kwargs)
+
+
 def _forward_key(layer: str, attr: str) -> str:
     return f"{UNET}.{layer}.{attr}.forward"
+
+
+UNET_FORWARD = f"{UNET}.forward"
 
 
 def layers(model: Any) -> dict[str, torch.nn.Module]:
@@ -50,9 +75,16 @@ def _activations(model: Any) -> Activations:
     return Activations()
 
 
+def composition(model: Any) -> Optional[RegionalComposition]:
+    """The MODEL's regional composition (several concepts, composed region by region), if any."""
+    patched = getattr(model, "object_patches", {}).get(UNET_FORWARD)
+    return patched.composition if isinstance(patched, ComposedForward) else None
+
+
 def applied(model: Any) -> list[Activation]:
     """The concepts a MODEL already applies (put there by earlier loaders), in order."""
-    return list(_activations(model).items)
+    composed = composition(model)
+    return list(composed.items) if composed is not None else list(_activations(model).items)
 
 
 def key_contexts(model: Any) -> Optional[KeyContexts]:
@@ -61,19 +93,36 @@ def key_contexts(model: Any) -> Optional[KeyContexts]:
 
 
 def with_concepts(
-    model: Any, added: list[Activation], projection: Projection = "approximate", contexts: Optional[KeyContexts] = None
+    model: Any,
+    added: list[Activation],
+    projection: Projection = "approximate",
+    contexts: Optional[KeyContexts] = None,
+    compose: Composition = "together",
+    limit: Optional[int] = None,
 ) -> Any:
-    """A clone of `model` applying its concepts and `added` in one edit (an added concept whose word is
-    already applied replaces it). Validated first: ConceptMismatch names a concept that does not fit, and
-    nothing is cloned. `model` itself is not changed."""
+    """A clone of `model` applying its concepts and `added` (an added concept whose word is already applied
+    replaces it): in one edit, or with compose "regional" and two or more concepts, region by region (the clone's
+    `composition(clone)` then takes the prompts; `limit` caps how many it keeps). Validated first:
+    ConceptMismatch names a concept that does not fit, and nothing is cloned. `model` itself is not changed."""
     found = layers(model)
     words = {a.concept.token.lower() for a in added}
     prior = [a for a in applied(model) if a.concept.token.lower() not in words]
     items = prior + list(added)
     if not any(a.lock == "global" for a in items):
         contexts = None
-    editor = Editor(found, Activations(items, projection, contexts), cache_rows=False)
+    composed = None
+    if compose == "regional" and len(items) > 1:
+        editor = Editor(found, Activations([], projection), cache_rows=False)
+        composed = RegionalComposition(editor, items, projection, limit=limit)
+    else:
+        editor = Editor(found, Activations(items, projection, contexts), cache_rows=False)
     clone = model.clone()
+    current = model.get_model_object(UNET_FORWARD)
+    unet_forward = current.original if isinstance(current, ComposedForward) else current
+    if composed is not None:
+        clone.add_object_patch(UNET_FORWARD, ComposedForward(composed, unet_forward))
+    elif isinstance(current, ComposedForward):  # the chain composed so far; this loader applies them together
+        del clone.object_patches[UNET_FORWARD]
     for layer in found:
         for kind, attr in (("k", "to_k"), ("v", "to_v")):
             key = _forward_key(layer, attr)

@@ -16,7 +16,8 @@ import torch
 
 from ..concept import Concept
 from ..hooks import ConceptMismatch, KeyContexts
-from ..tokens import MAX_EMBEDDING_ROWS, whole_word
+from ..regional import RegionalComposition, plan_twins
+from ..tokens import MAX_EMBEDDING_ROWS, content_positions, whole_word, word_rows
 
 log = logging.getLogger("perfusion")
 IDENTIFIER = "embedding:"  # SDTokenizer.embedding_identifier
@@ -67,18 +68,24 @@ def _taught_encoder(encoder: Any, table: dict[str, torch.Tensor]) -> Any:
 
 class TwinTokens(dict):
     """Tokens (the host's dict) that also carry `twin`: the same prompt with each globally locked concept's
-    word replaced by its superclass, for the keys to read (global key-locking)."""
+    word replaced by its superclass, for the keys to read (global key-locking); and, for regional composition,
+    `text`: the prompt they were made from."""
 
     twin: Any = None
+    text: Optional[str] = None
 
 
 class TaughtTokenizer:
     """A CLIP tokenizer that knows concept words, over the untaught `base` (which stays as it was).
 
-    global_words: the words whose concepts lock globally; prompts holding one also get the twin tokens."""
+    global_words: the words whose concepts lock globally; prompts holding one also get the twin tokens.
+    keep_text: prompts holding a concept word carry their text (regional composition encodes its twins)."""
 
-    def __init__(self, base: Any, concepts: list[Concept], global_words: frozenset[str] = frozenset()):
+    def __init__(
+        self, base: Any, concepts: list[Concept], global_words: frozenset[str] = frozenset(), keep_text: bool = False
+    ):
         self.base, self.concepts, self.global_words = base, list(concepts), frozenset(global_words)
+        self.keep_text = keep_text
         self._patterns = [(whole_word(c.token), _KEY.format(n)) for n, c in enumerate(self.concepts)]
         subs = encoders(base)
         if "" in subs:
@@ -99,6 +106,10 @@ class TaughtTokenizer:
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         tokens = self._taught.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)
+        if self.keep_text and isinstance(tokens, dict) and any(p.search(text) for p, _ in self._patterns):
+            out = TwinTokens(tokens)
+            out.text = text
+            return out
         locked = [
             (pattern, c)
             for c, (pattern, _) in zip(self.concepts, self._patterns)
@@ -136,22 +147,60 @@ def with_words(
     added: list[Concept],
     global_words: frozenset[str] = frozenset(),
     key_contexts: Optional[KeyContexts] = None,
+    composition: Optional[RegionalComposition] = None,
 ) -> Any:
     """A clone of `clip` whose tokenizer knows the words of its concepts and of `added` (a concept whose word
     is already taught replaces it). Raises ConceptMismatch before cloning when a word's vectors do not fit.
 
     global_words + key_contexts: prompts with those words are encoded twice, and each encoding is paired in
-    `key_contexts` with its superclass twin (the MODEL's keys read the twin: global key-locking)."""
+    `key_contexts` with its superclass twin (the MODEL's keys read the twin: global key-locking).
+    composition: the MODEL's regional composition; every prompt naming a concept is registered there with its
+    twins when encoded (and global locking reads the twins, not key_contexts)."""
     tokens = {c.token.lower() for c in added}
     concepts = [c for c in taught_concepts(clip) if c.token.lower() not in tokens] + list(added)
     old = clip.tokenizer.global_words if isinstance(clip.tokenizer, TaughtTokenizer) else frozenset()
     words = (old - tokens) | frozenset(w.lower() for w in global_words)
-    tokenizer = TaughtTokenizer(untaught(clip.tokenizer), concepts, words if key_contexts is not None else frozenset())
+    pairing = key_contexts is not None and composition is None
+    tokenizer = TaughtTokenizer(  # composing, the words are kept for a later loader that does not compose
+        untaught(clip.tokenizer), concepts, words, keep_text=composition is not None
+    )
     clone = clip.clone()
     clone.tokenizer = tokenizer
-    if key_contexts is not None and words:
-        clone.encode_from_tokens = _pairing(type(clone).encode_from_tokens.__get__(clone), key_contexts)
+    encode = type(clone).encode_from_tokens.__get__(clone)
+    if composition is not None:
+        clone.encode_from_tokens = _composing(encode, composition, tokenizer)
+    elif pairing and words:
+        clone.encode_from_tokens = _pairing(encode, key_contexts)
     return clone
+
+
+def _composing(encode: Callable, composition: RegionalComposition, tokenizer: TaughtTokenizer) -> Callable:
+    """CLIP.encode_from_tokens that registers each prompt naming a concept with its twins (regional.plan_twins:
+    the base prompt, each concept's clause, the base prompt's superclass rows) in `composition`."""
+
+    def encode_from_tokens(tokens, return_pooled=False, return_dict=False):
+        out = encode(tokens, return_pooled=return_pooled, return_dict=return_dict)
+        plan = plan_twins(tokens.text, composition.items) if getattr(tokens, "text", None) else None
+        if plan is not None:
+            cond = out["cond"] if return_dict else out[0] if return_pooled else out
+            encoded = {t: encode(tokenizer.tokenize_with_weights(t))[0] for t in plan.texts()}
+            base_rows = {}
+            if len(plan.own) > 1:
+                chunks = _token_ids(untaught(tokenizer).tokenize_with_weights(plan.base))
+                for superclass in {i.concept.superclass for i in composition.items}:
+                    word = _token_ids(untaught(tokenizer).tokenize_with_weights(superclass))[0]
+                    ids = [word[p] for p in content_positions(word)]
+                    base_rows[superclass] = [r[-1] for r in word_rows(chunks, ids, len(chunks[0]))]
+            composition.add(cond[:1], [plan.twins(encoded, base_rows, composition.items)])
+        return out
+
+    return encode_from_tokens
+
+
+def _token_ids(tokens: dict) -> list[list[int]]:
+    """The first text encoder's token ids per chunk ({"l": [[(id, weight, ...), ...], ...]} -> [[id, ...]])."""
+    first = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
+    return [[int(t[0]) if not isinstance(t[0], torch.Tensor) else -1 for t in chunk] for chunk in first]
 
 
 def _pairing(encode: Callable, key_contexts: KeyContexts) -> Callable:

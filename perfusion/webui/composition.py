@@ -17,8 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..hooks import Activation, Hooks
-from ..regional import RegionalComposition, Twins, own_prompt, superclass_rows
-from ..tokens import whole_word
+from ..regional import RegionalComposition, plan_twins
 from . import host
 from .adapter import adapter_for
 from .state import runtime
@@ -70,49 +69,17 @@ def feed(p: Any, cond: Any) -> int:
     if len(texts) != len(originals):
         raise ValueError(f"{len(originals)} conditioning tensors for {len(texts)} prompt texts")
     items = composition.items
-    tokens = [i.concept.token for i in items]
-    plans = []  # (original [N, d], texts to encode, the text) per tensor with a concept word in it
-    for text, original in zip(texts, originals):
-        present = [k for k, t in enumerate(tokens) if whole_word(t).search(text)]
-        if not present:
-            continue
-        base = text
-        for item in items:
-            base = whole_word(item.concept.token).sub(item.concept.superclass, base)
-        own = {k: own_prompt(text, tokens[k], [tokens[j] for j in present if j != k]) for k in present}
-        keys = {
-            k: whole_word(tokens[k]).sub(items[k].concept.superclass, own[k])
-            for k in present
-            if items[k].lock == "global"
-        }
-        plans.append((original, text, base, own, keys))
+    plans = [(original, plan) for text, original in zip(texts, originals) if (plan := plan_twins(text, items))]
     if not plans:
         return 0
-    wanted = sorted({t for _, _, base, own, keys in plans for t in (base, *own.values(), *keys.values())})
+    wanted = sorted({t for _, plan in plans for t in plan.texts()})
     encoded = dict(zip(wanted, _encode(p, model, wanted)))
     adapter = adapter_for(model)
-    for original, text, base, own, keys in plans:
-        rows = _rows(adapter, items, text, base, list(own))
-        if len(own) > 1:  # a concept whose superclass word was not found in the base text sits this one out
-            own = {k: o for k, o in own.items() if rows[k] is not None}
-        twins = Twins(
-            encoded[base],
-            tuple(encoded[own[k]] if k in own else None for k in range(len(items))),
-            rows,
-            tuple(encoded[keys[k]] if k in keys else None for k in range(len(items))),
-        )
-        composition.add(original[None], [twins])
+    superclasses = {i.concept.superclass for i in items}
+    for original, plan in plans:
+        base_rows = {s: adapter.rows(plan.base, s, False) for s in superclasses} if len(plan.own) > 1 else {}
+        composition.add(original[None], [plan.twins(encoded, base_rows, items)])
     return len(composition.pairs)
-
-
-def _rows(adapter: Any, items: Sequence[Activation], text: str, base: str, present: list[int]) -> tuple:
-    """Per concept: its superclass row in `base` (regional.superclass_rows); all None for a text that holds only
-    one concept (its own pass then covers the whole image: the concept applied as usual)."""
-    if len(present) < 2:
-        return tuple(None for _ in items)
-    concepts = [i.concept for i in items]
-    base_rows = {c.superclass: adapter.rows(base, c.superclass, False) for c in concepts}
-    return superclass_rows(text, base_rows, concepts)
 
 
 @torch.no_grad()
