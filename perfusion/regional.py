@@ -11,9 +11,9 @@ and blends the predictions: pred = (1 - sum M_k) pred_base + sum M_k pred_k (sum
 linear, so blending the conditional rows before the host's classifier-free guidance equals blending the guided
 predictions. No layout is asked of the user: the base model's own attention places each object.
 
-`RegionalComposition` is the seam: forward hooks on the diffusion model that recognise a prompt's context rows
-in any batch (as KeyContexts does for global locking) and run the extra passes there, so the same object serves
-the engine's sampler and every host's.
+`RegionalComposition` is the seam: it recognises a registered prompt's context rows in any U-Net call (as
+KeyContexts does for global locking) and runs the extra passes there, as forward hooks on the diffusion model
+(the engine's sampler, the WebUI hosts) or around a swapped forward (ComfyUI's object patches).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class Twins:
 
     base: the prompt with every concept word as its superclass word [N, d]; own: per region, that concept's own
     prompt [N, d] (None where this prompt lacks the concept); rows: per region, the base context's row of the
-    superclass word standing for it (None likewise); own_keys: per region, what the key path reads under global
-    locking (own with the concept word as its superclass), or None."""
+    superclass word standing for it (None with an own prompt: its pass covers the whole image); own_keys: per
+    region, what the key path reads under global locking (own with the concept word as its superclass; empty or
+    None: the keys read `own`)."""
 
     base: torch.Tensor
     own: tuple[Optional[torch.Tensor], ...]
@@ -344,8 +345,8 @@ class RegionalComposition:
         index = torch.as_tensor([b for b, _, _ in rows])
         own = torch.stack([fit(t.own[k].to(context)) for _, t, fit in rows])
         keys = None
-        if item.lock == "global":  # the key path reads the own prompt with the concept word as its superclass
-            keys = KeyContexts()
+        if item.lock == "global" and all(k < len(t.own_keys) and t.own_keys[k] is not None for _, t, _ in rows):
+            keys = KeyContexts()  # the key path reads the own prompt with the concept word as its superclass
             keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(context)), own.shape[1]) for _, t, fit in rows]))
         size = context.shape[0]
         sub_args, sub_kwargs = _batch_slice(args, index, size), _batch_slice(kwargs, index, size)
