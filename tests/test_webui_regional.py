@@ -62,15 +62,21 @@ def test_two_concepts_compose_region_by_region_by_default(folder, calls):
     assert torch.equal(images(out), images(host.txt2img(PAIR, batch_size=2, steps=3)))  # reproducible
 
 
-def test_each_concept_reads_its_own_clause_and_the_base_reads_superclass_words(folder, monkeypatch):
-    encoded = []
+@pytest.fixture
+def encoded(monkeypatch):
+    """Every text regional composition encodes."""
+    seen = []
     real = composition._encode
 
     def spy(p, model, texts):
-        encoded.extend(texts)
+        seen.extend(texts)
         return real(p, model, texts)
 
     monkeypatch.setattr(composition, "_encode", spy)
+    return seen
+
+
+def test_each_concept_reads_its_own_clause_and_the_base_reads_superclass_words(folder, encoded):
     host.txt2img(PAIR)
     assert sorted(encoded) == sorted(  # the prompt as the WebUI hands it over: each tag left a space
         [
@@ -155,15 +161,7 @@ def test_the_choice_comes_back_on_paste_and_from_the_settings(folder):
     assert "composition=together" in short.infotexts[0]
 
 
-def test_global_locking_reads_each_concepts_own_clause_with_its_superclass_word(folder, monkeypatch):
-    encoded = []
-    real = composition._encode
-
-    def spy(p, model, texts):
-        encoded.extend(texts)
-        return real(p, model, texts)
-
-    monkeypatch.setattr(composition, "_encode", spy)
+def test_global_locking_reads_each_concepts_own_clause_with_its_superclass_word(folder, encoded):
     glob = host.txt2img(PAIR.replace("<perfusion:boxy>", "<perfusion:boxy:lock=global>"), steps=2)
     assert "boxy tau=0.15 beta=0.7 lock=global" in glob.infotexts[0] and glob.comments == ""
     assert "box at the right, on the moon" in encoded  # boxy's key path; hugsy (local) needs none
