@@ -5,7 +5,8 @@ encoder computes them from the learned embedding) to the other objects, and its 
 (docs/world.md). Here every U-Net call on a prompt holding several concepts runs
   * the base prompt: every concept word replaced by its superclass word, no edit (the layout and the other
     objects, as the base model draws words), whose cross-attention on each superclass word locates that
-    concept's object: a soft mask M_k, the running mean over the calls so far, min-max per image;
+    concept's object: a mask M_k from the running mean over the calls so far (`region_mask`: min-max per image,
+    then a steep ramp that hands the object wholly to the concept);
   * each concept's own prompt (its clause of the prompt, `own_prompt`), its edit on, for the prompt's rows only;
 and blends the predictions: pred = (1 - sum M_k) pred_base + sum M_k pred_k (sum M_k capped at 1). The blend is
 linear, so blending the conditional rows before the host's classifier-free guidance equals blending the guided
@@ -30,6 +31,7 @@ from .concept import Concept
 from .diffusion import ddim_sample
 from .hooks import Activation, Activations, Editor, KeyContexts, attach
 from .masks import QueryKeyCapture, min_max
+from .options import REGION_RAMP
 from .tokens import whole_word
 
 # Where a prompt splits into clauses (an object with its own words): commas, semicolons, line breaks, "and".
@@ -124,6 +126,13 @@ def plan_twins(text: str, items: Sequence[Activation]) -> Optional[TwinPlan]:
         k: whole_word(tokens[k]).sub(items[k].concept.superclass, own[k]) for k in present if items[k].lock == "global"
     }
     return TwinPlan(text, base, own, keys)
+
+
+def region_mask(attention: torch.Tensor, ramp: tuple[float, float] = REGION_RAMP) -> torch.Tensor:
+    """The region [n, h, w] in [0, 1] from attention maps [n, h, w] (any scale): min-max per image, then 0 up to
+    ramp[0], 1 from ramp[1], linear between."""
+    lo, hi = ramp
+    return ((min_max(attention) - lo) / (hi - lo)).clamp(0, 1)
 
 
 def blend(base: torch.Tensor, own: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -374,7 +383,7 @@ class RegionalComposition:
             self.running[b] = running
             for k in range(len(self.items)):
                 if t.rows[k] is not None:
-                    out[k, j] = min_max(running[k][None])[0]
+                    out[k, j] = region_mask(running[k][None])[0]
         return out
 
 

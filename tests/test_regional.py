@@ -20,6 +20,7 @@ from perfusion.regional import (
     generate_regional,
     mask_rows,
     own_prompt,
+    region_mask,
     superclass_rows,
 )
 from perfusion.train import TrainConfig, Trainer
@@ -66,6 +67,14 @@ def test_base_prompts_and_mask_rows(trained):
     assert rows == [[toy["toy"][0][0], toy["toy"][1][1]], [toy["toy"][0][1], toy["toy"][1][0]]]
     with pytest.raises(ValueError, match="does not contain the concept word 'boxy'"):
         mask_rows(adapter, ["a hugsy alone"], ["a toy alone"], regions)
+
+
+def test_region_mask_hands_the_object_wholly_to_the_concept_and_the_rest_to_the_base():
+    attention = torch.linspace(3.0, 7.0, 11).reshape(1, 1, 11)  # min-max: 0.0, 0.1, ..., 1.0
+    mask = region_mask(attention, (0.25, 0.45))[0, 0]
+    assert torch.equal(mask[:3], torch.zeros(3)) and torch.equal(mask[5:], torch.ones(6))  # <= 0.2: 0, >= 0.5: 1
+    assert torch.allclose(mask[3:5], torch.tensor([0.25, 0.75]), atol=1e-5)  # 0.3 and 0.4 on the ramp
+    assert torch.allclose(region_mask(attention * 10 + 2), region_mask(attention), atol=1e-6)  # nor the scale
 
 
 def test_own_prompt_keeps_the_concepts_clause_and_the_shared_ones():
