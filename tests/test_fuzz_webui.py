@@ -20,13 +20,7 @@ from perfusion import save_concept
 from perfusion.webui import training
 from perfusion.webui.training import TrainForm
 
-
-@pytest.fixture(scope="module")
-def world():
-    host.load_extension()
-    model = host.load_model()
-    yield model
-    host.unload_extension()
+world = host.world_fixture()
 
 
 @pytest.fixture

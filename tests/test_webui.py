@@ -19,13 +19,7 @@ from modules import (
 )
 from modules.textual_inversion.textual_inversion import Embedding
 
-
-@pytest.fixture(scope="module")
-def world():
-    host.load_extension()
-    model = host.load_model()
-    yield model
-    host.unload_extension()
+world = host.world_fixture()
 
 
 @pytest.fixture

@@ -14,12 +14,7 @@ REGIONAL = (True, 0.7, 0.15, "local", "approximate", "regional")
 TOGETHER = (True, 0.7, 0.15, "local", "approximate", "together")
 
 
-@pytest.fixture(scope="module")
-def world():
-    host.load_extension()
-    model = host.load_model()
-    yield model
-    host.unload_extension()
+world = host.world_fixture()
 
 
 @pytest.fixture

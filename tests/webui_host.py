@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_standin"))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from concepts import layer_widths, random_covariance  # noqa: E402
 from modules import (  # noqa: E402
@@ -330,3 +331,17 @@ def forge_standin():
             if name.split(".")[0] in ("backend", "modules_forge"):
                 del sys.modules[name]
         perfusion_host.kind.cache_clear()
+
+
+def world_fixture():
+    """A test module's `world` fixture: the extension loaded into the stand-in WebUI with the tiny model, for the
+    module's tests (`world = webui_host.world_fixture()`)."""
+
+    @pytest.fixture(scope="module")
+    def world():
+        load_extension()
+        model = load_model()
+        yield model
+        unload_extension()
+
+    return world
