@@ -260,8 +260,15 @@ class RegionalComposition:
             del self.pairs[: max(0, len(self.pairs) - self.limit)]
 
     def reset(self) -> None:
-        """Forget the masks (a new generation)."""
+        """Forget the masks (a new image)."""
         self.running.clear()
+        self._last_t = None
+
+    def clear(self) -> None:
+        """Forget the registered prompts, the masks and the count of composed calls (a new batch)."""
+        self.pairs.clear()
+        self.reset()
+        self.composed = 0
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -54,9 +54,7 @@ def feed(p: Any, cond: Any) -> int:
     model = host.sd_model()
     if composition is None or model is None or cond is None:
         return 0
-    composition.pairs.clear()
-    composition.reset()
-    composition.composed = 0
+    composition.clear()
     hires = bool(getattr(p, "is_hr_pass", False))
     prompts = list((p.hr_prompts if hires else p.prompts) or [])
     steps = getattr(p, "firstpass_steps", None) or p.steps
