@@ -175,3 +175,11 @@ def test_a_prompt_the_unet_never_sees_is_reported(folder, monkeypatch):
     assert "did not find this prompt's conditioning" in out.comments
     monkeypatch.undo()
     assert host.txt2img(PAIR, steps=2).comments == ""  # control: found, nothing said
+
+
+def test_the_hires_pass_is_composed_too(folder, calls):
+    out = host.txt2img(PAIR, batch_size=2, steps=2, enable_hr=True, hr_scale=1.5)
+    assert out.comments == "" and "composition=regional" in out.infotexts[0]
+    per_step = [([], 4), (["hugsy"], 2), (["boxy"], 2)]
+    assert len(calls) % 3 == 0 and len(calls) > 6 and calls == per_step * (len(calls) // 3)  # both passes
+    assert runtime.regional is None  # deactivated after the batch
