@@ -294,7 +294,8 @@ def test_info_node_and_change_detection(world):
 
 
 def test_committed_workflows_match_the_nodes():
-    """docs/comfyui's example workflows use the nodes' names and the loader's inputs as they are now."""
+    """docs/comfyui's example workflows use the nodes' names and the loader's inputs as they are now, and hold no
+    null but an input's `link` (the frontend's schema refuses the others with an alert on load)."""
     import json
 
     required = nodes.PerfusionConceptLoader.INPUT_TYPES()
@@ -303,8 +304,16 @@ def test_committed_workflows_match_the_nodes():
     loaders = [n for n in api.values() if n["class_type"] == "PerfusionConceptLoader"]
     assert len(loaders) == 1 and set(required["required"]) <= set(loaders[0]["inputs"])
     seen = set()
-    for name in ("perfusion", "beta-sweep", "concept-info"):
+    def nulls(value, key=""):
+        if isinstance(value, dict):
+            return [n for k, v in value.items() for n in nulls(v, k)]
+        if isinstance(value, list):
+            return [n for v in value for n in nulls(v, key)]
+        return [key] if value is None and key != "link" else []
+
+    for name in ("perfusion", "beta-sweep", "concept-info", "two-concepts"):
         graph = json.load(open(os.path.join(REPO, "docs", "comfyui", f"{name}.json")))
+        assert nulls(graph) == [], name
         for node in graph["nodes"]:
             if node["type"].startswith("Perfusion"):
                 seen.add(node["type"])
