@@ -304,6 +304,7 @@ def test_committed_workflows_match_the_nodes():
     loaders = [n for n in api.values() if n["class_type"] == "PerfusionConceptLoader"]
     assert len(loaders) == 1 and set(required["required"]) <= set(loaders[0]["inputs"])
     seen = set()
+
     def nulls(value, key=""):
         if isinstance(value, dict):
             return [n for k, v in value.items() for n in nulls(v, k)]
