@@ -24,7 +24,7 @@ from modules import devices
 from ..adapter import Embedding
 from ..diffusion import pooled, with_pooled
 from ..hooks import find_cross_attention
-from ..tokens import word_rows
+from ..tokens import concept_rows
 from . import host
 
 SDXL_ENCODERS = ("clip_l", "clip_g")  # the order of the text embedders in SDXL's conditioner
@@ -78,8 +78,7 @@ class WebUIAdapter:
 
     @property
     def text(self) -> Any:
-        """The text encoder whose tokenizer places the rows (SDXL: clip_l; clip_g tokenizes alike)."""
-        return self.encoders[0]
+        return prompt_tokenizer(self.sd_model)
 
     def token_count(self, word: str) -> int:
         return len(self.text.tokenize([word])[0])
@@ -120,24 +119,13 @@ class WebUIAdapter:
                     replaced += host.register_word(self.sd_model, word, vec, host.embedding_size(emb))
             with self._autocast():
                 context = self._condition(list(prompts), size or (self.resolution, self.resolution))
-            rows = {word: [self.rows(prompt, word, words[word] is not None) for prompt in prompts] for word in words}
+            rows = {
+                word: [word_rows_in(self.text, prompt, word, words[word] is not None) for prompt in prompts]
+                for word in words
+            }
         finally:
             host.restore_words(self.sd_model, replaced)
         return context, rows
-
-    def rows(self, prompt: str, word: str, is_embedding: bool) -> list[int]:
-        """The last context row of each occurrence of `word` in `prompt` (as the encoder saw it)."""
-        chunks, _ = self.text.tokenize_line(prompt)
-        length = len(chunks[0].tokens) if chunks else 77
-        if is_embedding:
-            return [
-                k * length + fix.offset + int(fix.embedding.vectors)
-                for k, chunk in enumerate(chunks)
-                for fix in chunk.fixes
-                if fix.embedding.name == word
-            ]
-        ids = self.text.tokenize([word])[0]
-        return [rows[-1] for rows in word_rows([c.tokens for c in chunks], ids, length)]
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         cond = {"crossattn": context, "vector": pooled(context)} if self.sdxl else context
@@ -155,6 +143,31 @@ class WebUIAdapter:
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.sd_model.decode_first_stage(latents)
+
+
+def prompt_tokenizer(sd_model: Any) -> Any:
+    """The text encoder whose tokenizer places a prompt's context rows: Forge's first text engine, SDXL's clip_l
+    embedder (clip_g tokenizes alike), else the cond stage model."""
+    if host.forge_backend():
+        return host.text_engines(sd_model)[0]
+    if hasattr(sd_model, "conditioner"):
+        return next(e for e in sd_model.conditioner.embedders if hasattr(e, "tokenize_line"))
+    return sd_model.cond_stage_model
+
+
+def word_rows_in(tokenizer: Any, prompt: str, word: str, is_embedding: bool) -> list[int]:
+    """The last context row of each occurrence of `word` in `prompt`, as `tokenizer` (prompt_tokenizer) places it;
+    is_embedding: the word is a registered textual-inversion embedding."""
+    chunks, _ = tokenizer.tokenize_line(prompt)
+    length = len(chunks[0].tokens) if chunks else 77
+    if is_embedding:
+        return [
+            k * length + fix.offset + int(fix.embedding.vectors)
+            for k, chunk in enumerate(chunks)
+            for fix in chunk.fixes
+            if fix.embedding.name == word
+        ]
+    return concept_rows([c.tokens for c in chunks], tokenizer.tokenize([word])[0], length)
 
 
 def adapter_for(sd_model: Any, resolution: int = 1024) -> WebUIAdapter:

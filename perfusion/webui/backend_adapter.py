@@ -131,11 +131,6 @@ class BackendAdapter(WebUIAdapter):
         self._describe()
         sd_model.set_clip_skip(host.clip_skip())  # a generation sets it; training may come first
 
-    @property
-    def text(self) -> Any:
-        """The text engine whose tokenizer places the rows (SDXL: clip_l's; clip_g tokenizes alike)."""
-        return self.engines[0]
-
     def _ready(self, patcher: Any, modules: Iterable[torch.nn.Module]) -> None:
         """The patcher's model loaded where the backend computes, its weights plain tensors."""
         from backend import memory_management

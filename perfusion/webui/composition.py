@@ -19,7 +19,7 @@ import torch
 from ..hooks import Activation, Hooks
 from ..regional import RegionalComposition, plan_twins
 from . import host
-from .adapter import adapter_for
+from .adapter import prompt_tokenizer, word_rows_in
 from .state import runtime
 
 
@@ -72,10 +72,10 @@ def feed(p: Any, cond: Any) -> int:
         return 0
     wanted = sorted({t for _, plan in plans for t in plan.texts()})
     encoded = dict(zip(wanted, _encode(p, model, wanted)))
-    adapter = adapter_for(model)
+    tokenizer = prompt_tokenizer(model)
     superclasses = {i.concept.superclass for i in items}
     for original, plan in plans:
-        base_rows = {s: adapter.rows(plan.base, s, False) for s in superclasses} if len(plan.own) > 1 else {}
+        base_rows = {s: word_rows_in(tokenizer, plan.base, s, False) for s in superclasses} if len(plan.own) > 1 else {}
         composition.add(original[None], [plan.twins(encoded, base_rows, items)])
     return len(composition.pairs)
 
