@@ -167,6 +167,12 @@ def _register_embedding(p: Any, model: Any, concept: Concept) -> None:
     runtime.registered += added
 
 
+def _apply_together(items: list[engine.Activation], projection: str) -> None:
+    """The paper's way: every concept in the one edit of the hooks (with the pairs global locking reads)."""
+    runtime.key_contexts = engine.KeyContexts() if any(i.lock == "global" for i in items) else None
+    runtime.hooks.activate(engine.Activations(items, projection, runtime.key_contexts))
+
+
 class PerfusionNetwork(extra_networks.ExtraNetwork):
     def __init__(self):
         super().__init__("perfusion")
@@ -223,10 +229,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
             # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
             composition.start(hooks, [a.activation for a in applied], defaults.projection)
         else:
-            runtime.key_contexts = engine.KeyContexts() if any(a.activation.lock == "global" for a in applied) else None
-            hooks.activate(
-                engine.Activations([a.activation for a in applied], defaults.projection, runtime.key_contexts)
-            )
+            _apply_together([a.activation for a in applied], defaults.projection)
         infotext.record(p, applied, defaults)
 
     def deactivate(self, p: Any) -> None:
@@ -293,11 +296,9 @@ def feed_regional(p: Any, cond: Any) -> None:
     except Exception as e:  # an unforeseen prompt syntax or conditioning layout: never lose the image
         log.exception("regional composition could not read this prompt")
         warn(p, f"regional composition could not read this prompt ({e}); the concepts are applied together")
-        items = list(runtime.regional.items)
-        projection = runtime.regional.projection
+        items, projection = list(runtime.regional.items), runtime.regional.projection
         composition.stop()
-        runtime.key_contexts = engine.KeyContexts() if any(i.lock == "global" for i in items) else None
-        runtime.hooks.activate(engine.Activations(items, projection, runtime.key_contexts))
+        _apply_together(items, projection)
         if runtime.key_contexts is not None:
             feed_global_lock(p, cond)
         infotext.record(p, runtime.applied, replace(generation_defaults(p), composition="together"))
