@@ -32,7 +32,7 @@ from .diffusion import ddim_sample
 from .hooks import Activation, Activations, Editor, KeyContexts, attach
 from .masks import QueryKeyCapture, min_max
 from .options import REGION_RAMP
-from .tokens import whole_word
+from .tokens import as_superclass, whole_word
 
 # Where a prompt splits into clauses (an object with its own words): commas, semicolons, line breaks, "and".
 _CLAUSE_BREAK = re.compile(r"\s*(?:[,;\n]|\band\b)\s*", re.IGNORECASE)
@@ -118,13 +118,9 @@ def plan_twins(text: str, items: Sequence[Activation]) -> Optional[TwinPlan]:
     present = [k for k, t in enumerate(tokens) if whole_word(t).search(text)]
     if not present:
         return None
-    base = text
-    for item in items:
-        base = whole_word(item.concept.token).sub(item.concept.superclass, base)
+    base = as_superclass(text, [i.concept for i in items])
     own = {k: own_prompt(text, tokens[k], [tokens[j] for j in present if j != k]) for k in present}
-    keys = {
-        k: whole_word(tokens[k]).sub(items[k].concept.superclass, own[k]) for k in present if items[k].lock == "global"
-    }
+    keys = {k: as_superclass(own[k], [items[k].concept]) for k in present if items[k].lock == "global"}
     return TwinPlan(text, base, own, keys)
 
 
@@ -148,12 +144,7 @@ def blend(base: torch.Tensor, own: Sequence[torch.Tensor], masks: Sequence[torch
 
 def base_prompts(prompts: list[str], regions: Sequence[Region]) -> list[str]:
     """The prompts with every region's concept word (whole words, any case) replaced by its superclass word."""
-    out = []
-    for text in prompts:
-        for r in regions:
-            text = whole_word(r.item.concept.token).sub(r.item.concept.superclass, text)
-        out.append(text)
-    return out
+    return [as_superclass(text, [r.item.concept for r in regions]) for text in prompts]
 
 
 def superclass_rows(

@@ -8,7 +8,7 @@ chunk k is row k * chunk_length + p.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 MAX_EMBEDDING_ROWS = 75  # a prompt is split into chunks of 75 tokens; a word's vectors must fit in one
@@ -17,6 +17,14 @@ MAX_EMBEDDING_ROWS = 75  # a prompt is split into chunks of 75 tokens; a word's 
 def whole_word(word: str) -> re.Pattern:
     """`word` as a whole word, any case (as a concept's word is matched in prompts)."""
     return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
+def as_superclass(text: str, concepts: Iterable) -> str:
+    """`text` with each concept's word (whole words, any case) replaced by its superclass word: the base prompt of
+    regional composition, the twin global locking's keys read. `concepts`: anything with .token and .superclass."""
+    for c in concepts:
+        text = whole_word(c.token).sub(c.superclass, text)
+    return text
 
 
 def content_positions(chunk: Sequence[int], bos: int = CLIP_BOS, eos: int = CLIP_EOS) -> range:

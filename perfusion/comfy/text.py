@@ -17,7 +17,7 @@ import torch
 from ..concept import Concept
 from ..hooks import ConceptMismatch, KeyContexts
 from ..regional import RegionalComposition, plan_twins
-from ..tokens import MAX_EMBEDDING_ROWS, content_positions, whole_word, word_rows
+from ..tokens import MAX_EMBEDDING_ROWS, as_superclass, concept_rows, content_positions, whole_word
 
 log = logging.getLogger("perfusion")
 IDENTIFIER = "embedding:"  # SDTokenizer.embedding_identifier
@@ -111,17 +111,16 @@ class TaughtTokenizer:
             out.text = text
             return out
         locked = [
-            (pattern, c)
+            c
             for c, (pattern, _) in zip(self.concepts, self._patterns)
             if c.token.lower() in self.global_words and pattern.search(text)
         ]
         if not locked or not isinstance(tokens, dict):
             return tokens
-        twin_text = text
-        for pattern, c in locked:
-            twin_text = pattern.sub(c.superclass, twin_text)
         out = TwinTokens(tokens)
-        out.twin = self._taught.tokenize_with_weights(self.rewrite(twin_text), return_word_ids, **kwargs)
+        out.twin = self._taught.tokenize_with_weights(
+            self.rewrite(as_superclass(text, locked)), return_word_ids, **kwargs
+        )
         return out
 
     def __getattr__(self, name: str):  # untokenize, state_dict, the sub-tokenizers ...
@@ -190,7 +189,7 @@ def _composing(encode: Callable, composition: RegionalComposition, tokenizer: Ta
                 for superclass in {i.concept.superclass for i in composition.items}:
                     word = _token_ids(untaught(tokenizer).tokenize_with_weights(superclass))[0]
                     ids = [word[p] for p in content_positions(word)]
-                    base_rows[superclass] = [r[-1] for r in word_rows(chunks, ids, len(chunks[0]))]
+                    base_rows[superclass] = concept_rows(chunks, ids, len(chunks[0]))
             composition.add(cond[:1], [plan.twins(encoded, base_rows, composition.items)])
         return out
 

@@ -16,10 +16,11 @@ from modules import extra_networks, prompt_parser
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
 from ..options import BETA_RANGE, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
+from ..tokens import as_superclass
 from . import composition, host, infotext
 from .library import Entry
 from .log import log
-from .resolve import Defaults, ModelFacts, check_fit, resolve, whole_word
+from .resolve import Defaults, ModelFacts, check_fit, resolve
 from .state import Applied, library, runtime
 from .tags import parse_request
 
@@ -254,10 +255,8 @@ def feed_global_lock(p: Any, cond: Any) -> None:
     contexts.clear()
     hires = bool(getattr(p, "is_hr_pass", False))
     prompts = list((p.hr_prompts if hires else p.prompts) or [])
-    for a in runtime.applied:
-        if a.activation.lock == "global":
-            word = whole_word(a.activation.concept.token)
-            prompts = [word.sub(a.activation.concept.superclass, text) for text in prompts]
+    locked = [a.activation.concept for a in runtime.applied if a.activation.lock == "global"]
+    prompts = [as_superclass(text, locked) for text in prompts]
     steps = getattr(p, "firstpass_steps", None) or p.steps
     hires_steps = None
     if hires:
