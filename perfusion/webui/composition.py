@@ -55,13 +55,7 @@ def feed(p: Any, cond: Any) -> int:
     if composition is None or model is None or cond is None:
         return 0
     composition.clear()
-    hires = bool(getattr(p, "is_hr_pass", False))
-    prompts = list((p.hr_prompts if hires else p.prompts) or [])
-    steps = getattr(p, "firstpass_steps", None) or p.steps
-    hires_steps = None
-    if hires:
-        hires_steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * getattr(p, "step_multiplier", 1)
-    texts = entry_texts(prompts, steps, hires_steps)
+    texts = entry_texts(*host.sampling_pass(p))
     # [N, d] each (A1111 keeps one per schedule entry; a batched [B, N, d] is B of them)
     originals = [row for t in host.cond_tensors(cond) for row in t.reshape(-1, *t.shape[-2:])]
     if len(texts) != len(originals):

@@ -296,6 +296,15 @@ def clear_cond_caches(p: Any) -> None:
             cache[:] = [None] * len(cache)
 
 
+def sampling_pass(p: Any) -> tuple[list[str], int, Optional[int]]:
+    """(prompts, steps, hires steps) of the sampling pass about to run, as the WebUI reads prompt schedules for it:
+    the first pass's, or on the hires fix's pass its own prompts and its steps."""
+    if not getattr(p, "is_hr_pass", False):
+        return list(p.prompts or []), getattr(p, "firstpass_steps", None) or p.steps, None
+    hires_steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * getattr(p, "step_multiplier", 1)
+    return list(p.hr_prompts or []), getattr(p, "firstpass_steps", None) or p.steps, hires_steps
+
+
 def cond_tensors(cond: Any) -> Iterator[torch.Tensor]:
     """The cross-attention context tensors inside a WebUI conditioning, in a fixed order.
 

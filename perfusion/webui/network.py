@@ -253,14 +253,9 @@ def feed_global_lock(p: Any, cond: Any) -> None:
     if contexts is None or host.sd_model() is None:
         return
     contexts.clear()
-    hires = bool(getattr(p, "is_hr_pass", False))
-    prompts = list((p.hr_prompts if hires else p.prompts) or [])
+    prompts, steps, hires_steps = host.sampling_pass(p)
     locked = [a.activation.concept for a in runtime.applied if a.activation.lock == "global"]
     prompts = [as_superclass(text, locked) for text in prompts]
-    steps = getattr(p, "firstpass_steps", None) or p.steps
-    hires_steps = None
-    if hires:
-        hires_steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * getattr(p, "step_multiplier", 1)
     twins = prompt_parser.get_multicond_learned_conditioning(
         host.sd_model(),
         prompt_parser.SdConditioning(prompts, width=p.width, height=p.height),
