@@ -181,7 +181,7 @@ def _composing(encode: Callable, composition: RegionalComposition, tokenizer: Ta
         out = encode(tokens, return_pooled=return_pooled, return_dict=return_dict)
         plan = plan_twins(tokens.text, composition.items) if getattr(tokens, "text", None) else None
         if plan is not None:
-            cond = out["cond"] if return_dict else out[0] if return_pooled else out
+            cond = _cond(out, return_pooled, return_dict)
             encoded = {t: encode(tokenizer.tokenize_with_weights(t))[0] for t in plan.texts()}
             base_rows = {}
             if len(plan.own) > 1:
@@ -194,6 +194,11 @@ def _composing(encode: Callable, composition: RegionalComposition, tokenizer: Ta
         return out
 
     return encode_from_tokens
+
+
+def _cond(out: Any, return_pooled: bool, return_dict: bool) -> torch.Tensor:
+    """The context rows [1, N, d] in what CLIP.encode_from_tokens returned for those flags."""
+    return out["cond"] if return_dict else out[0] if return_pooled else out
 
 
 def _token_ids(tokens: dict) -> list[list[int]]:
@@ -209,7 +214,7 @@ def _pairing(encode: Callable, key_contexts: KeyContexts) -> Callable:
         out = encode(tokens, return_pooled=return_pooled, return_dict=return_dict)
         twin_tokens = getattr(tokens, "twin", None)
         if twin_tokens is not None:
-            cond = out["cond"] if return_dict else out[0] if return_pooled else out
+            cond = _cond(out, return_pooled, return_dict)
             twin = encode(twin_tokens)
             if twin.shape == cond.shape:  # else the words' token counts differ: the keys keep the prompt (local)
                 key_contexts.add(cond, twin)
