@@ -85,11 +85,11 @@ class QueryKeyCapture:
         h, w = size
         index = torch.as_tensor(rows)  # [m, n]
         m, n = index.shape
-        picked_rows = torch.as_tensor(list(range(n)) if batch is None else list(batch))
+        images = torch.as_tensor(list(range(n)) if batch is None else list(batch))
         total = 0
         for name, attn in self.layers.items():
-            q = self.store[name]["q"][picked_rows.to(self.store[name]["q"].device)].float()
-            k = self.store[name]["k"][picked_rows.to(self.store[name]["k"].device)].float()
+            q = self.store[name]["q"][images.to(self.store[name]["q"].device)].float()
+            k = self.store[name]["k"][images.to(self.store[name]["k"].device)].float()
             heads = attn.heads
             q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
             k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]

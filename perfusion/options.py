@@ -44,14 +44,14 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 ASPECTS: tuple[str, ...] = get_args(Aspect)
 # Bucket sides are multiples of this (px): SD's VAE divides by 8 and its U-Net halves the latent 3 times.
 BUCKET_MULTIPLE = 64
-
-# The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
-BETA, TAU = 0.7, 0.15
 COMPOSITION: Composition = "regional"
 # Regional composition's mask from the base pass's attention on a superclass word (min-max per image): 0 up to
 # the first value, all the concept's pass from the second, linear between (measured in docs/world.md: handing
 # the region wholly to the concept beats the soft map, 0.45 against 0.31 of objects with their look).
 REGION_RAMP = (0.25, 0.45)
+
+# The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
+BETA, TAU = 0.7, 0.15
 TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
 # What tags, sliders, settings and the API accept (higher beta: weaker concept, closer to the prompt).
 BETA_RANGE = (-1.0, 2.0)

@@ -265,7 +265,7 @@ class RegionalComposition:
         for handle in self._handles:
             handle.remove()
         self._handles, self.pairs, self._call = [], [], None
-        self.running.clear()
+        self.reset()
 
     def _match(self, e: torch.Tensor) -> Optional[tuple[Twins, Callable[[torch.Tensor], torch.Tensor]]]:
         """The twins of a batch row's context [N, d] and how to bring a twin to its length: hosts lengthen a
@@ -318,6 +318,7 @@ class RegionalComposition:
             return None
         x = args[0] if args else kwargs["x"]
         size = tuple(x.shape[-2:])
+        index = [b for b, _, _ in matched]
         masks = self._masks(capture, matched, size)  # [regions, matched, h, w]
         preds, weights = [], []
         for k in range(len(self.items)):
@@ -328,7 +329,7 @@ class RegionalComposition:
                     groups.setdefault(fit(twins.own[k]).shape[0], []).append(j)
             if not groups:
                 continue
-            full = output[[b for b, _, _ in matched]].clone()
+            full = output[index].clone()
             for mine in groups.values():
                 full[mine] = self._own_pass(forward, args, kwargs, context, [matched[j] for j in mine], k).to(full)
             mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
@@ -341,7 +342,6 @@ class RegionalComposition:
         if not preds:
             return None
         out = output.clone()
-        index = [b for b, _, _ in matched]
         out[index] = blend(output[index], preds, weights)
         return out
 
