@@ -183,3 +183,30 @@ def test_the_hires_pass_is_composed_too(folder, calls):
     per_step = [([], 4), (["hugsy"], 2), (["boxy"], 2)]
     assert len(calls) % 3 == 0 and len(calls) > 6 and calls == per_step * (len(calls) // 3)  # both passes
     assert runtime.regional is None  # deactivated after the batch
+
+
+def test_the_projection_radio_shows_only_while_together_is_picked(world):
+    """The accordion built in real Gradio Blocks: projection, which joins several concepts' edits in one prompt,
+    is hidden under regional composition (each pass has one concept) and follows the composition radio."""
+    gr = pytest.importorskip("gradio")
+    from modules import shared
+
+    from perfusion.webui.script import PerfusionScript, _projection_shown
+
+    def built(setting):
+        shared.opts.data["perfusion_composition"] = setting
+        try:
+            with gr.Blocks() as demo:
+                controls = PerfusionScript().ui(False)
+        finally:
+            shared.opts.data["perfusion_composition"] = "regional"
+        projection, composition = controls[4], controls[5]
+        (wired,) = [d for d in demo.dependencies if d["outputs"] == [projection._id]]
+        assert wired["inputs"] == [composition._id] and (wired["targets"], wired["trigger"]) == (
+            [composition._id],
+            "change",
+        )
+        return projection.visible
+
+    assert built("regional") is False and built("together") is True
+    assert _projection_shown("together")["visible"] is True and _projection_shown("regional")["visible"] is False

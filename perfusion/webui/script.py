@@ -47,6 +47,12 @@ class PerfusionScript(scripts.Script):
                     value=d.projection,
                     label="Projection (together)",
                     elem_id=f"perfusion_{tab}_projection",
+                    visible=d.composition == "together",
+                )
+                # Projection joins several concepts' edits in one prompt: with regional composition each pass
+                # has one concept, so it only shows while `together` is picked (also when pasted or reloaded).
+                composition.change(
+                    _projection_shown, inputs=[composition], outputs=[projection], show_progress="hidden"
                 )
             with gr.Row():
                 beta = gr.Slider(
@@ -105,6 +111,12 @@ class PerfusionScript(scripts.Script):
 
     def postprocess_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
         network.check_regional(p)
+
+
+def _projection_shown(composition: str) -> Any:
+    import gradio as gr
+
+    return gr.update(visible=composition == "together")
 
 
 def _gate_value(p: Any, name: str, value: Any, allowed: tuple[float, float], fallback: float) -> float:
