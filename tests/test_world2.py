@@ -35,6 +35,21 @@ def test_batches_are_deterministic_and_captions_never_name_the_accent():
             assert (t.accent is None) == (t.pattern == "plain") and t.accent != t.colour
 
 
+def test_colourless_captions_leave_colours_out_and_change_nothing_at_zero():
+    _, caps, scenes = batch(3, 64)
+    _, same, _ = batch(3, 64, colourless=0.0)
+    assert same == caps  # the option draws nothing when off: every caption of before stays the same
+    _, none, scenes_b = batch(3, 64, colourless=1.0)
+    assert [s.things for s in scenes_b] == [s.things for s in scenes]  # the same scenes, only fewer words
+    assert not any(w in COLOURS for text in none for w in text.split())
+    for text, scene in zip(none, scenes):
+        assert text == "" or all(t.shape in text for t in scene.things)
+    _, some, _ = batch(3, 400, colourless=0.3)
+    named = [sum(w in COLOURS for w in text.split()) for text in some if text]
+    things = sum(len(s.things) for s in batch(3, 400)[2])
+    assert 0.6 * things < sum(named) < 0.8 * things  # about 70 % of the colours still named
+
+
 def test_render_paints_body_and_accent_inside_the_silhouette():
     scene = Scene((Thing("box", "red", "two-tone", "big", "centre", "blue"),), "black", seed=1)
     img, owner = render(scene).astype(int), owner_map(scene)

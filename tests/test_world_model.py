@@ -39,6 +39,11 @@ def test_world2_run_resumes_exports_and_restarts_from_its_weights(tmp_path):
     assert train_model.train(5, 600, tmp_path / "b", out, world=2, restart=True, batch=3, lr=5e-4, warmup=1) == 5
     again = mini.weights_meta(out)["config"]["train"]
     assert again["restart_at"] == 3 and again["batch"] == 3 and again["lr"] == 5e-4
+    # captions that leave colours out: refused on a plain resume (another model's data), taken by a warm restart
+    with pytest.raises(SystemExit, match="another configuration"):
+        train_model.train(6, 600, tmp_path / "b", out, world=2, batch=3, lr=5e-4, warmup=1, colourless=0.3)
+    assert train_model.train(6, 600, tmp_path / "b", out, world=2, restart=True, batch=3, colourless=0.3) == 6
+    assert mini.weights_meta(out)["config"]["train"]["colourless"] == 0.3
 
 
 def test_warm_restart_schedule_and_a_slim_checkpoint(tmp_path):

@@ -66,7 +66,7 @@ WORLDS = {
         world2,
         mini.UNET_W2,
         mini.TEXT_W2,
-        dict(DEFAULTS, steps=12000, lr=1e-3, warmup=300, two_objects=0.3, three_objects=0.2, world=2),
+        dict(DEFAULTS, steps=12000, lr=1e-3, warmup=300, two_objects=0.3, three_objects=0.2, colourless=0.0, world=2),
         Path("cache/world2"),
     ),
 }
@@ -76,7 +76,7 @@ DIVERGED = 0.15  # a 25-step mean loss above this and 3x the recent best means t
 
 
 # What a warm restart may change (anything else would make the checkpoint another model's).
-RESTARTABLE = ("steps", "batch", "lr", "warmup", "restart_at")
+RESTARTABLE = ("steps", "batch", "lr", "warmup", "restart_at", "colourless")
 
 
 def lr_at(step: int, cfg: dict, progress: Optional[float] = None) -> float:
@@ -224,7 +224,8 @@ def _batches(world: int, cfg: dict, first: int, length: int, workers: int) -> It
 
 def _batch(world: int, cfg: dict, length: int, step: int) -> tuple[np.ndarray, torch.Tensor]:
     scenes = WORLDS[world][0]
-    layout = {k: cfg[k] for k in ("two_objects", "three_objects") if k in cfg}  # world 1 has no three-object scenes
+    # world 1 has no three-object scenes and names every colour
+    layout = {k: cfg[k] for k in ("two_objects", "three_objects", "colourless") if k in cfg}
     images, captions, _ = scenes.batch(
         cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
     )
@@ -264,6 +265,8 @@ def train(
         step, saved, log = load_weights(out, models)
         source = out
     if saved is not None:
+        if "colourless" in cfg:  # a checkpoint from before the option named every colour
+            saved = {"colourless": 0.0, **saved}
         if restart:  # a warm restart: new schedule from here, the learning rate guard's cut forgotten
             cfg["restart_at"], lr_scale = step, 1.0
         elif "restart_at" in saved:
@@ -377,6 +380,11 @@ def main() -> None:
     for name in ("batch", "warmup"):
         p.add_argument(f"--{name}", type=int, help="default: the world's (may change only with --restart)")
     p.add_argument("--lr", type=float, help="default: the world's (may change only with --restart)")
+    p.add_argument(
+        "--colourless",
+        type=float,
+        help="world 2: how often a caption leaves an object's colour out (default 0; may change only with --restart)",
+    )
     a = p.parse_args()
     _, _, _, defaults, work = WORLDS[a.world]
     work = a.work or work
@@ -387,9 +395,11 @@ def main() -> None:
     if a.slim:
         print(f"wrote {slim(work / 'mini.checkpoint.safetensors', a.slim, a.world)}")
         return
+    if a.colourless is not None and a.world != 2:
+        p.error("--colourless is world 2's (world 1's captions name every colour)")
     if a.by_time and not a.restart:
         p.error("--by-time needs --restart (it reshapes the schedule from the step reached)")
-    tuned = {k: getattr(a, k) for k in ("batch", "warmup", "lr") if getattr(a, k) is not None}
+    tuned = {k: getattr(a, k) for k in ("batch", "warmup", "lr", "colourless") if getattr(a, k) is not None}
     train(
         a.steps or defaults["steps"],
         a.minutes,

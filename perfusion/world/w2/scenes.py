@@ -140,12 +140,15 @@ def owner_map(scene: Scene) -> np.ndarray:
     return np.where(cover.sum(0) > 0.5, cover.argmax(0), -1).astype(np.int8)
 
 
-def describe(thing: Thing, rng: random.Random, with_position: bool = True) -> str:
-    """Words for one object, e.g. 'small red striped star at the left' (the accent is never named)."""
+def describe(thing: Thing, rng: random.Random, with_position: bool = True, colourless: float = 0.0) -> str:
+    """Words for one object, e.g. 'small red striped star at the left' (the accent is never named); with
+    probability `colourless` the colour is left out ('small striped star': a star of any colour), as people write
+    a superclass word alone ('a teddy bear')."""
     words = []
     if thing.size == "small" or rng.random() < 0.5:
         words.append(thing.size)
-    words.append(thing.colour)
+    if not (colourless and rng.random() < colourless):  # no draw at 0: the captions of before stay the same
+        words.append(thing.colour)
     if thing.pattern != "plain" or rng.random() < 0.3:
         words.append(thing.pattern)
     words.append(thing.shape)
@@ -160,9 +163,10 @@ def article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A natural caption; every attribute that defines the scene is named, except accent colours."""
-    parts = [article(describe(t, rng)) for t in scene.things]
+def caption(scene: Scene, rng: random.Random, colourless: float = 0.0) -> str:
+    """A natural caption; every attribute that defines the scene is named, except accent colours (and a colour
+    left out with probability `colourless`, see describe)."""
+    parts = [article(describe(t, rng, colourless=colourless)) for t in scene.things]
     body = " and ".join(parts) if len(parts) < 3 else f"{parts[0]}, {parts[1]} and {parts[2]}"
     opener = rng.choice(("", "", "a photo of ", "an image of "))
     return f"{opener}{body} on a {scene.background} background"
@@ -193,11 +197,13 @@ def scenes_and_captions(
     two_objects: float = 0.3,
     three_objects: float = 0.2,
     drop_caption: float = 0.0,
+    colourless: float = 0.0,
 ) -> tuple[list[Scene], list[str]]:
-    """n random scenes for one seed and their captions ('' with probability drop_caption)."""
+    """n random scenes for one seed and their captions ('' with probability drop_caption; each object's colour
+    left out with probability colourless)."""
     rng = random.Random(seed)
     scenes = [random_scene(rng, patterns, two_objects, three_objects) for _ in range(n)]
-    return scenes, ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
+    return scenes, ["" if rng.random() < drop_caption else caption(s, rng, colourless) for s in scenes]
 
 
 def batch(
@@ -207,7 +213,8 @@ def batch(
     two_objects: float = 0.3,
     three_objects: float = 0.2,
     drop_caption: float = 0.0,
+    colourless: float = 0.0,
 ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes for one seed: images uint8 [n, 48, 48, 3], captions, scenes."""
-    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, three_objects, drop_caption)
+    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, three_objects, drop_caption, colourless)
     return np.stack([render(s) for s in scenes]), captions, scenes
