@@ -186,15 +186,15 @@ def mask_rows(adapter: Adapter, prompts: list[str], bases: list[str], regions: S
     return out
 
 
-def _batch_slice(value: Any, index: torch.Tensor, size: int) -> Any:
+def batch_slice(value: Any, index: torch.Tensor, size: int) -> Any:
     """`value` with every tensor whose first dimension is the batch (`size`) cut to `index`, through dicts,
     lists and tuples (a U-Net's extra inputs: SDXL's y, ControlNet residuals)."""
     if isinstance(value, torch.Tensor):
         return value[index.to(value.device)] if value.dim() and value.shape[0] == size else value
     if isinstance(value, dict):
-        return {k: _batch_slice(v, index, size) for k, v in value.items()}
+        return {k: batch_slice(v, index, size) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_batch_slice(v, index, size) for v in value)
+        return type(value)(batch_slice(v, index, size) for v in value)
     return value
 
 
@@ -204,6 +204,8 @@ class RegionalComposition:
     ones) run as the bare model. `editor` is what edits that model's cross-attention: its activations stay empty,
     each concept is switched on only for its own pass. The seam is either forward hooks on `model` (given) or the
     object itself wrapping a forward: `composition(forward, *args, **kwargs)`. `detach()` removes the hooks.
+    `slice_batch(value, index, size)` cuts the call's arguments to a pass's rows (a host whose arguments carry
+    per-chunk lists besides the batch's tensors gives its own).
 
     The masks start again whenever the timestep goes up or the latent size changes (a new image, a hires pass);
     `pairs` keeps the newest `limit` registrations (None: all; a long-lived host that never clears them)."""
@@ -217,8 +219,10 @@ class RegionalComposition:
         model: Optional[torch.nn.Module] = None,
         limit: Optional[int] = None,
         atol: float = 1e-3,
+        slice_batch: Optional[Callable[[Any, torch.Tensor, int], Any]] = None,
     ):
         self.editor, self.items, self.projection, self.atol, self.limit = editor, list(items), projection, atol, limit
+        self.slice_batch = slice_batch or batch_slice
         self.pairs: list[tuple[torch.Tensor, Twins]] = []
         self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
         self.composed = 0  # U-Net calls in which a registered context was found (a host's check that it works)
@@ -356,7 +360,7 @@ class RegionalComposition:
             keys = KeyContexts()  # the key path reads the own prompt with the concept word as its superclass
             keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(context)), own.shape[1]) for _, t, fit in rows]))
         size = context.shape[0]
-        sub_args, sub_kwargs = _batch_slice(args, index, size), _batch_slice(kwargs, index, size)
+        sub_args, sub_kwargs = self.slice_batch(args, index, size), self.slice_batch(kwargs, index, size)
         if "context" in kwargs:
             sub_kwargs["context"] = own
         else:
