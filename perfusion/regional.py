@@ -186,16 +186,53 @@ def mask_rows(adapter: Adapter, prompts: list[str], bases: list[str], regions: S
     return out
 
 
+# The ComfyUI family's samplers (ComfyUI, Forge, Forge Neo) batch chunks, one conditioning's rows each, and say
+# in the call's transformer_options what each chunk is: lists with an entry per chunk, lists of row indices.
+_PER_CHUNK = ("cond_or_uncond", "uuids")
+_ROW_INDICES = {"cond_indices": 0, "uncond_indices": 1}
+
+
 def batch_slice(value: Any, index: torch.Tensor, size: int) -> Any:
     """`value` with every tensor whose first dimension is the batch (`size`) cut to `index`, through dicts,
-    lists and tuples (a U-Net's extra inputs: SDXL's y, ControlNet residuals)."""
+    lists and tuples (a U-Net's extra inputs: SDXL's y, ControlNet residuals); a `transformer_options` dict also
+    gets its chunk lists for those rows (`_chunk_options`)."""
     if isinstance(value, torch.Tensor):
         return value[index.to(value.device)] if value.dim() and value.shape[0] == size else value
     if isinstance(value, dict):
-        return {k: batch_slice(v, index, size) for k, v in value.items()}
+        return {
+            k: batch_slice(_chunk_options(v, index.tolist(), size) if k == "transformer_options" else v, index, size)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(batch_slice(v, index, size) for v in value)
     return value
+
+
+def _chunk_options(options: Any, index: list[int], size: int) -> Any:
+    """A pass on rows `index` of the sampler's batch of `size` rows sees only those rows: whole chunks (in order)
+    keep their entries, other rows become a chunk each (the sampler's chunks share one timestep), and the row
+    indices of cond and uncond count in the pass's batch. So a patch that finds the unconditional chunk by
+    cond_or_uncond (self-attention guidance keeps its attention) does not take a concept's pass for it."""
+    kinds = options.get("cond_or_uncond") if isinstance(options, dict) else None
+    if not isinstance(kinds, list) or not kinds or size % len(kinds):
+        return options
+    rows = size // len(kinds)
+    chunks = [i // rows for i in index]
+    out = dict(options)
+    if len(index) % rows == 0 and all(i == chunks[j] * rows + j % rows for j, i in enumerate(index)):
+        picked = chunks[::rows]
+    else:
+        picked = chunks
+        sigmas = options.get("sigmas")
+        if isinstance(sigmas, torch.Tensor) and sigmas.dim() and sigmas.shape[0] == rows:
+            out["sigmas"] = sigmas[:1]
+    for key in _PER_CHUNK:
+        if isinstance(options.get(key), list) and len(options[key]) == len(kinds):
+            out[key] = [options[key][c] for c in picked]
+    for key, kind in _ROW_INDICES.items():
+        if key in options:
+            out[key] = [j for j, c in enumerate(chunks) if kinds[c] == kind]
+    return out
 
 
 class RegionalComposition:
@@ -204,8 +241,6 @@ class RegionalComposition:
     ones) run as the bare model. `editor` is what edits that model's cross-attention: its activations stay empty,
     each concept is switched on only for its own pass. The seam is either forward hooks on `model` (given) or the
     object itself wrapping a forward: `composition(forward, *args, **kwargs)`. `detach()` removes the hooks.
-    `slice_batch(value, index, size)` cuts the call's arguments to a pass's rows (a host whose arguments carry
-    per-chunk lists besides the batch's tensors gives its own).
 
     The masks start again whenever the timestep goes up or the latent size changes (a new image, a hires pass);
     `pairs` keeps the newest `limit` registrations (None: all; a long-lived host that never clears them)."""
@@ -219,10 +254,8 @@ class RegionalComposition:
         model: Optional[torch.nn.Module] = None,
         limit: Optional[int] = None,
         atol: float = 1e-3,
-        slice_batch: Optional[Callable[[Any, torch.Tensor, int], Any]] = None,
     ):
         self.editor, self.items, self.projection, self.atol, self.limit = editor, list(items), projection, atol, limit
-        self.slice_batch = slice_batch or batch_slice
         self.pairs: list[tuple[torch.Tensor, Twins]] = []
         self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
         self.composed = 0  # U-Net calls in which a registered context was found (a host's check that it works)
@@ -360,7 +393,7 @@ class RegionalComposition:
             keys = KeyContexts()  # the key path reads the own prompt with the concept word as its superclass
             keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(context)), own.shape[1]) for _, t, fit in rows]))
         size = context.shape[0]
-        sub_args, sub_kwargs = self.slice_batch(args, index, size), self.slice_batch(kwargs, index, size)
+        sub_args, sub_kwargs = batch_slice(args, index, size), batch_slice(kwargs, index, size)
         if "context" in kwargs:
             sub_kwargs["context"] = own
         else:

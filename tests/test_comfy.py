@@ -402,22 +402,3 @@ def test_two_chained_loaders_compose_region_by_region_as_the_engine_does(world, 
     assert patch.composition(together) is None and patch.UNET_FORWARD not in together.object_patches
     assert (denoise(together, c2) - chained).abs().max() > 1e-4
     assert torch.equal(denoise(model, clip), denoise(model, clip))  # the inputs untouched
-
-
-def test_a_pass_on_some_rows_gets_the_per_chunk_lists_of_those_rows(world):
-    """ComfyUI's sampler batches chunks (one conditioning's rows each) and lists per chunk what each is
-    (transformer_options' cond_or_uncond, uuids); a regional pass on some rows gets those lists row by row, so a
-    patch that finds the unconditional chunk by them (self-attention guidance) sees only what is there."""
-    _, model, clip, _, _ = world
-    m1, c1 = load(model, clip, "hugsy.safetensors")
-    m2, _ = load(m1, c1, "boxy.safetensors")
-    assert patch.composition(m2).slice_batch is patch.chunk_slice
-    options = {"cond_or_uncond": [1, 0], "uuids": ["u", "c"], "sigmas": torch.tensor([3.0, 3.0]), "patches": {}}
-    kwargs = {"context": torch.arange(8.0).reshape(4, 2), "transformer_options": options, "y": torch.ones(4, 3)}
-    cut = patch.chunk_slice(kwargs, torch.tensor([2, 3]), 4)  # the second chunk (cond) only
-    assert cut["transformer_options"]["cond_or_uncond"] == [0, 0] and cut["transformer_options"]["uuids"] == ["c", "c"]
-    assert cut["context"].equal(kwargs["context"][2:]) and cut["y"].shape == (2, 3)
-    mixed = patch.chunk_slice(kwargs, torch.tensor([1, 2]), 4)  # a row of each chunk
-    assert mixed["transformer_options"]["cond_or_uncond"] == [1, 0]
-    assert options["cond_or_uncond"] == [1, 0] and kwargs["context"].shape == (4, 2)  # the call's own untouched
-    assert patch.chunk_slice((torch.ones(4, 1), 5), torch.tensor([0]), 4)[0].shape == (1, 1)  # positional: as before

@@ -315,3 +315,36 @@ def test_the_seam_cuts_every_batch_input_to_the_rows_it_runs_sdxls_vector_too():
     assert [n for n, _ in seen] == [4, 2, 2] * 2
     assert torch.equal(seen[1][1], y[:2]) and torch.equal(seen[4][1], y[:2])  # the prompts' own vectors
     assert torch.allclose(first[:2], second[2:], atol=1e-5) and torch.allclose(first[2:], second[:2], atol=1e-5)
+
+
+def test_a_pass_on_some_rows_gets_the_chunk_lists_of_those_rows():
+    """The ComfyUI family's samplers batch chunks (one conditioning's rows each) and say in transformer_options what
+    each chunk is (cond_or_uncond, uuids; Forge also row indices and a row mark). A concept's pass on some rows gets
+    them for those rows, so a patch that finds the unconditional chunk by them (self-attention guidance) sees only
+    what is there; the call's own options stay as they were."""
+    from perfusion.regional import batch_slice
+
+    options = {
+        "cond_or_uncond": [1, 0],
+        "uuids": ["u", "c"],
+        "sigmas": torch.tensor([3.0, 3.0]),  # one per row of a chunk
+        "cond_mark": torch.tensor([1.0, 1.0, 0.0, 0.0]),  # one per row of the batch
+        "cond_indices": [2, 3],
+        "uncond_indices": [0, 1],
+        "patches": {"attn1_patch": [print]},
+    }
+    kwargs = {"context": torch.arange(8.0).reshape(4, 2), "transformer_options": options, "y": torch.ones(4, 3)}
+    whole = batch_slice(kwargs, torch.tensor([2, 3]), 4)  # the cond chunk
+    cut = whole["transformer_options"]
+    assert cut["cond_or_uncond"] == [0] and cut["uuids"] == ["c"] and cut["sigmas"].shape == (2,)
+    assert cut["cond_indices"] == [0, 1] and cut["uncond_indices"] == [] and cut["cond_mark"].tolist() == [0.0, 0.0]
+    assert whole["context"].equal(kwargs["context"][2:]) and whole["y"].shape == (2, 3)
+    assert cut["patches"] == options["patches"]
+    part = batch_slice(kwargs, torch.tensor([1, 3]), 4)["transformer_options"]  # a row of each chunk
+    assert part["cond_or_uncond"] == [1, 0] and part["uuids"] == ["u", "c"] and part["sigmas"].shape == (1,)
+    assert part["cond_indices"] == [1] and part["uncond_indices"] == [0]
+    one = batch_slice(kwargs, torch.tensor([3]), 4)["transformer_options"]  # one row of the cond chunk
+    assert one["cond_or_uncond"] == [0] and one["cond_indices"] == [0] and one["uncond_indices"] == []
+    assert options["cond_or_uncond"] == [1, 0] and options["cond_indices"] == [2, 3]  # untouched
+    plain = {"transformer_options": {"patches": {}}, "x": torch.ones(4)}
+    assert batch_slice(plain, torch.tensor([0]), 4)["transformer_options"] == {"patches": {}}  # no chunks: as is

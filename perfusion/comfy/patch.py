@@ -17,12 +17,10 @@ import torch
 
 from ..hooks import Activation, Activations, Editor, KeyContexts, find_cross_attention
 from ..options import Composition, Projection
-from ..regional import RegionalComposition, batch_slice
+from ..regional import RegionalComposition
 
 log = logging.getLogger("perfusion")
 UNET = "diffusion_model"  # the U-Net's attribute on the patcher's model (comfy.model_base.BaseModel)
-# transformer_options' lists with one entry per chunk of the batch (one conditioning's rows), set by the sampler
-PER_CHUNK = ("cond_or_uncond", "uuids")
 
 
 class PatchedForward:
@@ -55,23 +53,6 @@ class ComposedForward:
                 "are not drawn; connect that CLIP to the text encode nodes"
             )
         return self.composition(self.original, *args, **kwargs)
-
-
-def chunk_slice(value: Any, index: torch.Tensor, size: int) -> Any:
-    """The engine's batch_slice, and in a call's transformer_options each per-chunk list read row by row: a pass on
-    rows `index` gets one chunk per row, so a patch that splits the batch by `cond_or_uncond` (self-attention
-    guidance keeps the unconditional chunk's attention) finds only the rows that are there, as what they are."""
-    out = batch_slice(value, index, size)
-    options = out.get("transformer_options") if isinstance(out, dict) else None
-    if isinstance(options, dict):
-        options = dict(options)
-        for key in PER_CHUNK:
-            chunks = options.get(key)
-            if isinstance(chunks, list) and chunks and size % len(chunks) == 0:
-                rows = size // len(chunks)
-                options[key] = [chunks[int(i) // rows] for i in index]
-        out["transformer_options"] = options
-    return out
 
 
 def _forward_key(layer: str, attr: str) -> str:
@@ -132,7 +113,7 @@ def with_concepts(
     composed = None
     if compose == "regional" and len(items) > 1:
         editor = Editor(found, Activations([], projection), cache_rows=False)
-        composed = RegionalComposition(editor, items, projection, limit=limit, slice_batch=chunk_slice)
+        composed = RegionalComposition(editor, items, projection, limit=limit)
     else:
         editor = Editor(found, Activations(items, projection, contexts), cache_rows=False)
     clone = model.clone()
