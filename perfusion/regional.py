@@ -235,6 +235,10 @@ def _chunk_options(options: Any, index: list[int], size: int) -> Any:
     return out
 
 
+# Rows an extension may put before a prompt's context rows (A1111's ControlNet: one, marking cond or uncond).
+MAX_LEAD_ROWS = 1
+
+
 class RegionalComposition:
     """Composes `items` region by region in every call of a diffusion model (model(x, t, context=..., ...)) where a
     batch row's context is one added with `add` (module docstring); rows that match nothing (the unconditional
@@ -307,7 +311,16 @@ class RegionalComposition:
     def _match(self, e: torch.Tensor) -> Optional[tuple[Twins, Callable[[torch.Tensor], torch.Tensor]]]:
         """The twins of a batch row's context [N, d] and how to bring a twin to its length: hosts lengthen a
         prompt's rows to batch it with a longer negative prompt, with copies of it (Forge, ComfyUI) or with the
-        empty prompt's rows (A1111's pad_cond_uncond), so a registered context may be only the row's start."""
+        empty prompt's rows (A1111's pad_cond_uncond), so a registered context may be only the row's start; and an
+        extension may put a row before it (A1111's ControlNet marks each prompt cond or uncond with one), kept."""
+        for lead in range(MAX_LEAD_ROWS + 1):
+            found = self._match_from(e[lead:])
+            if found is not None:
+                twins, fit = found
+                return twins, (fit if not lead else lambda t, head=e[:lead], f=fit: torch.cat([head.to(t), f(t)]))
+        return None
+
+    def _match_from(self, e: torch.Tensor) -> Optional[tuple[Twins, Callable[[torch.Tensor], torch.Tensor]]]:
         for c, twins in reversed(self.pairs):  # the newest registration of a context wins
             n = c.shape[0]
             if c.shape[1:] != e.shape[1:] or n > e.shape[0] or not _close(e[:n], c, self.atol):

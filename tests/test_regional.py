@@ -242,6 +242,36 @@ def test_the_seam_follows_a_prompt_lengthened_to_batch_with_a_longer_negative_pr
     assert (padded - bare).abs().max() > 1e-4 and first.max() > 0  # control: composed, not passed through
 
 
+def test_the_seam_finds_a_prompt_an_extension_put_a_row_before(trained):
+    """A1111's ControlNet puts one row before every context (a mark: cond or uncond) and swaps the U-Net's forward
+    for one that reads and drops it: the prompt's rows are still recognised, and every pass (the base and each
+    concept's) gets its context marked alike, so the result is the unmarked one."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    prompts = ["a hugsy at the left and a mochi at the right"]
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([500, 500])
+    uncond, _ = adapter.encode([""])
+    composition, cond = _composition(adapter, c, prompts)
+    real, lengths = model.forward, []
+
+    def reads_the_mark(x, timesteps=None, context=None, **kwargs):
+        lengths.append(context.shape[1])
+        return real(x, timesteps, context=context[:, 1:], **kwargs)
+
+    mark = lambda context, value: torch.cat([torch.full_like(context[:, :1], value), context], 1)  # noqa: E731
+    try:
+        plain = model(x, t, context=torch.cat([cond, uncond]))
+        composition.reset()
+        model.forward = reads_the_mark
+        marked = model(x, t, context=torch.cat([mark(cond, 1.0), mark(uncond, -1.0)]))
+    finally:
+        del model.forward
+        composition.detach()
+    assert composition.composed == 2 and lengths == [cond.shape[1] + 1] * 3  # the base call and two concepts' passes
+    assert torch.allclose(plain, marked, atol=1e-5)
+    assert (model(x, t, context=torch.cat([cond, uncond])) - plain).abs().max() > 1e-4  # control: it composed
+
+
 def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained):
     """A context registered with one concept and no mask row (an AND sub-prompt or schedule entry that names only
     it) comes out as that concept applied alone, whatever the other concepts do."""
