@@ -270,7 +270,9 @@ class RegionalComposition:
         if model is not None:
             self._handles = [
                 model.register_forward_pre_hook(lambda m, a, kw: self._before(a, kw), with_kwargs=True),
-                model.register_forward_hook(lambda m, a, kw, out: self._after(m.forward, out), with_kwargs=True),
+                model.register_forward_hook(
+                    lambda m, a, kw, out: self._after(m.forward, out, whole="forward" in vars(m)), with_kwargs=True
+                ),
             ]
 
     def __call__(self, forward: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -357,8 +359,11 @@ class RegionalComposition:
             return args, {**kwargs, "context": base}
         return (*args[:2], base, *args[3:]), kwargs
 
-    def _after(self, forward: Callable, output: Any) -> Any:
-        """The call's output with the registered rows composed (None: unchanged)."""
+    def _after(self, forward: Callable, output: Any, whole: bool = False) -> Any:
+        """The call's output with the registered rows composed (None: unchanged). whole: each concept's pass runs on
+        the call's whole batch (the other rows as they came, their output unused), for a forward that another
+        extension swapped in and that may keep state shaped by the batch (A1111's ControlNet caches its reference
+        latents per batch); otherwise on the rows it composes only."""
         if self._call is None:
             return None
         args, kwargs, context, matched, capture = self._call
@@ -376,12 +381,13 @@ class RegionalComposition:
             groups: dict[int, list[int]] = {}
             for j, (_, twins, fit) in enumerate(matched):
                 if twins.own[k] is not None:
-                    groups.setdefault(fit(twins.own[k]).shape[0], []).append(j)
+                    groups.setdefault(0 if whole else fit(twins.own[k]).shape[0], []).append(j)
             if not groups:
                 continue
             full = output[index].clone()
             for mine in groups.values():
-                full[mine] = self._own_pass(forward, args, kwargs, context, [matched[j] for j in mine], k).to(full)
+                rows = [matched[j] for j in mine]
+                full[mine] = self._own_pass(forward, args, kwargs, context, rows, k, whole).to(full)
             mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
             mask[[j for mine in groups.values() for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
             for j, (_, twins, _) in enumerate(matched):
@@ -395,27 +401,38 @@ class RegionalComposition:
         out[index] = blend(output[index], preds, weights)
         return out
 
-    def _own_pass(self, forward: Callable, args: tuple, kwargs: dict, context: torch.Tensor, rows: list, k: int):
+    def _own_pass(
+        self, forward: Callable, args: tuple, kwargs: dict, context: torch.Tensor, rows: list, k: int, whole: bool
+    ) -> torch.Tensor:
         """The U-Net's prediction for the batch rows `rows` (matched entries) with concept k's own prompt and only
-        its edit on."""
+        its edit on: a call on those rows, or (whole) on the whole batch with the own prompt in those rows (brought
+        to the call's length as _fit does)."""
         item = self.items[k]
         index = torch.as_tensor([b for b, _, _ in rows])
-        own = torch.stack([fit(t.own[k].to(context)) for _, t, fit in rows])
+        size, length = context.shape[0], context.shape[1]
+        own = [fit(t.own[k].to(context)) for _, t, fit in rows]
+        if whole:
+            own = [_fit(o, length) for o in own]
+        own = torch.stack(own)
         keys = None
         if item.lock == "global" and all(k < len(t.own_keys) and t.own_keys[k] is not None for _, t, _ in rows):
             keys = KeyContexts()  # the key path reads the own prompt with the concept word as its superclass
             keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(context)), own.shape[1]) for _, t, fit in rows]))
-        size = context.shape[0]
-        sub_args, sub_kwargs = batch_slice(args, index, size), batch_slice(kwargs, index, size)
+        if whole:
+            sub_args, sub_kwargs = args, dict(kwargs)
+            own = context.clone().index_copy_(0, index.to(context.device), own)
+        else:
+            sub_args, sub_kwargs = batch_slice(args, index, size), batch_slice(kwargs, index, size)
         if "context" in kwargs:
             sub_kwargs["context"] = own
         else:
             sub_args = (*sub_args[:2], own, *sub_args[3:])
         self.editor.activate(Activations([item], self.projection, keys))
         try:
-            return forward(*sub_args, **sub_kwargs)
+            out = forward(*sub_args, **sub_kwargs)
         finally:
             self.editor.clear()
+        return out[index.to(out.device)] if whole else out
 
     def _masks(self, capture: QueryKeyCapture, matched: list, size: tuple) -> torch.Tensor:
         """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown), from the
