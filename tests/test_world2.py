@@ -9,7 +9,17 @@ import numpy as np
 
 from perfusion.world.w2.analyze import is_instance, read, read_pair, read_places
 from perfusion.world.w2.controls import CONTROLS, INSTANCES, confusion, control_image, placements
-from perfusion.world.w2.scenes import COLOURS, PATTERNS, Scene, Thing, batch, owner_map, random_scene, render
+from perfusion.world.w2.scenes import (
+    COLOURS,
+    PATTERNS,
+    Scene,
+    Thing,
+    batch,
+    owner_map,
+    random_scene,
+    render,
+    scenes_and_captions,
+)
 
 
 def _away_from(inside: np.ndarray) -> np.ndarray:
@@ -39,14 +49,15 @@ def test_colourless_captions_leave_colours_out_and_change_nothing_at_zero():
     _, caps, scenes = batch(3, 64)
     _, same, _ = batch(3, 64, colourless=0.0)
     assert same == caps  # the option draws nothing when off: every caption of before stays the same
-    _, none, scenes_b = batch(3, 64, colourless=1.0)
+    # captions only from here (rendering the images adds nothing to them)
+    scenes_b, none = scenes_and_captions(3, 64, colourless=1.0)
     assert [s.things for s in scenes_b] == [s.things for s in scenes]  # the same scenes, only fewer words
     assert not any(w in COLOURS for text in none for w in text.split())
     for text, scene in zip(none, scenes):
         assert text == "" or all(t.shape in text for t in scene.things)
-    _, some, _ = batch(3, 400, colourless=0.3)
+    many, some = scenes_and_captions(3, 400, colourless=0.3)
     named = [sum(w in COLOURS for w in text.split()) for text in some if text]
-    things = sum(len(s.things) for s in batch(3, 400)[2])
+    things = sum(len(s.things) for s in many)
     assert 0.6 * things < sum(named) < 0.8 * things  # about 70 % of the colours still named
 
 
