@@ -86,3 +86,16 @@ def test_a_run_that_blows_up_goes_back_to_a_checkpoint_at_half_the_learning_rate
         train_model.train(200, 600, tmp_path / "w", tmp_path / "m.safetensors", world=1, batch=2)
     out = capsys.readouterr().out
     assert out.count("diverged; back to step") == 3 and "learning rate x0.125" in out
+
+
+def test_the_command_line_refuses_a_colourless_value_it_cannot_use(monkeypatch, capsys):
+    from perfusion.world import train_model
+
+    for argv, said in (
+        (["--world", "2", "--restart", "--colourless", "1.5"], "a probability, 0 to 1 (got 1.5)"),
+        (["--world", "1", "--colourless", "0.3"], "world 2's"),
+    ):
+        monkeypatch.setattr("sys.argv", ["train_model", *argv])
+        with pytest.raises(SystemExit):
+            train_model.main()
+        assert said in capsys.readouterr().err

@@ -397,6 +397,8 @@ def main() -> None:
         return
     if a.colourless is not None and a.world != 2:
         p.error("--colourless is world 2's (world 1's captions name every colour)")
+    if a.colourless is not None and not 0.0 <= a.colourless <= 1.0:
+        p.error(f"--colourless is a probability, 0 to 1 (got {a.colourless})")
     if a.by_time and not a.restart:
         p.error("--by-time needs --restart (it reshapes the schedule from the step reached)")
     tuned = {k: getattr(a, k) for k in ("batch", "warmup", "lr", "colourless") if getattr(a, k) is not None}
