@@ -82,23 +82,27 @@ class QueryKeyCapture:
         `batch` of the captured batch, by default its first n), the attention each image's pixels pay to its row,
         averaged over heads, resized to `size` (h, w) and summed over the layers. One softmax per layer serves all
         m lists."""
+        return sum(self.layer_attention(name, rows, size, batch) for name in self.layers)
+
+    def layer_attention(
+        self, name: str, rows: Sequence[Sequence[int]], size: tuple[int, int], batch: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """row_attention's [m, n, h, w] from the one layer `name`."""
         h, w = size
         index = torch.as_tensor(rows)  # [m, n]
         m, n = index.shape
         images = torch.as_tensor(list(range(n)) if batch is None else list(batch))
-        total = 0
-        for name, attn in self.layers.items():
-            q = self.store[name]["q"][images.to(self.store[name]["q"].device)].float()
-            k = self.store[name]["k"][images.to(self.store[name]["k"].device)].float()
-            heads = attn.heads
-            q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
-            k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]
-            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [n, heads, hw, rows]
-            picked = probs.permute(0, 3, 1, 2)[torch.arange(n)[None], index.to(probs.device)].mean(2)  # [m, n, hw]
-            side = int(round((picked.shape[-1] * w / h) ** 0.5))
-            grid = picked.reshape(m * n, 1, picked.shape[-1] // side, side)
-            total = total + F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).reshape(m, n, h, w)
-        return total
+        attn, store = self.layers[name], self.store[name]
+        q = store["q"][images.to(store["q"].device)].float()
+        k = store["k"][images.to(store["k"].device)].float()
+        heads = attn.heads
+        q = q.reshape(n, q.shape[1], heads, -1).transpose(1, 2)  # [n, heads, hw, dh]
+        k = k.reshape(n, k.shape[1], heads, -1).transpose(1, 2)  # [n, heads, rows, dh]
+        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [n, heads, hw, rows]
+        picked = probs.permute(0, 3, 1, 2)[torch.arange(n)[None], index.to(probs.device)].mean(2)  # [m, n, hw]
+        side = int(round((picked.shape[-1] * w / h) ** 0.5))
+        grid = picked.reshape(m * n, 1, picked.shape[-1] // side, side)
+        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).reshape(m, n, h, w)
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:

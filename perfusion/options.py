@@ -22,6 +22,10 @@ Projection = Literal["approximate", "exact"]  # how several concepts share one e
 # the base model's attention puts its superclass word (perfusion.regional; measured best, docs/world.md); together,
 # the paper's: every concept edits the one prompt, their edits combined per Projection.
 Composition = Literal["regional", "together"]
+# How regional composition hands a concept its region: prediction, a U-Net pass per concept from its own prompt,
+# the predictions blended with the masks; attention, one U-Net pass in which every cross-attention's output is
+# blended, the concept's own prompt's output inside its region (the image keeps one layout; docs/world.md).
+RegionBlend = Literal["prediction", "attention"]
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
 IStarGradient = Literal["detach", "straight_through"]  # how the EMA of i* meets the gradient
@@ -37,6 +41,7 @@ TRAIN_LOCKS: tuple[str, ...] = get_args(TrainLock)
 LOCK_CHOICES: tuple[str, ...] = get_args(LockChoice)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 COMPOSITIONS: tuple[str, ...] = get_args(Composition)
+REGION_BLENDS: tuple[str, ...] = get_args(RegionBlend)
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)
 I_STAR_GRADIENTS: tuple[str, ...] = get_args(IStarGradient)
@@ -49,6 +54,7 @@ COMPOSITION: Composition = "regional"
 # the first value, all the concept's pass from the second, linear between (measured in docs/world.md: handing
 # the region wholly to the concept beats the soft map, 0.45 against 0.31 of objects with their look).
 REGION_RAMP = (0.25, 0.45)
+REGION_BLEND: RegionBlend = "prediction"
 
 # The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
 BETA, TAU = 0.7, 0.15

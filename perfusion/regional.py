@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .adapter import Adapter, concept_words
 from .concept import Concept
 from .diffusion import ddim_sample
 from .hooks import Activation, Activations, Editor, KeyContexts, attach
 from .masks import QueryKeyCapture, min_max
-from .options import REGION_RAMP
+from .options import REGION_BLEND, REGION_BLENDS, REGION_RAMP
 from .tokens import as_superclass, whole_word
 
 # Where a prompt splits into clauses (an object with its own words): commas, semicolons, line breaks, "and".
@@ -247,7 +248,13 @@ class RegionalComposition:
     object itself wrapping a forward: `composition(forward, *args, **kwargs)`. `detach()` removes the hooks.
 
     The masks start again whenever the timestep goes up or the latent size changes (a new image, a hires pass);
-    `pairs` keeps the newest `limit` registrations (None: all; a long-lived host that never clears them)."""
+    `pairs` keeps the newest `limit` registrations (None: all; a long-lived host that never clears them).
+
+    blend (options.RegionBlend): "prediction" runs a U-Net pass per concept and blends the predictions;
+    "attention" runs the call once and blends inside every cross-attention of `editor` (their forwards are
+    wrapped on the instance until `detach`): the rows of a registered prompt get, at each pixel,
+    (1 - sum M_k) attn(base prompt) + sum M_k attn(concept k's own prompt, its edit on), with M_k from the
+    running attention plus this call's layers so far."""
 
     def __init__(
         self,
@@ -258,15 +265,25 @@ class RegionalComposition:
         model: Optional[torch.nn.Module] = None,
         limit: Optional[int] = None,
         atol: float = 1e-3,
+        blend: str = REGION_BLEND,
     ):
+        if blend not in REGION_BLENDS:
+            raise ValueError(f"blend must be one of {REGION_BLENDS}, got {blend!r}")
         self.editor, self.items, self.projection, self.atol, self.limit = editor, list(items), projection, atol, limit
+        self.blend = blend
         self.pairs: list[tuple[torch.Tensor, Twins]] = []
         self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
         self.composed = 0  # U-Net calls in which a registered context was found (a host's check that it works)
         self._call: Optional[tuple] = None
+        self._attend: Optional[_AttentionCall] = None
         self._last_t: Optional[float] = None
         editor.clear()
         self._handles = []
+        self._wrapped: dict[str, tuple[torch.nn.Module, Any]] = {}  # layer -> (module, its own instance forward)
+        if blend == "attention":
+            for name, module in editor.layers.items():
+                self._wrapped[name] = (module, vars(module).get("forward"))
+                module.forward = self._attention_forward(name, module.forward)
         if model is not None:
             self._handles = [
                 model.register_forward_pre_hook(lambda m, a, kw: self._before(a, kw), with_kwargs=True),
@@ -307,7 +324,12 @@ class RegionalComposition:
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self.pairs, self._call = [], [], None
+        for module, own in self._wrapped.values():
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self._handles, self.pairs, self._call, self._attend, self._wrapped = [], [], None, None, {}
         self.reset()
 
     def _match(self, e: torch.Tensor) -> Optional[tuple[Twins, Callable[[torch.Tensor], torch.Tensor]]]:
@@ -336,7 +358,7 @@ class RegionalComposition:
 
     def _before(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         """The call's arguments with the base prompt in the registered rows (None: leave the call alone)."""
-        self._call = None
+        self._call, self._attend = None, None
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
         if context is None or self.editor.activations.items:
             return None  # not a text-conditioned call, or someone switched concepts on: leave it alone
@@ -355,6 +377,11 @@ class RegionalComposition:
             base[b] = _fit(fit(twins.base.to(base.device, base.dtype)), base.shape[1])
         capture = QueryKeyCapture(self.editor.layers).__enter__()
         self._call = (args, kwargs, context, matched, capture)
+        # blend "attention": unless an extension put rows before a prompt (A1111's ControlNet drops its mark row
+        # before the cross-attentions see the context), which the prediction blend handles
+        if self.blend == "attention" and all(self._match_from(context[b]) is not None for b, _, _ in matched):
+            x = args[0] if args else kwargs["x"]
+            self._attend = self._attention_call(context, matched, tuple(x.shape[-2:]))
         if "context" in kwargs:
             return args, {**kwargs, "context": base}
         return (*args[:2], base, *args[3:]), kwargs
@@ -369,6 +396,11 @@ class RegionalComposition:
         args, kwargs, context, matched, capture = self._call
         self._call = None
         capture.__exit__(None, None, None)
+        if self._attend is not None:  # blended inside the cross-attentions: keep the masks' sums
+            attend, self._attend = self._attend, None
+            for j, (b, _, _) in enumerate(matched):
+                self.running[b] = attend.running[:, j] + attend.seen[:, j]
+            return None
         if not isinstance(output, torch.Tensor):
             return None
         x = args[0] if args else kwargs["x"]
@@ -407,17 +439,13 @@ class RegionalComposition:
         """The U-Net's prediction for the batch rows `rows` (matched entries) with concept k's own prompt and only
         its edit on: a call on those rows, or (whole) on the whole batch with the own prompt in those rows (brought
         to the call's length as _fit does)."""
-        item = self.items[k]
         index = torch.as_tensor([b for b, _, _ in rows])
         size, length = context.shape[0], context.shape[1]
         own = [fit(t.own[k].to(context)) for _, t, fit in rows]
         if whole:
             own = [_fit(o, length) for o in own]
         own = torch.stack(own)
-        keys = None
-        if item.lock == "global" and all(k < len(t.own_keys) and t.own_keys[k] is not None for _, t, _ in rows):
-            keys = KeyContexts()  # the key path reads the own prompt with the concept word as its superclass
-            keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(context)), own.shape[1]) for _, t, fit in rows]))
+        activation = self._activation(k, rows, own)
         if whole:
             sub_args, sub_kwargs = args, dict(kwargs)
             own = context.clone().index_copy_(0, index.to(context.device), own)
@@ -427,12 +455,97 @@ class RegionalComposition:
             sub_kwargs["context"] = own
         else:
             sub_args = (*sub_args[:2], own, *sub_args[3:])
-        self.editor.activate(Activations([item], self.projection, keys))
+        self.editor.activate(activation)
         try:
             out = forward(*sub_args, **sub_kwargs)
         finally:
             self.editor.clear()
         return out[index.to(out.device)] if whole else out
+
+    def _activation(self, k: int, rows: list, own: torch.Tensor) -> Activations:
+        """Concept k alone, for a pass whose rows (matched entries) read their own prompts `own` [g, N, d]; a
+        globally locked one's key path reads them with the concept word as its superclass."""
+        item = self.items[k]
+        keys = None
+        if item.lock == "global" and all(k < len(t.own_keys) and t.own_keys[k] is not None for _, t, _ in rows):
+            keys = KeyContexts()
+            keys.add(own, torch.stack([_fit(fit(t.own_keys[k].to(own)), own.shape[1]) for _, t, fit in rows]))
+        return Activations([item], self.projection, keys)
+
+    def _attention_call(self, context: torch.Tensor, matched: list, size: tuple) -> _AttentionCall:
+        """What the cross-attentions of one call need to blend (blend "attention")."""
+        regions, m = len(self.items), len(matched)
+        running = torch.zeros(regions, m, *size, device=context.device)
+        for j, (b, _, _) in enumerate(matched):
+            before = self.running.get(b)
+            if before is not None and before.shape == running[:, j].shape:  # else: the first call, or a new size
+                running[:, j] = before.to(running)
+        passes = []
+        for k in range(regions):
+            groups: dict[int, list[int]] = {}  # rows with concept k, by their own prompt's length: one call each
+            for j, (_, twins, fit) in enumerate(matched):
+                if twins.own[k] is not None:
+                    groups.setdefault(fit(twins.own[k]).shape[0], []).append(j)
+            for mine in groups.values():
+                rows = [matched[j] for j in mine]
+                own = torch.stack([fit(t.own[k].to(context)) for _, t, fit in rows])
+                passes.append((k, mine, own, self._activation(k, rows, own)))
+        rows = [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(regions)]
+        known = torch.tensor([[t.rows[k] is not None for _, t, _ in matched] for k in range(regions)])
+        return _AttentionCall(
+            [b for b, _, _ in matched], context.shape[0], size, rows, known, passes, running, torch.zeros_like(running)
+        )
+
+    def _attention_forward(self, name: str, original: Callable) -> Callable:
+        """Layer `name`'s forward, blending a registered prompt's rows while a call is composed."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            call, attend = self._call, self._attend
+            if attend is None or call is None or not isinstance(out, torch.Tensor) or out.shape[0] != attend.size:
+                return out
+            return self._attend_layer(name, original, call[4], attend, args, kwargs, out)
+
+        return forward
+
+    def _attend_layer(
+        self, name: str, original: Callable, capture: QueryKeyCapture, attend: _AttentionCall, args, kwargs, out
+    ) -> torch.Tensor:
+        """out [B, hw, C] (the layer's output on the base prompt) with the composed rows blended."""
+        index = torch.as_tensor(attend.batch)
+        attend.seen += capture.layer_attention(name, attend.rows, attend.latent, batch=attend.batch).to(attend.seen)
+        total = attend.running + attend.seen  # [regions, m, H, W]
+        masks = torch.stack([region_mask(total[k]) for k in range(len(self.items))])
+        masks = torch.where(attend.known[:, :, None, None].to(masks.device), masks, torch.ones_like(masks))
+        (h, w), hw = attend.latent, out.shape[1]
+        side = int(round((hw * w / h) ** 0.5))
+        masks = F.interpolate(masks.flatten(0, 1)[:, None], size=(hw // side, side), mode="area")
+        masks = masks.reshape(len(self.items), len(attend.batch), hw).to(out)
+        mine = out[index.to(out.device)]
+        preds, weights = {}, {}
+        for k, js, own, activation in attend.passes:
+            rows = index[js]
+            sub_args, sub_kwargs = batch_slice(args, rows, attend.size), batch_slice(kwargs, rows, attend.size)
+            if "context" in kwargs or len(args) < 2:
+                sub_kwargs["context"] = own.to(out)
+            else:
+                sub_args = (sub_args[0], own.to(out), *sub_args[2:])
+            self.editor.activate(activation)
+            try:
+                y = original(*sub_args, **sub_kwargs)
+            finally:
+                self.editor.clear()
+            if k not in preds:
+                preds[k], weights[k] = mine.clone(), torch.zeros_like(masks[k])
+            preds[k][js] = y.to(mine)
+            weights[k][js] = masks[k, js]
+        if not preds:
+            return out
+        out = out.clone()
+        out[index.to(out.device)] = blend(
+            mine.transpose(1, 2), [p.transpose(1, 2) for p in preds.values()], list(weights.values())
+        ).transpose(1, 2)
+        return out
 
     def _masks(self, capture: QueryKeyCapture, matched: list, size: tuple) -> torch.Tensor:
         """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown), from the
@@ -450,6 +563,24 @@ class RegionalComposition:
                 if t.rows[k] is not None:
                     out[k, j] = region_mask(running[k][None])[0]
         return out
+
+
+@dataclass
+class _AttentionCall:
+    """One U-Net call composed inside its cross-attentions: the batch rows composed (`batch`, of `size` rows), the
+    latent's (h, w), per region the base prompt's superclass row of each composed row (`rows`, [regions][m]) and
+    whether it is known (`known` [regions, m]: otherwise the concept's prompt covers the image), the own passes
+    (concept, composed-row positions, own contexts [g, N, d], activation), and the attention on the superclass rows
+    [regions, m, h, w]: summed over the earlier calls (`running`) and over this call's layers so far (`seen`)."""
+
+    batch: list[int]
+    size: int
+    latent: tuple[int, int]
+    rows: list[list[int]]
+    known: torch.Tensor
+    passes: list[tuple[int, list[int], torch.Tensor, Activations]]
+    running: torch.Tensor
+    seen: torch.Tensor
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
@@ -477,9 +608,11 @@ def generate_regional(
     eta: float = 1.0,
     negative: str = "",
     projection: str = "approximate",
+    blend: str = REGION_BLEND,
 ) -> torch.Tensor:
     """Images [n, 3, R, R] in [-1, 1]: `prompts` (each holding every region's concept word) composed region by
-    region (module docstring); the same sampler, noise and guidance as generate()."""
+    region (module docstring; `blend` as RegionalComposition's); the same sampler, noise and guidance as
+    generate()."""
     n = len(prompts)
     if any(len(r.prompts) != n for r in regions):
         raise ValueError(f"every region needs one prompt per image ({n})")
@@ -502,7 +635,7 @@ def generate_regional(
         )
         for b in range(n)
     ]
-    composition = RegionalComposition(hooks, items, projection, model=hooks.model)
+    composition = RegionalComposition(hooks, items, projection, model=hooks.model, blend=blend)
     composition.add(cond, twins)
     try:
         latents = ddim_sample(

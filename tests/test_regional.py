@@ -11,6 +11,7 @@ import perfusion.regional as regional
 from perfusion.adapter import concept_words
 from perfusion.generate import generate
 from perfusion.hooks import Activation, attach
+from perfusion.options import REGION_BLENDS
 from perfusion.regional import (
     Region,
     RegionalComposition,
@@ -152,8 +153,51 @@ def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base
         generate_regional(adapter, prompts, [Region(regions[0].item, ["x"])], **kw)
 
 
-def _composition(adapter, c, prompts):
-    """A RegionalComposition over the tiny U-Net with `prompts` registered; returns it with their context."""
+def test_the_attention_blend_composes_inside_one_pass_and_zero_masks_give_the_base_image(trained, monkeypatch):
+    """blend "attention": one U-Net call per step, each cross-attention run on the base prompt and once per concept
+    on the prompt's rows; with no region the base prompt's image, with the regions another; the wrappers are gone
+    after."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    hooks = attach(model)
+    regions = _regions(c)
+    prompts = ["a hugsy at the left and a mochi at the right"] * 2
+    kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5, blend="attention")
+    unet_calls, layer_calls = [], []
+    real_forward = type(model).forward
+    layer = next(iter(hooks.layers.values()))
+    real_layer = type(layer).forward
+
+    def spy_forward(self, x, *args, **kwargs):
+        unet_calls.append(x.shape[0])
+        return real_forward(self, x, *args, **kwargs)
+
+    def spy_layer(self, x, *args, **kwargs):
+        if self is layer:
+            layer_calls.append(([i.concept.token for i in hooks.activations.items], x.shape[0]))
+        return real_layer(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy_forward)
+    monkeypatch.setattr(type(layer), "forward", spy_layer)
+    out = generate_regional(adapter, prompts, regions, **kw)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    assert unet_calls == [4] * 3  # the base pass over the prompts and the unconditional rows: nothing more
+    assert layer_calls == [([], 4), (["hugsy"], 2), (["mochi"], 2)] * 3
+    assert hooks.activations.items == [] and not any("forward" in vars(m) for m in hooks.layers.values())
+    assert torch.equal(out, generate_regional(adapter, prompts, regions, **kw))  # reproducible
+    predicted = generate_regional(adapter, prompts, regions, **{**kw, "blend": "prediction"})
+    assert (out - predicted).abs().max() > 1e-3  # control: another blend, another image
+    monkeypatch.setattr(regional, "min_max", lambda maps: torch.zeros_like(maps))  # no region anywhere
+    base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, latent_shape=(4, 8, 8), steps=3, seed=5)
+    assert torch.allclose(generate_regional(adapter, prompts, regions, **kw), base, atol=1e-5)
+    assert (out - base).abs().max() > 1e-3  # control: with the regions, the concepts change the image
+    with pytest.raises(ValueError, match="blend must be one of"):
+        RegionalComposition(hooks, [r.item for r in regions], blend="latent")
+
+
+def _composition(adapter, c, prompts, how="prediction"):
+    """A RegionalComposition (blend `how`) over the tiny U-Net with `prompts` registered; returns it with their
+    context."""
     regions = _regions(c)
     hooks = attach(adapter.diffusion_model)
     cond, _ = adapter.encode(prompts, concept_words([r.item.concept for r in regions]))
@@ -162,12 +206,13 @@ def _composition(adapter, c, prompts):
     rows = mask_rows(adapter, prompts, bases, regions)
     own = [adapter.encode(r.prompts[: len(prompts)], concept_words([r.item.concept]))[0] for r in regions]
     twins = [Twins(base[b], (own[0][b], own[1][b]), (rows[0][b], rows[1][b])) for b in range(len(prompts))]
-    composition = RegionalComposition(hooks, [r.item for r in regions], model=hooks.model)
+    composition = RegionalComposition(hooks, [r.item for r in regions], model=hooks.model, blend=how)
     composition.add(cond, twins)
     return composition, cond
 
 
-def test_the_seam_finds_the_prompts_rows_in_any_batch_order_and_leaves_other_rows_bare(trained):
+@pytest.mark.parametrize("how", REGION_BLENDS)
+def test_the_seam_finds_the_prompts_rows_in_any_batch_order_and_leaves_other_rows_bare(trained, how):
     """Hosts batch the conditional and unconditional rows in either order, or call them apart: the prompt's rows
     come out the same, and rows it did not register (the unconditional ones) are the bare model's."""
     adapter, c = trained
@@ -178,7 +223,7 @@ def test_the_seam_finds_the_prompts_rows_in_any_batch_order_and_leaves_other_row
     uncond, _ = adapter.encode(["", ""])
     bare = model(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([uncond, uncond]))
     bare_alone = model(x, t, context=uncond)
-    composition, cond = _composition(adapter, c, prompts)
+    composition, cond = _composition(adapter, c, prompts, how)
     try:
         together = model(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([cond, uncond]))
         composition.reset()
@@ -194,11 +239,12 @@ def test_the_seam_finds_the_prompts_rows_in_any_batch_order_and_leaves_other_row
     assert (plain - apart).abs().max() > 1e-4
 
 
-def test_the_seam_keeps_the_masks_per_row_and_starts_again_at_a_new_size(trained):
+@pytest.mark.parametrize("how", REGION_BLENDS)
+def test_the_seam_keeps_the_masks_per_row_and_starts_again_at_a_new_size(trained, how):
     adapter, c = trained
     model = adapter.diffusion_model
     prompts = ["a hugsy at the left and a mochi at the right"]
-    composition, cond = _composition(adapter, c, prompts)
+    composition, cond = _composition(adapter, c, prompts, how)
     try:
         model(torch.randn(1, 4, 8, 8), torch.tensor([500]), context=cond)
         first = composition.running[0].clone()
@@ -219,7 +265,8 @@ def test_the_seam_keeps_the_masks_per_row_and_starts_again_at_a_new_size(trained
     assert composition.running == {}
 
 
-def test_the_seam_follows_a_prompt_lengthened_to_batch_with_a_longer_negative_prompt(trained):
+@pytest.mark.parametrize("how", REGION_BLENDS)
+def test_the_seam_follows_a_prompt_lengthened_to_batch_with_a_longer_negative_prompt(trained, how):
     """Forge and ComfyUI repeat a prompt's rows, A1111 appends the empty prompt's, to batch it with a longer negative
     prompt: the rows are still recognised, and the twins lengthened alike."""
     adapter, c = trained
@@ -227,7 +274,7 @@ def test_the_seam_follows_a_prompt_lengthened_to_batch_with_a_longer_negative_pr
     prompts = ["a hugsy at the left and a mochi at the right"]
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([500])
     empty, _ = adapter.encode([""])
-    composition, cond = _composition(adapter, c, prompts)
+    composition, cond = _composition(adapter, c, prompts, how)
     try:
         plain = model(x, t, context=cond)
         composition.reset()
@@ -242,16 +289,23 @@ def test_the_seam_follows_a_prompt_lengthened_to_batch_with_a_longer_negative_pr
     assert (padded - bare).abs().max() > 1e-4 and first.max() > 0  # control: composed, not passed through
 
 
-def test_the_seam_finds_a_prompt_an_extension_put_a_row_before(trained):
+@pytest.mark.parametrize("how", REGION_BLENDS)
+def test_the_seam_finds_a_prompt_an_extension_put_a_row_before(trained, how):
     """A1111's ControlNet puts one row before every context (a mark: cond or uncond) and swaps the U-Net's forward
     for one that reads and drops it: the prompt's rows are still recognised, and every pass (the base and each
-    concept's) gets its context marked alike, so the result is the unmarked one."""
+    concept's) gets its context marked alike, so the result is the unmarked one. The attention blend leaves such a
+    call to the prediction blend (the cross-attentions see the context without the mark)."""
     adapter, c = trained
     model = adapter.diffusion_model
     prompts = ["a hugsy at the left and a mochi at the right"]
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([500, 500])
     uncond, _ = adapter.encode([""])
     composition, cond = _composition(adapter, c, prompts)
+    try:
+        plain = model(x, t, context=torch.cat([cond, uncond]))
+    finally:
+        composition.detach()
+    composition, cond = _composition(adapter, c, prompts, how)
     real, lengths, batches = model.forward, [], []
 
     def reads_the_mark(x, timesteps=None, context=None, **kwargs):
@@ -261,8 +315,6 @@ def test_the_seam_finds_a_prompt_an_extension_put_a_row_before(trained):
 
     mark = lambda context, value: torch.cat([torch.full_like(context[:, :1], value), context], 1)  # noqa: E731
     try:
-        plain = model(x, t, context=torch.cat([cond, uncond]))
-        composition.reset()
         model.forward = reads_the_mark
         marked = model(x, t, context=torch.cat([mark(cond, 1.0), mark(uncond, -1.0)]))
     finally:
@@ -270,12 +322,13 @@ def test_the_seam_finds_a_prompt_an_extension_put_a_row_before(trained):
         composition.detach()
     # the base call and two concepts' passes, each over the whole batch: the swapped forward may keep state shaped
     # by it (ControlNet's reference latents), and the rows a pass does not compose are only dropped
-    assert composition.composed == 2 and lengths == [cond.shape[1] + 1] * 3 and batches == [2] * 3
+    assert composition.composed == 1 and lengths == [cond.shape[1] + 1] * 3 and batches == [2] * 3
     assert torch.allclose(plain, marked, atol=1e-5)
     assert (model(x, t, context=torch.cat([cond, uncond])) - plain).abs().max() > 1e-4  # control: it composed
 
 
-def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained):
+@pytest.mark.parametrize("how", REGION_BLENDS)
+def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained, how):
     """A context registered with one concept and no mask row (an AND sub-prompt or schedule entry that names only
     it) comes out as that concept applied alone, whatever the other concepts do."""
     adapter, c = trained
@@ -290,7 +343,7 @@ def test_a_prompt_with_one_of_the_concepts_gets_it_applied_as_usual(trained):
     finally:
         hooks.clear()
     base, _ = adapter.encode(["a toy on a table"])
-    composition = RegionalComposition(hooks, items, model=hooks.model)
+    composition = RegionalComposition(hooks, items, model=hooks.model, blend=how)
     composition.add(cond, [Twins(base[0], (cond[0], None), (None, None))])
     try:
         composed = model(x, t, context=cond)
