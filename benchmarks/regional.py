@@ -2,10 +2,12 @@
 
 One classifier-free-guidance U-Net call of an SD1.5-shaped U-Net (random weights, 16 attn2 layers), batch 2: the
 prompt's row and the negative prompt's, context [2, 77, 768]. Variants: bare (no concept), together (two
-concepts in the one edit, the paper's) and regional (the same two concepts through RegionalComposition: the base
-pass over both rows, each concept's pass over the prompt's row, the attention maps and the blend). One round times
-every variant once, the order rotated every round; the ratios are medians over rounds of per-round ratios.
-Expected from the passes alone: regional = (2 + 1 + 1) rows / 2 rows = 2x a bare call.
+concepts in the one edit, the paper's), regional (the same two concepts through RegionalComposition's prediction
+blend: the base pass over both rows, each concept's pass over the prompt's row, the attention maps and the blend)
+and attention (its attention blend: one pass, each attn2 layer run again per concept on the prompt's row). One
+round times every variant once, the order rotated every round; the ratios are medians over rounds of per-round
+ratios. Expected from the passes alone: regional = (2 + 1 + 1) rows / 2 rows = 2x a bare call; attention = a bare
+call plus two attn2 runs per layer on one row.
 
 Timing: thread CPU time at 1 intra-op thread. Run: ./dev.sh bench regional [--rounds 5] [--size 32]
 (~2 min on 2 cores at --size 32, the latent side of a 256 px image).
@@ -64,22 +66,27 @@ def main() -> None:
         unet(x, t, context=context)
         hooks.clear()
 
-    def regional():
-        composition = RegionalComposition(hooks, items, model=unet)
+    def composed(blend: str):
+        composition = RegionalComposition(hooks, items, model=unet, blend=blend)
         composition.add(prompt[None], [twins])
         try:
             unet(x, t, context=context)
         finally:
             composition.detach()
 
-    variants = {"bare": bare, "together": together, "regional": regional}
+    variants = {
+        "bare": bare,
+        "together": together,
+        "regional": lambda: composed("prediction"),
+        "attention": lambda: composed("attention"),
+    }
     with torch.no_grad():
         for fn in variants.values():  # warm-up (each activation's first call projects W i* once)
             fn()
         times: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
         for r in range(args.rounds):
-            for name in names[r % 3 :] + names[: r % 3]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = time.thread_time()
                 variants[name]()
                 times[name].append(time.thread_time() - start)
