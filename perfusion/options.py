@@ -24,8 +24,14 @@ Projection = Literal["approximate", "exact"]  # how several concepts share one e
 Composition = Literal["regional", "together"]
 # How regional composition hands a concept its region: prediction, a U-Net pass per concept from its own prompt,
 # the predictions blended with the masks; attention, one U-Net pass in which every cross-attention's output is
-# blended, the concept's own prompt's output inside its region (the image keeps one layout; docs/world.md).
-RegionBlend = Literal["prediction", "attention"]
+# blended, the concept's own prompt's output inside its region (the image keeps one layout); auto, attention where
+# the regions come from the places the prompt names, prediction where from the model's attention (measured best
+# each way, docs/world.md: the attention blend needs a region where the object goes).
+RegionBlend = Literal["auto", "prediction", "attention"]
+# Where regional composition's regions come from: places, the place each concept's clause names ("at the left",
+# "in the top right corner") when every concept's clause names another one, else the base model's attention on
+# the superclass words; attention, always that attention.
+RegionSource = Literal["places", "attention"]
 MaskSource = Literal["auto", "alpha", "files", "none"]  # where a training image's object mask comes from
 Keys = Literal["locked", "trained"]  # trained: the ablation without key-locking
 IStarGradient = Literal["detach", "straight_through"]  # how the EMA of i* meets the gradient
@@ -42,6 +48,7 @@ LOCK_CHOICES: tuple[str, ...] = get_args(LockChoice)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 COMPOSITIONS: tuple[str, ...] = get_args(Composition)
 REGION_BLENDS: tuple[str, ...] = get_args(RegionBlend)
+REGION_SOURCES: tuple[str, ...] = get_args(RegionSource)
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 KEYS: tuple[str, ...] = get_args(Keys)
 I_STAR_GRADIENTS: tuple[str, ...] = get_args(IStarGradient)
@@ -54,7 +61,11 @@ COMPOSITION: Composition = "regional"
 # the first value, all the concept's pass from the second, linear between (measured in docs/world.md: handing
 # the region wholly to the concept beats the soft map, 0.45 against 0.31 of objects with their look).
 REGION_RAMP = (0.25, 0.45)
-REGION_BLEND: RegionBlend = "prediction"
+REGION_BLEND: RegionBlend = "auto"
+REGION_SOURCE: RegionSource = "places"
+# A named place's region: an ellipse centred in that part of the image (a quarter of the way in from its sides),
+# radii this fraction of the image's width and height, the edge soft over +- PLACE_EDGE of a radius.
+PLACE_RADIUS, PLACE_EDGE = 0.25, 0.15
 
 # The gate sigmoid((s - beta) / tau): the paper's inference default, and the one training runs at.
 BETA, TAU = 0.7, 0.15

@@ -32,11 +32,27 @@ from .concept import Concept
 from .diffusion import ddim_sample
 from .hooks import Activation, Activations, Editor, KeyContexts, attach
 from .masks import QueryKeyCapture, min_max
-from .options import REGION_BLEND, REGION_BLENDS, REGION_RAMP
+from .options import (
+    PLACE_EDGE,
+    PLACE_RADIUS,
+    REGION_BLEND,
+    REGION_BLENDS,
+    REGION_RAMP,
+    REGION_SOURCE,
+    REGION_SOURCES,
+)
 from .tokens import as_superclass, whole_word
 
 # Where a prompt splits into clauses (an object with its own words): commas, semicolons, line breaks, "and".
 _CLAUSE_BREAK = re.compile(r"\s*(?:[,;\n]|\band\b)\s*", re.IGNORECASE)
+# A place in the image, as prompts name one: "at the left", "on the right side", "in the top left corner".
+_PLACE = re.compile(
+    r"\b(?:at|on|in|to|towards?)\s+the\s+"
+    r"(?:(top|upper|bottom|lower)(?:[\s-]+(left|right))?|(left|right)|(centre|center|middle))\b",
+    re.IGNORECASE,
+)
+_ACROSS = {"left": 0.25, "right": 0.75}
+_DOWN = {"top": 0.25, "upper": 0.25, "bottom": 0.75, "lower": 0.75}
 
 
 @dataclass(frozen=True)
@@ -55,12 +71,14 @@ class Twins:
     prompt [N, d] (None where this prompt lacks the concept); rows: per region, the base context's row of the
     superclass word standing for it (None with an own prompt: its pass covers the whole image); own_keys: per
     region, what the key path reads under global locking (own with the concept word as its superclass; empty or
-    None: the keys read `own`)."""
+    None: the keys read `own`); places: per region, the centre (x, y) of the place its clause names, in fractions
+    of the image's width and height (empty: the regions come from attention; `concept_places`)."""
 
     base: torch.Tensor
     own: tuple[Optional[torch.Tensor], ...]
     rows: tuple[Optional[int], ...]
     own_keys: tuple[Optional[torch.Tensor], ...] = ()
+    places: tuple[Optional[tuple[float, float]], ...] = ()
 
 
 def own_prompt(prompt: str, word: str, others: Sequence[str]) -> str:
@@ -77,6 +95,42 @@ def own_prompt(prompt: str, word: str, others: Sequence[str]) -> str:
             kept.append(part)
             seps.append(breaks[i - 1] if i and kept[:-1] else "")
     return "".join(s + p for s, p in zip(seps, kept)).strip()
+
+
+def named_place(clause: str) -> Optional[tuple[float, float]]:
+    """The centre (x, y) of the place `clause` names, in fractions of the image's width and height: "at the left"
+    (0.25, 0.5), "in the top right corner" (0.75, 0.25), "in the middle" (0.5, 0.5); None where it names none, or
+    two different ones."""
+    found = set()
+    for down, corner, across, _centre in _PLACE.findall(clause):
+        side = across or corner
+        found.add((_ACROSS[side.lower()] if side else 0.5, _DOWN[down.lower()] if down else 0.5))
+    return found.pop() if len(found) == 1 else None
+
+
+def concept_places(text: str, words: Sequence[str]) -> Optional[tuple[tuple[float, float], ...]]:
+    """Per concept word (each in `text`): the place named in its clause (the part of `text` between clause breaks
+    that holds the word), when every word's clause names one and no two the same; None otherwise (the regions
+    then come from attention)."""
+    parts = _CLAUSE_BREAK.split(text)
+    places = []
+    for word in words:
+        clause = next((p for p in parts if whole_word(word).search(p)), None)
+        place = None if clause is None else named_place(clause)
+        if place is None:
+            return None
+        places.append(place)
+    return tuple(places) if len(set(places)) == len(places) else None
+
+
+def place_mask(centre: tuple[float, float], size: tuple[int, int], radius: float = PLACE_RADIUS) -> torch.Tensor:
+    """[h, w] in [0, 1]: an ellipse around `centre` (fractions of the width and height) with radii `radius` of
+    them, 1 inside, 0 outside, linear over +- PLACE_EDGE of a radius at the edge."""
+    h, w = size
+    (cx, cy), edge = centre, PLACE_EDGE
+    ys, xs = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+    d = (((xs[None, :] - cx) / radius) ** 2 + ((ys[:, None] - cy) / radius) ** 2).sqrt()
+    return ((1 + edge - d) / (2 * edge)).clamp(0, 1)
 
 
 @dataclass(frozen=True)
@@ -98,18 +152,25 @@ class TwinPlan:
     ) -> Twins:
         """The Twins from each text's encoding [N, d] and the base text's superclass rows. A text that names one
         concept gets no mask row: its own pass covers the image (the concept applied as usual). In a text that
-        names several, a concept whose superclass row is not found sits it out."""
+        names several, a concept whose superclass row is not found sits it out; where each of those that stay
+        names a place of its own, the places go with them (`concept_places`)."""
         n = len(items)
         rows: tuple[Optional[int], ...] = (None,) * n
         own = dict(self.own)
+        places: tuple[Optional[tuple[float, float]], ...] = ()
         if len(own) > 1:
             rows = superclass_rows(self.text, base_rows, [i.concept for i in items])
             own = {k: t for k, t in own.items() if rows[k] is not None}
+            named = concept_places(self.text, [items[k].concept.token for k in own]) if len(own) > 1 else None
+            if named is not None:
+                where = dict(zip(own, named))
+                places = tuple(where.get(k) for k in range(n))
         return Twins(
             encoded[self.base],
             tuple(encoded[own[k]] if k in own else None for k in range(n)),
             rows,
             tuple(encoded[self.keys[k]] if k in self.keys and k in own else None for k in range(n)),
+            places,
         )
 
 
@@ -250,11 +311,14 @@ class RegionalComposition:
     The masks start again whenever the timestep goes up or the latent size changes (a new image, a hires pass);
     `pairs` keeps the newest `limit` registrations (None: all; a long-lived host that never clears them).
 
+    regions (options.RegionSource): "places" takes a region from the place a prompt's clauses name where its
+    Twins carry places (an ellipse, `place_mask`), "attention" always from the base pass's attention.
     blend (options.RegionBlend): "prediction" runs a U-Net pass per concept and blends the predictions;
     "attention" runs the call once and blends inside every cross-attention of `editor` (their forwards are
     wrapped on the instance until `detach`): the rows of a registered prompt get, at each pixel,
     (1 - sum M_k) attn(base prompt) + sum M_k attn(concept k's own prompt, its edit on), with M_k from the
-    running attention plus this call's layers so far."""
+    running attention plus this call's layers so far, or the places; "auto" blends by attention a call whose
+    composed prompts all have their regions from places, by prediction otherwise."""
 
     def __init__(
         self,
@@ -266,11 +330,14 @@ class RegionalComposition:
         limit: Optional[int] = None,
         atol: float = 1e-3,
         blend: str = REGION_BLEND,
+        regions: str = REGION_SOURCE,
     ):
         if blend not in REGION_BLENDS:
             raise ValueError(f"blend must be one of {REGION_BLENDS}, got {blend!r}")
+        if regions not in REGION_SOURCES:
+            raise ValueError(f"regions must be one of {REGION_SOURCES}, got {regions!r}")
         self.editor, self.items, self.projection, self.atol, self.limit = editor, list(items), projection, atol, limit
-        self.blend = blend
+        self.blend, self.regions = blend, regions
         self.pairs: list[tuple[torch.Tensor, Twins]] = []
         self.running: dict[int, torch.Tensor] = {}  # batch row -> [regions, h, w]: attention summed over calls
         self.composed = 0  # U-Net calls in which a registered context was found (a host's check that it works)
@@ -280,7 +347,7 @@ class RegionalComposition:
         editor.clear()
         self._handles = []
         self._wrapped: dict[str, tuple[torch.nn.Module, Any]] = {}  # layer -> (module, its own instance forward)
-        if blend == "attention":
+        if blend != "prediction":
             for name, module in editor.layers.items():
                 self._wrapped[name] = (module, vars(module).get("forward"))
                 module.forward = self._attention_forward(name, module.forward)
@@ -377,9 +444,12 @@ class RegionalComposition:
             base[b] = _fit(fit(twins.base.to(base.device, base.dtype)), base.shape[1])
         capture = QueryKeyCapture(self.editor.layers).__enter__()
         self._call = (args, kwargs, context, matched, capture)
-        # blend "attention": unless an extension put rows before a prompt (A1111's ControlNet drops its mark row
+        # blend by attention unless an extension put rows before a prompt (A1111's ControlNet drops its mark row
         # before the cross-attentions see the context), which the prediction blend handles
-        if self.blend == "attention" and all(self._match_from(context[b]) is not None for b, _, _ in matched):
+        attend = self.blend == "attention" or (
+            self.blend == "auto" and all(self._placed(twins) for _, twins, _ in matched)
+        )
+        if attend and all(self._match_from(context[b]) is not None for b, _, _ in matched):
             x = args[0] if args else kwargs["x"]
             self._attend = self._attention_call(context, matched, tuple(x.shape[-2:]))
         if "context" in kwargs:
@@ -462,6 +532,22 @@ class RegionalComposition:
             self.editor.clear()
         return out[index.to(out.device)] if whole else out
 
+    def _placed(self, twins: Twins) -> bool:
+        """Whether a prompt's regions come from the places it names."""
+        return self.regions == "places" and any(p is not None for p in twins.places)
+
+    def _place_masks(self, matched: list, size: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[regions, m, h, w]: the region of each place named, and [regions, m]: where one is (bool)."""
+        masks = torch.zeros(len(self.items), len(matched), *size, device=device)
+        named = torch.zeros(len(self.items), len(matched), dtype=torch.bool)
+        for j, (_, twins, _) in enumerate(matched):
+            if not self._placed(twins):
+                continue
+            for k, place in enumerate(twins.places):
+                if place is not None:
+                    masks[k, j], named[k, j] = place_mask(place, size).to(device), True
+        return masks, named
+
     def _activation(self, k: int, rows: list, own: torch.Tensor) -> Activations:
         """Concept k alone, for a pass whose rows (matched entries) read their own prompts `own` [g, N, d]; a
         globally locked one's key path reads them with the concept word as its superclass."""
@@ -492,8 +578,18 @@ class RegionalComposition:
                 passes.append((k, mine, own, self._activation(k, rows, own)))
         rows = [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(regions)]
         known = torch.tensor([[t.rows[k] is not None for _, t, _ in matched] for k in range(regions)])
+        places, named = self._place_masks(matched, size, context.device)
         return _AttentionCall(
-            [b for b, _, _ in matched], context.shape[0], size, rows, known, passes, running, torch.zeros_like(running)
+            [b for b, _, _ in matched],
+            context.shape[0],
+            size,
+            rows,
+            known,
+            passes,
+            running,
+            torch.zeros_like(running),
+            places,
+            named,
         )
 
     def _attention_forward(self, name: str, original: Callable) -> Callable:
@@ -516,6 +612,7 @@ class RegionalComposition:
         attend.seen += capture.layer_attention(name, attend.rows, attend.latent, batch=attend.batch).to(attend.seen)
         total = attend.running + attend.seen  # [regions, m, H, W]
         masks = torch.stack([region_mask(total[k]) for k in range(len(self.items))])
+        masks = torch.where(attend.named[:, :, None, None].to(masks.device), attend.places.to(masks), masks)
         masks = torch.where(attend.known[:, :, None, None].to(masks.device), masks, torch.ones_like(masks))
         (h, w), hw = attend.latent, out.shape[1]
         side = int(round((hw * w / h) ** 0.5))
@@ -548,8 +645,8 @@ class RegionalComposition:
         return out
 
     def _masks(self, capture: QueryKeyCapture, matched: list, size: tuple) -> torch.Tensor:
-        """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown), from the
-        running sum of the base pass's attention on the region's superclass row."""
+        """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown): the place
+        named, or from the running sum of the base pass's attention on the region's superclass row."""
         rows = [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(len(self.items))]
         maps = capture.row_attention(rows, size, batch=[b for b, _, _ in matched])  # [regions, matched, h, w]
         out = torch.zeros_like(maps)
@@ -562,7 +659,8 @@ class RegionalComposition:
             for k in range(len(self.items)):
                 if t.rows[k] is not None:
                     out[k, j] = region_mask(running[k][None])[0]
-        return out
+        places, named = self._place_masks(matched, size, out.device)
+        return torch.where(named[:, :, None, None].to(out.device), places.to(out), out)
 
 
 @dataclass
@@ -570,8 +668,9 @@ class _AttentionCall:
     """One U-Net call composed inside its cross-attentions: the batch rows composed (`batch`, of `size` rows), the
     latent's (h, w), per region the base prompt's superclass row of each composed row (`rows`, [regions][m]) and
     whether it is known (`known` [regions, m]: otherwise the concept's prompt covers the image), the own passes
-    (concept, composed-row positions, own contexts [g, N, d], activation), and the attention on the superclass rows
-    [regions, m, h, w]: summed over the earlier calls (`running`) and over this call's layers so far (`seen`)."""
+    (concept, composed-row positions, own contexts [g, N, d], activation), the attention on the superclass rows
+    [regions, m, h, w]: summed over the earlier calls (`running`) and over this call's layers so far (`seen`), and
+    the regions of the places named."""
 
     batch: list[int]
     size: int
@@ -581,6 +680,8 @@ class _AttentionCall:
     passes: list[tuple[int, list[int], torch.Tensor, Activations]]
     running: torch.Tensor
     seen: torch.Tensor
+    places: torch.Tensor  # [regions, m, h, w]: the regions of named places, where `named` [regions, m]
+    named: torch.Tensor
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
@@ -609,10 +710,11 @@ def generate_regional(
     negative: str = "",
     projection: str = "approximate",
     blend: str = REGION_BLEND,
+    regions_from: str = REGION_SOURCE,
 ) -> torch.Tensor:
     """Images [n, 3, R, R] in [-1, 1]: `prompts` (each holding every region's concept word) composed region by
-    region (module docstring; `blend` as RegionalComposition's); the same sampler, noise and guidance as
-    generate()."""
+    region (module docstring; `blend` and `regions_from` as RegionalComposition's blend and regions); the same
+    sampler, noise and guidance as generate()."""
     n = len(prompts)
     if any(len(r.prompts) != n for r in regions):
         raise ValueError(f"every region needs one prompt per image ({n})")
@@ -632,10 +734,11 @@ def generate_regional(
             tuple(o[b] for o in own),
             tuple(r[b] for r in rows),
             tuple(None if k is None else k[b] for k in own_keys),
+            concept_places(prompts[b], [i.concept.token for i in items]) or (),
         )
         for b in range(n)
     ]
-    composition = RegionalComposition(hooks, items, projection, model=hooks.model, blend=blend)
+    composition = RegionalComposition(hooks, items, projection, model=hooks.model, blend=blend, regions=regions_from)
     composition.add(cond, twins)
     try:
         latents = ddim_sample(

@@ -18,9 +18,13 @@ from perfusion.regional import (
     Twins,
     base_prompts,
     blend,
+    concept_places,
     generate_regional,
     mask_rows,
+    named_place,
     own_prompt,
+    place_mask,
+    plan_twins,
     region_mask,
     superclass_rows,
 )
@@ -121,7 +125,7 @@ def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base
     hooks = attach(model)
     regions = _regions(c)
     prompts = ["a hugsy at the left and a mochi at the right"] * 2
-    kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5)
+    kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5, blend="prediction", regions_from="attention")
     seen, masks_seen = [], []
     real_forward, real_blend = type(model).forward, regional.blend
 
@@ -146,7 +150,7 @@ def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base
     monkeypatch.setattr(type(model), "forward", real_forward)
     monkeypatch.setattr(regional, "min_max", lambda maps: torch.zeros_like(maps))  # no region anywhere
     alone = generate_regional(adapter, prompts, regions, **kw)
-    base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, **kw)
+    base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, latent_shape=(4, 8, 8), steps=3, seed=5)
     assert torch.allclose(alone, base, atol=1e-5)
     assert (out - base).abs().max() > 1e-3  # control: with the regions, the concepts change the image
     with pytest.raises(ValueError, match="one prompt per image"):
@@ -162,7 +166,7 @@ def test_the_attention_blend_composes_inside_one_pass_and_zero_masks_give_the_ba
     hooks = attach(model)
     regions = _regions(c)
     prompts = ["a hugsy at the left and a mochi at the right"] * 2
-    kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5, blend="attention")
+    kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5, blend="attention", regions_from="attention")
     unet_calls, layer_calls = [], []
     real_forward = type(model).forward
     layer = next(iter(hooks.layers.values()))
@@ -193,6 +197,73 @@ def test_the_attention_blend_composes_inside_one_pass_and_zero_masks_give_the_ba
     assert (out - base).abs().max() > 1e-3  # control: with the regions, the concepts change the image
     with pytest.raises(ValueError, match="blend must be one of"):
         RegionalComposition(hooks, [r.item for r in regions], blend="latent")
+
+
+def test_the_places_a_prompt_names_and_their_regions():
+    assert named_place("a hugsy at the left") == (0.25, 0.5)
+    assert named_place("a boxy in the top right corner") == (0.75, 0.25)
+    assert named_place("a mochi on the lower-left side") == (0.25, 0.75)
+    assert named_place("a cat in the middle") == (0.5, 0.5) and named_place("at the bottom") == (0.5, 0.75)
+    assert named_place("a hugsy at the left, at the left") == (0.25, 0.5)  # named twice alike
+    # negative controls: no place phrase, a place word that is not one, two places
+    for clause in ("a hugsy on the moon", "a hugsy wearing a top hat", "a lefty toy", "at the left or at the right"):
+        assert named_place(clause) is None, clause
+    text = "a hugsy at the left and a boxy at the right, on the moon"
+    assert concept_places(text, ["hugsy", "boxy"]) == ((0.25, 0.5), (0.75, 0.5))
+    assert concept_places(text, ["boxy", "hugsy"]) == ((0.75, 0.5), (0.25, 0.5))
+    assert concept_places("a hugsy at the left and a boxy on the moon", ["hugsy", "boxy"]) is None  # one names none
+    assert concept_places("a hugsy at the left and a boxy at the left", ["hugsy", "boxy"]) is None  # the same place
+    assert concept_places("a hugsy and a boxy, at the left", ["hugsy", "boxy"]) is None  # a shared clause: none
+    mask = place_mask((0.25, 0.5), (8, 16))  # an ellipse in a wide latent: radii 4 px across, 2 px down
+    assert mask[4, 4] == 1 and mask[3:5, 3:5].min() == 1 and mask[:, 10:].max() == 0 and mask[0].max() == 0
+    assert 0 < mask[4, 7] < 1  # the soft edge, a radius (4 px) out from the centre at x = 4
+    assert torch.equal(place_mask((0.75, 0.5), (8, 16)), mask.flip(1))
+
+
+def test_a_prompt_naming_places_gets_their_regions_blended_inside_the_attention(trained, monkeypatch):
+    """The default: where every concept's clause names a place, one U-Net call per step with the places' regions
+    (the model's attention does not decide them); a prompt that names none is composed by prediction as before."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    regions = _regions(c)
+    placed = ["a hugsy at the left and a mochi at the right"] * 2
+    unplaced = ["a hugsy beside a mochi"] * 2
+    kw = dict(latent_shape=(4, 8, 8), steps=2, seed=5)
+    unet_calls = []
+    real_forward = type(model).forward
+
+    def spy_forward(self, x, *args, **kwargs):
+        unet_calls.append(x.shape[0])
+        return real_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy_forward)
+    out = generate_regional(adapter, placed, regions, **kw)
+    assert unet_calls == [4] * 2
+    unet_calls.clear()
+    generate_regional(adapter, unplaced, [Region(r.item, unplaced) for r in regions], **kw)
+    assert unet_calls == [4, 2, 2] * 2  # prediction: the base pass, then each concept's
+    monkeypatch.setattr(regional, "min_max", lambda maps: torch.zeros_like(maps))  # the attention gives nothing
+    assert torch.equal(generate_regional(adapter, placed, regions, **kw), out)  # the places alone decide
+    by_attention = generate_regional(adapter, placed, regions, **kw, regions_from="attention", blend="attention")
+    assert (by_attention - out).abs().max() > 1e-3  # control: without the places the regions are empty
+    base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, **kw)
+    assert torch.allclose(by_attention, base, atol=1e-5)
+    predicted = generate_regional(adapter, placed, regions, **kw, blend="prediction")  # the places, by prediction
+    assert (predicted - base).abs().max() > 1e-3 and (predicted - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="regions must be one of"):
+        RegionalComposition(attach(model), [r.item for r in regions], regions="words")
+
+
+def test_the_webui_plan_carries_the_places(trained):
+    adapter, c = trained
+    items = [r.item for r in _regions(c)]
+    plan = plan_twins("a mochi at the top and a hugsy at the bottom, on a table", items)
+    encoded = {t: torch.zeros(4, 8) for t in plan.texts()}
+    twins = plan.twins(encoded, {"toy": [5], "cat": [2]}, items)
+    assert twins.places == ((0.5, 0.75), (0.5, 0.25))  # hugsy, mochi: in the items' order
+    unplaced = plan_twins("a mochi and a hugsy, on a table", items)
+    bare = unplaced.twins({t: torch.zeros(4, 8) for t in unplaced.texts()}, {"toy": [4], "cat": [2]}, items)
+    assert bare.places == () and bare.rows == (4, 2)  # composed, from attention
 
 
 def _composition(adapter, c, prompts, how="prediction"):

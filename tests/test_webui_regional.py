@@ -10,6 +10,7 @@ from perfusion.webui import composition
 from perfusion.webui.state import runtime
 
 PAIR = "a photo of <perfusion:hugsy> hugsy at the left and <perfusion:boxy> boxy at the right, on the moon"
+UNPLACED = "a photo of <perfusion:hugsy> hugsy and <perfusion:boxy> boxy, on the moon"  # no place named
 REGIONAL = (True, 0.7, 0.15, "local", "approximate", "regional")
 TOGETHER = (True, 0.7, 0.15, "local", "approximate", "together")
 
@@ -44,16 +45,36 @@ def calls(world, monkeypatch):
     return seen
 
 
-def test_two_concepts_compose_region_by_region_by_default(folder, calls):
+@pytest.fixture
+def layer_calls(world, monkeypatch):
+    """Every forward of the U-Net's first cross-attention: (the concepts switched on, batch rows, pixels)."""
+    layer = next(m for name, m in world.model.diffusion_model.named_modules() if name.endswith("attn2"))
+    real, seen = type(layer).forward, []
+
+    def spy(self, x, *args, **kwargs):
+        if self is layer:
+            seen.append(([i.concept.token for i in runtime.hooks.activations.items], x.shape[0], x.shape[1]))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(layer), "forward", spy)
+    return seen
+
+
+def test_two_concepts_compose_region_by_region_by_default(folder, calls, layer_calls):
     out = host.txt2img(PAIR, batch_size=2, steps=3)
     info = out.infotexts[0]
     assert "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.15 beta=0.7 lock=local; composition=regional" in info
     assert "composition=regional" in info.split("Perfusion defaults:")[1] and out.comments == ""
-    # per step: the base pass on the batch's 2 prompts and 2 unconditional rows, then each concept on the 2 prompts
-    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3
+    # per step, the prompt naming a place for each concept: one pass on the batch's 2 prompts and 2 unconditional
+    # rows, in which every cross-attention also reads each concept's clause for the 2 prompts
+    assert calls == [([], 4)] * 3
+    assert [(on, rows) for on, rows, _ in layer_calls] == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3
+    unplaced = host.txt2img(UNPLACED, batch_size=2, steps=3)
+    # no place named: the base pass, then each concept's pass on the 2 prompts
+    assert calls[3:] == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3 and unplaced.comments == ""
     together = host.txt2img(PAIR, batch_size=2, steps=3, args=TOGETHER)
     assert "composition=together projection=approximate" in together.infotexts[0]
-    assert calls[9:] == [(["hugsy", "boxy"], 4)] * 3  # the paper's: one pass, both concepts on
+    assert calls[12:] == [(["hugsy", "boxy"], 4)] * 3  # the paper's: one pass, both concepts on
     assert (images(out) - images(together)).abs().max() > 1e-3
     assert torch.equal(images(out), images(host.txt2img(PAIR, batch_size=2, steps=3)))  # reproducible
 
@@ -112,6 +133,7 @@ def test_one_concept_and_tag_free_prompts_are_unchanged_and_nothing_stays_on_the
     assert images(host.txt2img("a photo of hugsy at the left and boxy at the right, on the moon")).equal(base)
     unet = world.model.diffusion_model
     assert runtime.regional is None and not unet._forward_hooks and not unet._forward_pre_hooks
+    assert not any("forward" in vars(m) for name, m in unet.named_modules() if name.endswith("attn2"))
 
 
 def test_an_image_whose_prompt_names_one_of_the_two_gets_it_applied_alone(folder, calls):
@@ -178,11 +200,18 @@ def test_a_prompt_the_unet_never_sees_is_reported(folder, monkeypatch):
     assert host.txt2img(PAIR, steps=2).comments == ""  # control: found, nothing said
 
 
-def test_the_hires_pass_is_composed_too(folder, calls):
-    out = host.txt2img(PAIR, batch_size=2, steps=2, enable_hr=True, hr_scale=1.5)
+def test_the_hires_pass_is_composed_too(folder, calls, layer_calls):
+    out = host.txt2img(UNPLACED, batch_size=2, steps=2, enable_hr=True, hr_scale=1.5)
     assert out.comments == "" and "composition=regional" in out.infotexts[0]
     per_step = [([], 4), (["hugsy"], 2), (["boxy"], 2)]
     assert len(calls) % 3 == 0 and len(calls) > 6 and calls == per_step * (len(calls) // 3)  # both passes
+    layer_calls.clear()
+    out = host.txt2img(PAIR, batch_size=2, steps=2, enable_hr=True, hr_scale=1.5)  # places: inside the attention
+    assert out.comments == "" and "composition=regional" in out.infotexts[0]
+    sizes = sorted({pixels for _, _, pixels in layer_calls})
+    assert len(sizes) == 2  # the first pass and the hires pass, both composed
+    for pixels in sizes:
+        assert [(on, rows) for on, rows, p in layer_calls if p == pixels][:3] == per_step
     assert runtime.regional is None  # deactivated after the batch
 
 
