@@ -314,8 +314,8 @@ class RegionalComposition:
     regions (options.RegionSource): "places" takes a region from the place a prompt's clauses name where its
     Twins carry places (an ellipse, `place_mask`), "attention" always from the base pass's attention.
     blend (options.RegionBlend): "prediction" runs a U-Net pass per concept and blends the predictions;
-    "attention" runs the call once and blends inside every cross-attention of `editor` (their forwards are
-    wrapped on the instance until `detach`): the rows of a registered prompt get, at each pixel,
+    "attention" runs the call once and blends inside every cross-attention of `editor` (`layer_forward`; with
+    `model` given, wrapped on the instances until `detach`): the rows of a registered prompt get, at each pixel,
     (1 - sum M_k) attn(base prompt) + sum M_k attn(concept k's own prompt, its edit on), with M_k from the
     running attention plus this call's layers so far, or the places; "auto" blends by attention a call whose
     composed prompts all have their regions from places, by prediction otherwise."""
@@ -347,10 +347,11 @@ class RegionalComposition:
         editor.clear()
         self._handles = []
         self._wrapped: dict[str, tuple[torch.nn.Module, Any]] = {}  # layer -> (module, its own instance forward)
-        if blend != "prediction":
+        self._seams: set[str] = set()  # the layers whose forward is composed (layer_forward)
+        if blend != "prediction" and model is not None:
             for name, module in editor.layers.items():
                 self._wrapped[name] = (module, vars(module).get("forward"))
-                module.forward = self._attention_forward(name, module.forward)
+                module.forward = self.layer_forward(name, module.forward)
         if model is not None:
             self._handles = [
                 model.register_forward_pre_hook(lambda m, a, kw: self._before(a, kw), with_kwargs=True),
@@ -397,6 +398,7 @@ class RegionalComposition:
             else:
                 module.forward = own
         self._handles, self.pairs, self._call, self._attend, self._wrapped = [], [], None, None, {}
+        self._seams = set()
         self.reset()
 
     def _match(self, e: torch.Tensor) -> Optional[tuple[Twins, Callable[[torch.Tensor], torch.Tensor]]]:
@@ -446,8 +448,8 @@ class RegionalComposition:
         self._call = (args, kwargs, context, matched, capture)
         # blend by attention unless an extension put rows before a prompt (A1111's ControlNet drops its mark row
         # before the cross-attentions see the context), which the prediction blend handles
-        attend = self.blend == "attention" or (
-            self.blend == "auto" and all(self._placed(twins) for _, twins, _ in matched)
+        attend = self._seams == set(self.editor.layers) and (
+            self.blend == "attention" or (self.blend == "auto" and all(self._placed(t) for _, t, _ in matched))
         )
         if attend and all(self._match_from(context[b]) is not None for b, _, _ in matched):
             x = args[0] if args else kwargs["x"]
@@ -592,8 +594,12 @@ class RegionalComposition:
             named,
         )
 
-    def _attention_forward(self, name: str, original: Callable) -> Callable:
-        """Layer `name`'s forward, blending a registered prompt's rows while a call is composed."""
+    def layer_forward(self, name: str, original: Callable) -> Callable:
+        """Cross-attention layer `name`'s forward `original`, blending a registered prompt's rows while a call is
+        composed by attention. With `model` given the object puts these on the layers' instances itself; a host
+        that patches module forwards its own way (ComfyUI's object patches) puts them on every layer, or the
+        calls are composed by prediction."""
+        self._seams.add(name)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)

@@ -402,3 +402,53 @@ def test_two_chained_loaders_compose_region_by_region_as_the_engine_does(world, 
     assert patch.composition(together) is None and patch.UNET_FORWARD not in together.object_patches
     assert (denoise(together, c2) - chained).abs().max() > 1e-4
     assert torch.equal(denoise(model, clip), denoise(model, clip))  # the inputs untouched
+
+
+def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_engine_does(world):
+    """Where the prompt names a place for each concept, the loaders' object patches on every attn2 forward blend
+    there (one U-Net pass); the result equals the engine's composition with the same texts and places, and a
+    loader applying them together takes those patches off again."""
+    from perfusion.regional import RegionalComposition, Twins
+
+    adapter, model, clip, _, concepts = world
+    placed = "a photo of hugsy at the left and boxy at the right"
+    m1, c1 = load(model, clip, "hugsy.safetensors")
+    m2, c2 = load(m1, c1, "boxy.safetensors")
+    layer_keys = [k for k, v in m2.object_patches.items() if isinstance(v, patch.ComposedLayer)]
+    assert len(layer_keys) == len(patch.layers(model)) > 0
+    chained = denoise(m2, c2, placed)
+    composed = patch.composition(m2)
+    ((_, twins),) = composed.pairs
+    assert twins.places == ((0.25, 0.5), (0.75, 0.5)) and composed.composed == 1
+    model_management.load_models_gpu([model])  # the base again: the shared U-Net unpatched
+    unet = adapter.diffusion_model
+    assert not any(isinstance(vars(m).get("forward"), patch.ComposedLayer) for m in patch.layers(model).values())
+    words = {t: c.embedding for t, c in concepts.items()}
+    context, _ = adapter.encode([placed], words)
+    base, rows = adapter.encode(["a photo of teddy at the left and box at the right"], {"teddy": None, "box": None})
+    own = [adapter.encode([t], words)[0][0] for t in ("a photo of hugsy at the left", "boxy at the right")]
+    items = [Activation(concepts["hugsy"]), Activation(concepts["boxy"])]
+    hooks = attach(unet)
+    reference_composition = RegionalComposition(hooks, items, model=unet)
+    reference_composition.add(
+        context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)]
+    )
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            reference = unet(x, torch.tensor([500]), context=context)
+    finally:
+        reference_composition.detach()
+        hooks.detach()
+    torch.testing.assert_close(chained, reference, rtol=1e-5, atol=1e-5)
+    by_prediction = RegionalComposition(hooks, items, model=unet, blend="prediction")  # control: another blend
+    by_prediction.add(context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)])
+    try:
+        with torch.no_grad():
+            predicted = unet(x, torch.tensor([500]), context=context)
+    finally:
+        by_prediction.detach()
+        hooks.detach()
+    assert (predicted - chained).abs().max() > 1e-4
+    together, _ = load(m2, c2, "boxy.safetensors", composition="together")
+    assert not any(isinstance(v, patch.ComposedLayer) for v in together.object_patches.values())

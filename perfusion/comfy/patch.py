@@ -55,8 +55,20 @@ class ComposedForward:
         return self.composition(self.original, *args, **kwargs)
 
 
-def _forward_key(layer: str, attr: str) -> str:
-    return f"{UNET}.{layer}.{attr}.forward"
+class ComposedLayer:
+    """What a cross-attention layer's forward runs while the clone is loaded: `original`, blended by the
+    composition where it composes a call by attention (RegionalComposition.layer_forward)."""
+
+    def __init__(self, composition: RegionalComposition, layer: str, original: Callable[..., torch.Tensor]):
+        self.original = original
+        self.forward = composition.layer_forward(layer, original)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.forward(*args, **kwargs)
+
+
+def _forward_key(layer: str, attr: str = "") -> str:
+    return f"{UNET}.{layer}.{attr}.forward" if attr else f"{UNET}.{layer}.forward"
 
 
 UNET_FORWARD = f"{UNET}.forward"
@@ -124,6 +136,13 @@ def with_concepts(
     elif isinstance(current, ComposedForward):  # the chain composed so far; this loader applies them together
         del clone.object_patches[UNET_FORWARD]
     for layer in found:
+        key = _forward_key(layer)
+        current = model.get_model_object(key)
+        original = current.original if isinstance(current, ComposedLayer) else current
+        if composed is not None:
+            clone.add_object_patch(key, ComposedLayer(composed, layer, original))
+        elif isinstance(current, ComposedLayer):
+            del clone.object_patches[key]
         for kind, attr in (("k", "to_k"), ("v", "to_v")):
             key = _forward_key(layer, attr)
             current = model.get_model_object(key)
