@@ -346,12 +346,13 @@ class RegionalComposition:
         self._last_t: Optional[float] = None
         editor.clear()
         self._handles = []
-        self._wrapped: dict[str, tuple[torch.nn.Module, Any]] = {}  # layer -> (module, its own instance forward)
+        # layer -> (module, its instance forward before, ours)
+        self._wrapped: dict[str, tuple[torch.nn.Module, Any, Callable]] = {}
         self._seams: set[str] = set()  # the layers whose forward is composed (layer_forward)
         if blend != "prediction" and model is not None:
             for name, module in editor.layers.items():
-                self._wrapped[name] = (module, vars(module).get("forward"))
-                module.forward = self.layer_forward(name, module.forward)
+                before, module.forward = vars(module).get("forward"), self.layer_forward(name, module.forward)
+                self._wrapped[name] = (module, before, module.forward)
         if model is not None:
             self._handles = [
                 model.register_forward_pre_hook(lambda m, a, kw: self._before(a, kw), with_kwargs=True),
@@ -392,11 +393,13 @@ class RegionalComposition:
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for module, own in self._wrapped.values():
-            if own is None:
+        for module, before, ours in self._wrapped.values():
+            if vars(module).get("forward") is not ours:
+                continue  # another extension's forward sits over ours now: it restores what it found
+            if before is None:
                 del module.forward
             else:
-                module.forward = own
+                module.forward = before
         self._handles, self.pairs, self._call, self._attend, self._wrapped = [], [], None, None, {}
         self._seams = set()
         self.reset()
@@ -468,11 +471,12 @@ class RegionalComposition:
         args, kwargs, context, matched, capture = self._call
         self._call = None
         capture.__exit__(None, None, None)
-        if self._attend is not None:  # blended inside the cross-attentions: keep the masks' sums
-            attend, self._attend = self._attend, None
+        attend, self._attend = self._attend, None
+        if attend is not None and attend.blended:  # blended inside the cross-attentions: keep the masks' sums
             for j, (b, _, _) in enumerate(matched):
                 self.running[b] = attend.running[:, j] + attend.seen[:, j]
             return None
+        # no layer blended (another extension put its own forward on the attn2 modules after ours): by prediction
         if not isinstance(output, torch.Tensor):
             return None
         x = args[0] if args else kwargs["x"]
@@ -615,6 +619,7 @@ class RegionalComposition:
     ) -> torch.Tensor:
         """out [B, hw, C] (the layer's output on the base prompt) with the composed rows blended."""
         index = torch.as_tensor(attend.batch)
+        attend.blended += 1
         attend.seen += capture.layer_attention(name, attend.rows, attend.latent, batch=attend.batch).to(attend.seen)
         total = attend.running + attend.seen  # [regions, m, H, W]
         masks = torch.stack([region_mask(total[k]) for k in range(len(self.items))])
@@ -688,6 +693,7 @@ class _AttentionCall:
     seen: torch.Tensor
     places: torch.Tensor  # [regions, m, h, w]: the regions of named places, where `named` [regions, m]
     named: torch.Tensor
+    blended: int = 0  # layers that blended so far
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:

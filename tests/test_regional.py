@@ -266,6 +266,33 @@ def test_the_webui_plan_carries_the_places(trained):
     assert bare.places == () and bare.rows == (4, 2)  # composed, from attention
 
 
+def test_a_call_whose_layers_another_extension_took_over_is_composed_by_prediction(trained):
+    """An extension that puts its own forward on the attn2 modules after the composition wrapped them (regional
+    prompting extensions do) leaves no layer to blend in: the call is composed by prediction instead of coming
+    out as the base prompt's."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    prompts = ["a hugsy at the left and a mochi at the right"]
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), torch.tensor([500])
+    results = {}
+    for how in ("prediction", "attention"):
+        composition, cond = _composition(adapter, c, prompts, how)
+        layers = composition.editor.layers.values()
+        try:
+            results[how] = model(x, t, context=cond)
+            if how == "attention":
+                for m in layers:  # the other extension's forward, over ours
+                    m.forward = type(m).forward.__get__(m)
+                composition.reset()
+                results["taken over"] = model(x, t, context=cond)
+        finally:
+            composition.detach()
+            for m in layers:  # the other extension ends
+                vars(m).pop("forward", None)
+    assert torch.allclose(results["taken over"], results["prediction"], atol=1e-5)
+    assert (results["attention"] - results["prediction"]).abs().max() > 1e-3  # control: the blends differ
+
+
 def _composition(adapter, c, prompts, how="prediction"):
     """A RegionalComposition (blend `how`) over the tiny U-Net with `prompts` registered; returns it with their
     context."""
