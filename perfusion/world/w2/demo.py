@@ -111,7 +111,12 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
         looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
         marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
         cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
-    rows.append(("The same prompts composed region by region (perfusion.regional: each from its own prompt)", cells))
+    rows.append(
+        (
+            "The same prompts composed region by region (perfusion.regional: each from its own clause, where it names)",
+            cells,
+        )
+    )
     return rows
 
 
