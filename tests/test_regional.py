@@ -499,6 +499,22 @@ def test_the_seam_cuts_every_batch_input_to_the_rows_it_runs_sdxls_vector_too():
     assert [n for n, _ in seen] == [4, 2, 2] * 2
     assert torch.equal(seen[1][1], y[:2]) and torch.equal(seen[4][1], y[:2])  # the prompts' own vectors
     assert torch.allclose(first[:2], second[2:], atol=1e-5) and torch.allclose(first[2:], second[:2], atol=1e-5)
+    # places named: one call with every row's own vector, blended in the attn2 layers, in either batch order too
+    placed = [Twins(tw.base, tw.own, tw.rows, (), ((0.25, 0.5), (0.75, 0.5))) for tw in twins]
+    seen.clear()
+    type(unet).forward = spy
+    composition = RegionalComposition(hooks, items, model=hooks.model)
+    composition.add(cond, placed)
+    try:
+        first = unet(x, t, context=torch.cat([cond, uncond]), y=y)
+        composition.reset()
+        second = unet(x[order], t, context=torch.cat([uncond, cond]), y=y[order])
+    finally:
+        composition.detach()
+        type(unet).forward = real
+    assert [n for n, _ in seen] == [4, 4] and torch.equal(seen[0][1], y)
+    assert torch.allclose(first[:2], second[2:], atol=1e-5) and torch.allclose(first[2:], second[:2], atol=1e-5)
+    assert (first[:2] - unet(x[:2], t[:2], context=cond, y=y[:2])).abs().max() > 1e-3  # control: composed
 
 
 def test_a_pass_on_some_rows_gets_the_chunk_lists_of_those_rows():
