@@ -12,9 +12,16 @@ and blends the predictions: pred = (1 - sum M_k) pred_base + sum M_k pred_k (sum
 linear, so blending the conditional rows before the host's classifier-free guidance equals blending the guided
 predictions. No layout is asked of the user: the base model's own attention places each object.
 
+Where every concept's clause names a place of its own ("at the left", "in the top right corner"), M_k is that
+place instead (`concept_places`, `place_mask`), and the blend moves inside the base pass: every cross-attention's
+output on the prompt's rows is (1 - sum M_k) attn(base prompt) + sum M_k attn(own prompt k, edit k on), so the
+image keeps one layout and each concept draws into its place, in one U-Net pass (`options.RegionBlend`; docs/world.md
+measures both blends with both kinds of region).
+
 `RegionalComposition` is the seam: it recognises a registered prompt's context rows in any U-Net call (as
 KeyContexts does for global locking) and runs the extra passes there, as forward hooks on the diffusion model
-(the engine's sampler, the WebUI hosts) or around a swapped forward (ComfyUI's object patches).
+(the engine's sampler, the WebUI hosts) or around a swapped forward (ComfyUI's object patches), and blends in the
+cross-attentions through `layer_forward` (wrapped on the instances, or ComfyUI's object patches).
 """
 
 from __future__ import annotations
