@@ -111,12 +111,8 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
         looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
         marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
         cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
-    rows.append(
-        (
-            "The same prompts composed region by region (perfusion.regional: each from its own clause, where it names)",
-            cells,
-        )
-    )
+    title = "The same prompts composed region by region (perfusion.regional: each from its clause, where it names)"
+    rows.append((title, cells))
     return rows
 
 
