@@ -240,3 +240,26 @@ def test_the_projection_radio_shows_only_while_together_is_picked(world):
 
     assert built("regional") is False and built("together") is True
     assert _projection_shown("together")["visible"] is True and _projection_shown("regional")["visible"] is False
+
+
+def test_the_regions_setting_keeps_the_models_attention_and_says_so(folder, calls):
+    """Setting *regions* to attention: a prompt naming places is composed from the model's attention (by prediction,
+    a pass per concept) and the infotext says so; a value the setting cannot have is reported and places used."""
+    from modules import shared
+
+    shared.opts.data["perfusion_regions"] = "attention"
+    try:
+        out = host.txt2img(PAIR, batch_size=2, steps=2)
+    finally:
+        shared.opts.data["perfusion_regions"] = "places"
+    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 2 and out.comments == ""
+    assert "composition=regional regions=attention" in out.infotexts[0]
+    placed = host.txt2img(PAIR, batch_size=2, steps=2)
+    assert calls[6:] == [([], 4)] * 2 and "regions=" not in placed.infotexts[0]  # the default says nothing more
+    assert (images(out) - images(placed)).abs().max() > 1e-3
+    shared.opts.data["perfusion_regions"] = "words"
+    try:
+        odd = host.txt2img(PAIR, batch_size=2, steps=2)
+    finally:
+        shared.opts.data["perfusion_regions"] = "places"
+    assert "setting 'regions' is 'words'" in odd.comments and torch.equal(images(odd), images(placed))

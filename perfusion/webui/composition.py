@@ -23,9 +23,10 @@ from .adapter import prompt_tokenizer, word_rows_in
 from .state import runtime
 
 
-def start(hooks: Hooks, items: Sequence[Activation], projection: str) -> RegionalComposition:
+def start(hooks: Hooks, items: Sequence[Activation], projection: str, regions: str) -> RegionalComposition:
+    """Put a RegionalComposition of `items` on the U-Net (regions: options.RegionSource, the setting)."""
     stop()
-    runtime.regional = RegionalComposition(hooks, items, projection, model=hooks.model)
+    runtime.regional = RegionalComposition(hooks, items, projection, model=hooks.model, regions=regions)
     return runtime.regional
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from ..options import REGION_SOURCE
 from .log import log
 from .resolve import Defaults
 from .state import Applied, library
@@ -32,13 +33,16 @@ def forget(p: Any) -> None:
         params.pop(key, None)
 
 
-def record(p: Any, applied: list[Applied], defaults: Defaults) -> None:
-    """What was applied, the files' hashes and the accordion's values, into the image's parameters."""
+def record(p: Any, applied: list[Applied], defaults: Defaults, regions: str = REGION_SOURCE) -> None:
+    """What was applied, the files' hashes and the accordion's values, into the image's parameters (the regions
+    setting where it is not the default)."""
     text = "; ".join(a.describe() for a in applied)
     if len(applied) > 1:
         text += f"; composition={defaults.composition}"
         if defaults.composition == "together":
             text += f" projection={defaults.projection}"
+        elif regions != REGION_SOURCE:
+            text += f" regions={regions}"
     p.extra_generation_params[CONCEPTS] = text
     p.extra_generation_params[HASHES] = ", ".join(f"{a.entry.name}: {a.entry.shorthash}" for a in applied)
     p.extra_generation_params[DEFAULTS] = defaults_text(defaults)

@@ -15,7 +15,16 @@ from modules import extra_networks, prompt_parser
 
 from .. import hooks as engine
 from ..concept import Concept, ConceptError
-from ..options import BETA_RANGE, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
+from ..options import (
+    BETA_RANGE,
+    COMPOSITIONS,
+    LOCK_CHOICES,
+    PROJECTIONS,
+    REGION_SOURCE,
+    REGION_SOURCES,
+    TAU_RANGE,
+    activation_lock,
+)
 from ..tokens import as_superclass
 from . import composition, host, infotext
 from .library import Entry
@@ -226,12 +235,19 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         for a in applied:
             _register_embedding(p, model, a.activation.concept)
         runtime.applied = applied
+        regions = host.option("regions")
+        if regions not in REGION_SOURCES:
+            warn(
+                p,
+                f"Perfusion: setting 'regions' is {regions!r}, not one of {', '.join(REGION_SOURCES)}; using {REGION_SOURCE}",
+            )
+            regions = REGION_SOURCE
         if defaults.composition == "regional" and len(applied) > 1:
             # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
-            composition.start(hooks, [a.activation for a in applied], defaults.projection)
+            composition.start(hooks, [a.activation for a in applied], defaults.projection, regions)
         else:
             _apply_together([a.activation for a in applied], defaults.projection)
-        infotext.record(p, applied, defaults)
+        infotext.record(p, applied, defaults, regions)
 
     def deactivate(self, p: Any) -> None:
         switch_off()

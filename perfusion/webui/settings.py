@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from modules import shared
 
-from ..options import BETA, BETA_RANGE, COMPOSITION, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU, TAU_RANGE
+from ..options import (
+    BETA,
+    BETA_RANGE,
+    COMPOSITION,
+    COMPOSITIONS,
+    LOCK_CHOICES,
+    PROJECTIONS,
+    REGION_SOURCE,
+    REGION_SOURCES,
+    TAU,
+    TAU_RANGE,
+)
 from .host import OPTION_PREFIX
 
 WARNING_MODES = ("UI and console", "console only")
@@ -48,6 +59,14 @@ def register() -> None:
         ),
         "projection": shared.OptionInfo(
             "approximate", "Several concepts together: projection", radio, {"choices": list(PROJECTIONS)}
+        ),
+        "regions": shared.OptionInfo(
+            REGION_SOURCE,
+            "Several concepts regional: where the regions come from (places: where every concept's clause names its "
+            "own, such as 'at the left' or 'in the top right corner', else the model's attention; attention: always "
+            "the model's attention)",
+            radio,
+            {"choices": list(REGION_SOURCES)},
         ),
         "covariance_prompts": shared.OptionInfo(
             25000,
