@@ -238,7 +238,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         regions = host.option("regions")
         if regions not in REGION_SOURCES:
             choices = ", ".join(REGION_SOURCES)
-            warn(p, f"Perfusion: setting 'regions' is {regions!r}, not one of {choices}; using {REGION_SOURCE}")
+            warn(p, f"setting 'regions' is {regions!r}, not one of {choices}; using {REGION_SOURCE}")
             regions = REGION_SOURCE
         if defaults.composition == "regional" and len(applied) > 1:
             # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
