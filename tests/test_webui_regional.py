@@ -262,4 +262,5 @@ def test_the_regions_setting_keeps_the_models_attention_and_says_so(folder, call
         odd = host.txt2img(PAIR, batch_size=2, steps=2)
     finally:
         shared.opts.data["perfusion_regions"] = "places"
-    assert "setting 'regions' is 'words'" in odd.comments and torch.equal(images(odd), images(placed))
+    assert "Perfusion: setting 'regions' is 'words'" in odd.comments and "Perfusion: Perfusion" not in odd.comments
+    assert torch.equal(images(odd), images(placed))
