@@ -452,3 +452,21 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
     assert (predicted - chained).abs().max() > 1e-4
     together, _ = load(m2, c2, "boxy.safetensors", composition="together")
     assert not any(isinstance(v, patch.ComposedLayer) for v in together.object_patches.values())
+    # regions "attention": the same prompt from the model's attention, as the engine does it
+    m3, c3 = load(m1, c1, "boxy.safetensors", regions="attention")
+    by_attention = denoise(m3, c3, placed)
+    model_management.load_models_gpu([model])
+    reference_composition = RegionalComposition(hooks, items, model=unet, regions="attention")
+    reference_composition.add(
+        context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)]
+    )
+    try:
+        with torch.no_grad():
+            reference = unet(x, torch.tensor([500]), context=context)
+    finally:
+        reference_composition.detach()
+        hooks.detach()
+    torch.testing.assert_close(by_attention, reference, rtol=1e-5, atol=1e-5)
+    assert (by_attention - chained).abs().max() > 1e-4 and patch.composition(m3).regions == "attention"
+    with pytest.raises(ValueError, match="regions one of"):
+        load(m1, c1, "boxy.safetensors", regions="words")

@@ -12,7 +12,17 @@ from typing import Any
 
 from ..concept import Concept, ConceptError, is_concept_file, load_concept
 from ..hooks import Activation, KeyContexts
-from ..options import BETA_RANGE, COMPOSITION, COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, TAU_RANGE, activation_lock
+from ..options import (
+    BETA_RANGE,
+    COMPOSITION,
+    COMPOSITIONS,
+    LOCK_CHOICES,
+    PROJECTIONS,
+    REGION_SOURCE,
+    REGION_SOURCES,
+    TAU_RANGE,
+    activation_lock,
+)
 from . import patch, text
 
 FOLDER = "perfusion"  # folder_paths name; ComfyUI/models/perfusion by default
@@ -133,6 +143,15 @@ class PerfusionConceptLoader:
                         "the paper's one edit. The last loader's choice holds for the chain; encode with its CLIP.",
                     },
                 ),
+                "regions": (
+                    list(REGION_SOURCES),
+                    {
+                        "default": REGION_SOURCE,
+                        "tooltip": "Regional: places takes each concept's region from the place its clause names "
+                        "('at the left', 'in the top right corner') when every concept names its own, in one U-Net "
+                        "pass; attention always from where the model puts the superclass word.",
+                    },
+                ),
             },
         }
 
@@ -150,12 +169,18 @@ class PerfusionConceptLoader:
         lock: str = "auto",
         projection: str = "approximate",
         composition: str = COMPOSITION,
+        regions: str = REGION_SOURCE,
     ):
         path, concept = self.reader.read(concept_name)
-        if lock not in LOCK_CHOICES or projection not in PROJECTIONS or composition not in COMPOSITIONS:
+        if (
+            lock not in LOCK_CHOICES
+            or projection not in PROJECTIONS
+            or composition not in COMPOSITIONS
+            or regions not in REGION_SOURCES
+        ):
             raise ValueError(
-                f"{concept_name}: lock must be one of {LOCK_CHOICES}, projection one of {PROJECTIONS} and "
-                f"composition one of {COMPOSITIONS}"
+                f"{concept_name}: lock must be one of {LOCK_CHOICES}, projection one of {PROJECTIONS}, "
+                f"composition one of {COMPOSITIONS} and regions one of {REGION_SOURCES}"
             )
         for other in patch.applied(model):
             if other.concept.token.lower() == concept.token.lower() and other.concept.name != concept.name:
@@ -170,7 +195,7 @@ class PerfusionConceptLoader:
             contexts = KeyContexts(limit=MAX_PAIRS)  # also after a composed chain, which pairs nothing
         words = frozenset({concept.token.lower()} if lock == "global" else ())
         try:
-            patched = patch.with_concepts(model, [activation], projection, contexts, composition, MAX_PAIRS)
+            patched = patch.with_concepts(model, [activation], projection, contexts, composition, MAX_PAIRS, regions)
             taught = text.with_words(clip, [concept], words, contexts, patch.composition(patched))
         except ConceptError as e:
             raise type(e)(f"{path}: {e}") from None
