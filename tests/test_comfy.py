@@ -441,6 +441,7 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
         reference_composition.detach()
         hooks.detach()
     torch.testing.assert_close(chained, reference, rtol=1e-5, atol=1e-5)
+    hooks = attach(unet)
     by_prediction = RegionalComposition(hooks, items, model=unet, blend="prediction")  # control: another blend
     by_prediction.add(context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)])
     try:
@@ -456,6 +457,7 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
     m3, c3 = load(m1, c1, "boxy.safetensors", regions="attention")
     by_attention = denoise(m3, c3, placed)
     model_management.load_models_gpu([model])
+    hooks = attach(unet)
     reference_composition = RegionalComposition(hooks, items, model=unet, regions="attention")
     reference_composition.add(
         context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)]
