@@ -428,47 +428,31 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
     base, rows = adapter.encode(["a photo of teddy at the left and box at the right"], {"teddy": None, "box": None})
     own = [adapter.encode([t], words)[0][0] for t in ("a photo of hugsy at the left", "boxy at the right")]
     items = [Activation(concepts["hugsy"]), Activation(concepts["boxy"])]
-    hooks = attach(unet)
-    reference_composition = RegionalComposition(hooks, items, model=unet)
-    reference_composition.add(
-        context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)]
-    )
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            reference = unet(x, torch.tensor([500]), context=context)
-    finally:
-        reference_composition.detach()
-        hooks.detach()
-    torch.testing.assert_close(chained, reference, rtol=1e-5, atol=1e-5)
-    hooks = attach(unet)
-    by_prediction = RegionalComposition(hooks, items, model=unet, blend="prediction")  # control: another blend
-    by_prediction.add(context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)])
-    try:
-        with torch.no_grad():
-            predicted = unet(x, torch.tensor([500]), context=context)
-    finally:
-        by_prediction.detach()
-        hooks.detach()
-    assert (predicted - chained).abs().max() > 1e-4
+
+    def engine(**options):
+        """The engine's composition of the same texts and places on the bare U-Net."""
+        hooks = attach(unet)
+        composition = RegionalComposition(hooks, items, model=unet, **options)
+        composition.add(
+            context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)]
+        )
+        try:
+            with torch.no_grad():
+                return unet(x, torch.tensor([500]), context=context)
+        finally:
+            composition.detach()
+            hooks.detach()
+
+    torch.testing.assert_close(chained, engine(), rtol=1e-5, atol=1e-5)
+    assert (engine(blend="prediction") - chained).abs().max() > 1e-4  # control: another blend
     together, _ = load(m2, c2, "boxy.safetensors", composition="together")
     assert not any(isinstance(v, patch.ComposedLayer) for v in together.object_patches.values())
     # regions "attention": the same prompt from the model's attention, as the engine does it
     m3, c3 = load(m1, c1, "boxy.safetensors", regions="attention")
     by_attention = denoise(m3, c3, placed)
     model_management.load_models_gpu([model])
-    hooks = attach(unet)
-    reference_composition = RegionalComposition(hooks, items, model=unet, regions="attention")
-    reference_composition.add(
-        context, [Twins(base[0], tuple(own), (rows["teddy"][0][0], rows["box"][0][0]), (), twins.places)]
-    )
-    try:
-        with torch.no_grad():
-            reference = unet(x, torch.tensor([500]), context=context)
-    finally:
-        reference_composition.detach()
-        hooks.detach()
-    torch.testing.assert_close(by_attention, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_attention, engine(regions="attention"), rtol=1e-5, atol=1e-5)
     assert (by_attention - chained).abs().max() > 1e-4 and patch.composition(m3).regions == "attention"
     with pytest.raises(ValueError, match="regions one of"):
         load(m1, c1, "boxy.safetensors", regions="words")

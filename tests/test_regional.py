@@ -119,6 +119,19 @@ def _regions(c):
     ]
 
 
+def _unet_calls(monkeypatch, model, hooks) -> list:
+    """Every U-Net forward from now on: (the concepts switched on, batch rows). Spied on the class: a forward on
+    the instance is another extension's."""
+    real, seen = type(model).forward, []
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(([i.concept.token for i in hooks.activations.items], x.shape[0]))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    return seen
+
+
 def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base_image(trained, monkeypatch):
     adapter, c = trained
     model = adapter.diffusion_model
@@ -126,18 +139,14 @@ def test_sampling_runs_each_concept_in_its_own_pass_and_zero_masks_give_the_base
     regions = _regions(c)
     prompts = ["a hugsy at the left and a mochi at the right"] * 2
     kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5, blend="prediction", regions_from="attention")
-    seen, masks_seen = [], []
+    masks_seen = []
     real_forward, real_blend = type(model).forward, regional.blend
-
-    def spy_forward(self, x, *args, **kwargs):  # on the class: a forward on the instance is another extension's
-        seen.append(([i.concept.token for i in hooks.activations.items], x.shape[0]))
-        return real_forward(self, x, *args, **kwargs)
 
     def spy_blend(base, own, masks):
         masks_seen.append(masks)
         return real_blend(base, own, masks)
 
-    monkeypatch.setattr(type(model), "forward", spy_forward)
+    seen = _unet_calls(monkeypatch, model, hooks)
     monkeypatch.setattr(regional, "blend", spy_blend)
     out = generate_regional(adapter, prompts, regions, **kw)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()  # decoded: the tiny first stage
@@ -167,25 +176,20 @@ def test_the_attention_blend_composes_inside_one_pass_and_zero_masks_give_the_ba
     regions = _regions(c)
     prompts = ["a hugsy at the left and a mochi at the right"] * 2
     kw = dict(latent_shape=(4, 8, 8), steps=3, seed=5, blend="attention", regions_from="attention")
-    unet_calls, layer_calls = [], []
-    real_forward = type(model).forward
+    layer_calls = []
     layer = next(iter(hooks.layers.values()))
     real_layer = type(layer).forward
-
-    def spy_forward(self, x, *args, **kwargs):
-        unet_calls.append(x.shape[0])
-        return real_forward(self, x, *args, **kwargs)
 
     def spy_layer(self, x, *args, **kwargs):
         if self is layer:
             layer_calls.append(([i.concept.token for i in hooks.activations.items], x.shape[0]))
         return real_layer(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(type(model), "forward", spy_forward)
+    unet_calls = _unet_calls(monkeypatch, model, hooks)
     monkeypatch.setattr(type(layer), "forward", spy_layer)
     out = generate_regional(adapter, prompts, regions, **kw)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
-    assert unet_calls == [4] * 3  # the base pass over the prompts and the unconditional rows: nothing more
+    assert unet_calls == [([], 4)] * 3  # the base pass over the prompts and the unconditional rows: nothing more
     assert layer_calls == [([], 4), (["hugsy"], 2), (["mochi"], 2)] * 3
     assert hooks.activations.items == [] and not any("forward" in vars(m) for m in hooks.layers.values())
     assert torch.equal(out, generate_regional(adapter, prompts, regions, **kw))  # reproducible
@@ -229,19 +233,12 @@ def test_a_prompt_naming_places_gets_their_regions_blended_inside_the_attention(
     placed = ["a hugsy at the left and a mochi at the right"] * 2
     unplaced = ["a hugsy beside a mochi"] * 2
     kw = dict(latent_shape=(4, 8, 8), steps=2, seed=5)
-    unet_calls = []
-    real_forward = type(model).forward
-
-    def spy_forward(self, x, *args, **kwargs):
-        unet_calls.append(x.shape[0])
-        return real_forward(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", spy_forward)
+    unet_calls = _unet_calls(monkeypatch, model, attach(model))
     out = generate_regional(adapter, placed, regions, **kw)
-    assert unet_calls == [4] * 2
+    assert unet_calls == [([], 4)] * 2
     unet_calls.clear()
     generate_regional(adapter, unplaced, [Region(r.item, unplaced) for r in regions], **kw)
-    assert unet_calls == [4, 2, 2] * 2  # prediction: the base pass, then each concept's
+    assert unet_calls == [([], 4), (["hugsy"], 2), (["mochi"], 2)] * 2  # prediction: the base, then each concept
     monkeypatch.setattr(regional, "min_max", lambda maps: torch.zeros_like(maps))  # the attention gives nothing
     assert torch.equal(generate_regional(adapter, placed, regions, **kw), out)  # the places alone decide
     by_attention = generate_regional(adapter, placed, regions, **kw, regions_from="attention", blend="attention")
