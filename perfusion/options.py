@@ -18,9 +18,10 @@ TrainLock = Literal["local", "hard"]
 # What a user picks (sliders, tags, settings, X/Y/Z, ComfyUI): auto applies each concept with its training lock.
 LockChoice = Literal["auto", "local", "global", "hard"]
 Projection = Literal["approximate", "exact"]  # how several concepts share one edit
-# How a prompt with several concepts is drawn: regional, each concept from its own clause inside the region where
-# the base model's attention puts its superclass word (perfusion.regional; measured best, docs/world.md); together,
-# the paper's: every concept edits the one prompt, their edits combined per Projection.
+# How a prompt with several concepts is drawn: regional, each concept from its own clause inside its own region
+# (the place its clause names, or where the base model's attention puts its superclass word; RegionSource below;
+# perfusion.regional, measured best in docs/world.md); together, the paper's: every concept edits the one prompt,
+# their edits combined per Projection.
 Composition = Literal["regional", "together"]
 # How regional composition hands a concept its region: prediction, a U-Net pass per concept from its own prompt,
 # the predictions blended with the masks; attention, one U-Net pass in which every cross-attention's output is
