@@ -334,7 +334,8 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     axes.add_axes()
     axes.add_axes()  # "Reload UI" calls on_before_ui again
     labels = [o.label for o in xyz.axis_options]
-    assert labels == [f"[Perfusion] {x}" for x in ("concept", "beta", "tau", "lock", "projection", "composition")]
+    names = ("concept", "beta", "tau", "lock", "projection", "composition", "regions")
+    assert labels == [f"[Perfusion] {x}" for x in names]
     options = {o.label.split()[-1]: o for o in xyz.axis_options}
     assert options["lock"].choices() == ["auto", "local", "global", "hard"]
     assert options["composition"].choices() == ["regional", "together"]
@@ -389,6 +390,19 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
         p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate", "regional")
         options["composition"].apply(p, value, ["together", "regional"])
         assert f"composition={value}" in processing.process_images(p).infotexts[0].split("Perfusion defaults")[0]
+    assert options["regions"].choices() == ["places", "attention"]
+    placed = "a photo of <perfusion:hugsy> hugsy at the left and <perfusion:Boxy> boxy at the right"
+    regions = {}
+    for value in ("places", "attention", "words"):  # the regions axis over the setting; a bad value warns
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=placed, seed=1, steps=3, width=64, height=64)
+        p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate", "regional")
+        options["regions"].apply(p, value, ["places", "attention"])
+        regions[value] = processing.process_images(p)
+    assert "regions=attention" in regions["attention"].infotexts[0] and "regions=" not in regions["places"].infotexts[0]
+    assert regions["attention"].comments == "" and regions["places"].comments == ""
+    assert (images(regions["attention"]) - images(regions["places"])).abs().max() > 1e-4
+    assert "X/Y/Z plot: regions is 'words'" in regions["words"].comments
+    assert torch.equal(images(regions["words"]), images(regions["places"]))
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
     with pytest.raises(ValueError, match="no concept named 'nobody'"):
         options["concept"].confirm(p, ["hugsy", "nobody"])  # before the grid starts, not in its fifth cell

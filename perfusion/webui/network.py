@@ -59,6 +59,8 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
             rest["projection"] = value
         elif field == "composition" and value in COMPOSITIONS:
             rest["composition"] = value
+        elif field == "regions":
+            continue  # a setting, not an accordion default: read with it (_regions)
         else:
             warn(p, f"X/Y/Z plot: {field} {value!r} is out of range or unknown; the tags' and sliders' value is used")
     applied = [replace(a, activation=replace(a.activation, **gate)) for a in applied]
@@ -70,6 +72,20 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
             for a in applied
         ]
     return applied, replace(defaults, **rest)
+
+
+def _regions(p: Any) -> str:
+    """Where a regional composition's regions come from: the X/Y/Z axis's value, else the setting (a value neither
+    can have warns, and the default is used)."""
+    given = getattr(p, OVERRIDES, None) or {}
+    if "regions" in given:
+        source, value = "X/Y/Z plot: regions", given["regions"]
+    else:
+        source, value = "setting 'regions'", host.option("regions")
+    if value in REGION_SOURCES:
+        return value
+    warn(p, f"{source} is {value!r}, not one of {', '.join(REGION_SOURCES)}; using {REGION_SOURCE}")
+    return REGION_SOURCE
 
 
 def set_generation_defaults(p: Any, defaults: Defaults) -> None:
@@ -235,11 +251,7 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         for a in applied:
             _register_embedding(p, model, a.activation.concept)
         runtime.applied = applied
-        regions = host.option("regions")
-        if regions not in REGION_SOURCES:
-            choices = ", ".join(REGION_SOURCES)
-            warn(p, f"setting 'regions' is {regions!r}, not one of {choices}; using {REGION_SOURCE}")
-            regions = REGION_SOURCE
+        regions = _regions(p)
         if defaults.composition == "regional" and len(applied) > 1:
             # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
             composition.start(hooks, [a.activation for a in applied], defaults.projection, regions)

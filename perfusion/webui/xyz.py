@@ -1,5 +1,5 @@
 """Axes for the WebUI's X/Y/Z plot script: sweep the gate (beta, tau), the key locking, the projection, the
-composition of several concepts and the concept itself.
+composition of several concepts and where its regions come from, and the concept itself.
 
 A gate axis value applies to every concept of the prompt and wins over the tags' own values (a sweep must
 show what it sweeps); it reaches the generation on the processing object, read by network._apply. The
@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from ..concept import ConceptError
-from ..options import COMPOSITIONS, LOCK_CHOICES, PROJECTIONS
+from ..options import COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, REGION_SOURCES
 from . import network, state
 from .tags import NO_CONCEPT, swap_concept
 
@@ -73,6 +73,9 @@ def add_axes() -> None:
             ),
             xyz.AxisOption(
                 f"{LABEL} composition", str, partial(_set, field="composition"), choices=lambda: list(COMPOSITIONS)
+            ),
+            xyz.AxisOption(
+                f"{LABEL} regions", str, partial(_set, field="regions"), choices=lambda: list(REGION_SOURCES)
             ),
         ]
     )
