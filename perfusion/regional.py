@@ -492,19 +492,15 @@ class RegionalComposition:
         masks = self._masks(capture, matched, size)  # [regions, matched, h, w]
         preds, weights = [], []
         for k in range(len(self.items)):
-            # rows of the batch with concept k, grouped by their own prompt's length (one pass per length)
-            groups: dict[int, list[int]] = {}
-            for j, (_, twins, fit) in enumerate(matched):
-                if twins.own[k] is not None:
-                    groups.setdefault(0 if whole else fit(twins.own[k]).shape[0], []).append(j)
+            groups = _own_groups(matched, k, whole)
             if not groups:
                 continue
             full = output[index].clone()
-            for mine in groups.values():
+            for mine in groups:
                 rows = [matched[j] for j in mine]
                 full[mine] = self._own_pass(forward, args, kwargs, context, rows, k, whole).to(full)
             mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
-            mask[[j for mine in groups.values() for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
+            mask[[j for mine in groups for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
             for j, (_, twins, _) in enumerate(matched):
                 if twins.own[k] is not None and twins.rows[k] is not None:
                     mask[j] = masks[k, j].to(mask)
@@ -545,6 +541,12 @@ class RegionalComposition:
             self.editor.clear()
         return out[index.to(out.device)] if whole else out
 
+    def _running(self, b: int, blank: torch.Tensor) -> torch.Tensor:
+        """Batch row b's attention summed over the earlier calls [regions, h, w]; `blank` (zeros) at the first call
+        or a new size (hires fix)."""
+        before = self.running.get(b)
+        return blank if before is None or before.shape != blank.shape else before.to(blank)
+
     def _placed(self, twins: Twins) -> bool:
         """Whether a prompt's regions come from the places it names."""
         return self.regions == "places" and any(p is not None for p in twins.places)
@@ -573,23 +575,16 @@ class RegionalComposition:
 
     def _attention_call(self, context: torch.Tensor, matched: list, size: tuple) -> _AttentionCall:
         """What the cross-attentions of one call need to blend (blend "attention")."""
-        regions, m = len(self.items), len(matched)
-        running = torch.zeros(regions, m, *size, device=context.device)
-        for j, (b, _, _) in enumerate(matched):
-            before = self.running.get(b)
-            if before is not None and before.shape == running[:, j].shape:  # else: the first call, or a new size
-                running[:, j] = before.to(running)
+        regions = len(self.items)
+        blank = torch.zeros(regions, *size, device=context.device)
+        running = torch.stack([self._running(b, blank) for b, _, _ in matched], 1)
         passes = []
         for k in range(regions):
-            groups: dict[int, list[int]] = {}  # rows with concept k, by their own prompt's length: one call each
-            for j, (_, twins, fit) in enumerate(matched):
-                if twins.own[k] is not None:
-                    groups.setdefault(fit(twins.own[k]).shape[0], []).append(j)
-            for mine in groups.values():
+            for mine in _own_groups(matched, k):
                 rows = [matched[j] for j in mine]
                 own = torch.stack([fit(t.own[k].to(context)) for _, t, fit in rows])
                 passes.append((k, mine, own, self._activation(k, rows, own)))
-        rows = [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(regions)]
+        rows = _mask_rows(matched, regions)
         known = torch.tensor([[t.rows[k] is not None for _, t, _ in matched] for k in range(regions)])
         places, named = self._place_masks(matched, size, context.device)
         return _AttentionCall(
@@ -665,20 +660,32 @@ class RegionalComposition:
     def _masks(self, capture: QueryKeyCapture, matched: list, size: tuple) -> torch.Tensor:
         """[regions, matched, h, w]: each region's mask in each matched row (0 where its row is unknown): the place
         named, or from the running sum of the base pass's attention on the region's superclass row."""
-        rows = [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(len(self.items))]
+        rows = _mask_rows(matched, len(self.items))
         maps = capture.row_attention(rows, size, batch=[b for b, _, _ in matched])  # [regions, matched, h, w]
         out = torch.zeros_like(maps)
         for j, (b, t, _) in enumerate(matched):
-            running = self.running.get(b)
-            if running is None or running.shape != maps[:, j].shape:  # the first call, or a new size (hires fix)
-                running = torch.zeros_like(maps[:, j])
-            running = running + maps[:, j]
+            running = self._running(b, torch.zeros_like(maps[:, j])) + maps[:, j]
             self.running[b] = running
             for k in range(len(self.items)):
                 if t.rows[k] is not None:
                     out[k, j] = region_mask(running[k][None])[0]
         places, named = self._place_masks(matched, size, out.device)
         return torch.where(named[:, :, None, None].to(out.device), places.to(out), out)
+
+
+def _own_groups(matched: list, k: int, whole: bool = False) -> list[list[int]]:
+    """The positions in `matched` of the rows with concept k, grouped by their own prompt's length (one pass per
+    length; whole: one group, the pass brings each to the call's length)."""
+    groups: dict[int, list[int]] = {}
+    for j, (_, twins, fit) in enumerate(matched):
+        if twins.own[k] is not None:
+            groups.setdefault(0 if whole else fit(twins.own[k]).shape[0], []).append(j)
+    return list(groups.values())
+
+
+def _mask_rows(matched: list, regions: int) -> list[list[int]]:
+    """Per region, per matched row: the base prompt's superclass row (0 where unknown)."""
+    return [[t.rows[k] if t.rows[k] is not None else 0 for _, t, _ in matched] for k in range(regions)]
 
 
 @dataclass
