@@ -398,7 +398,8 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
         p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate", "regional")
         options["regions"].apply(p, value, ["places", "attention"])
         regions[value] = processing.process_images(p)
-    assert "regions=attention" in regions["attention"].infotexts[0] and "regions=" not in regions["places"].infotexts[0]
+    assert "Perfusion regions: attention" in regions["attention"].infotexts[0]
+    assert "Perfusion regions: places" in regions["places"].infotexts[0]
     assert regions["attention"].comments == "" and regions["places"].comments == ""
     assert (images(regions["attention"]) - images(regions["places"])).abs().max() > 1e-4
     assert "X/Y/Z plot: regions is 'words'" in regions["words"].comments

@@ -4,7 +4,7 @@ composed region by region by default, the paper's way stays selectable, and noth
 import pytest
 import torch
 import webui_host as host
-from modules import infotext_utils, sd_samplers
+from modules import infotext_utils, script_callbacks, sd_samplers
 
 from perfusion.webui import composition
 from perfusion.webui.state import runtime
@@ -253,9 +253,9 @@ def test_the_regions_setting_keeps_the_models_attention_and_says_so(folder, call
     finally:
         shared.opts.data["perfusion_regions"] = "places"
     assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 2 and out.comments == ""
-    assert "composition=regional regions=attention" in out.infotexts[0]
+    assert "composition=regional" in out.infotexts[0] and "Perfusion regions: attention" in out.infotexts[0]
     placed = host.txt2img(PAIR, batch_size=2, steps=2)
-    assert calls[6:] == [([], 4)] * 2 and "regions=" not in placed.infotexts[0]  # the default says nothing more
+    assert calls[6:] == [([], 4)] * 2 and "Perfusion regions: places" in placed.infotexts[0]
     assert (images(out) - images(placed)).abs().max() > 1e-3
     shared.opts.data["perfusion_regions"] = "words"
     try:
@@ -264,3 +264,34 @@ def test_the_regions_setting_keeps_the_models_attention_and_says_so(folder, call
         shared.opts.data["perfusion_regions"] = "places"
     assert "Perfusion: setting 'regions' is 'words'" in odd.comments and "Perfusion: Perfusion" not in odd.comments
     assert torch.equal(images(odd), images(placed))
+
+
+def test_pasting_an_image_offers_the_regions_it_was_made_with(folder):
+    """The regions setting is the setting's own infotext field, written whenever several concepts are composed
+    regionally: pasting an image made with another value than the current one offers it as an override (the
+    WebUI's paste dropdown and the API's `infotext`)."""
+    from modules import shared
+
+    def offered(infotext: str) -> list:
+        params = infotext_utils.parse_generation_parameters(infotext)
+        script_callbacks.infotext_pasted_callback(infotext, params)
+        return infotext_utils.get_override_settings(params)
+
+    shared.opts.data["perfusion_regions"] = "attention"
+    try:
+        attention = host.txt2img(PAIR, steps=2).infotexts[0]
+        assert offered(attention) == []  # the same as now: nothing to override
+        alone = host.txt2img(PAIR.replace("<perfusion:boxy> ", ""), steps=2).infotexts[0]
+        assert "Perfusion regions" not in alone  # one concept is never composed
+    finally:
+        shared.opts.data["perfusion_regions"] = "places"
+    assert offered(attention) == [("Perfusion regions", "perfusion_regions", "attention")]
+    placed = host.txt2img(PAIR, steps=2).infotexts[0]
+    assert offered(placed) == []
+    shared.opts.data["perfusion_regions"] = "attention"
+    try:
+        assert offered(placed) == [("Perfusion regions", "perfusion_regions", "places")]
+    finally:
+        shared.opts.data["perfusion_regions"] = "places"
+    together = host.txt2img(PAIR, steps=2, args=TOGETHER).infotexts[0]
+    assert "Perfusion regions" not in together and offered(together) == []

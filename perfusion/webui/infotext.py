@@ -1,9 +1,10 @@
 """The image's generation parameters: what is written, and what pasting them back does.
 
 The infotext holds `Perfusion: hugsy tau=0.15 beta=0.6 lock=local; ...` (what was applied),
-`Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...` and `Perfusion defaults: beta=0.7 tau=0.15 ...` (the accordion).
-On paste, a tag whose concept is known here under another name (same hash) is renamed; a concept missing
-here is reported; a gate value that came from card preferences (not from the tag) is written into the tag
+`Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...`, `Perfusion defaults: beta=0.7 tau=0.15 ...` (the accordion) and,
+for several concepts composed regionally, `Perfusion regions: places` (the setting's own infotext name: pasting
+offers it as an override setting where it differs, as the WebUI does for Clip skip). On paste, a tag whose
+concept is known here under another name (same hash) is renamed; a concept missing here is reported; a gate value that came from card preferences (not from the tag) is written into the tag
 so the image reproduces elsewhere.
 """
 
@@ -21,6 +22,7 @@ from .tags import TAG
 CONCEPTS = "Perfusion"
 HASHES = "Perfusion hashes"
 DEFAULTS = "Perfusion defaults"
+REGIONS = "Perfusion regions"
 
 
 def forget(p: Any) -> None:
@@ -29,20 +31,21 @@ def forget(p: Any) -> None:
     params = getattr(p, "extra_generation_params", None)
     if params is None:  # the WebUI's dummy job while a model loads
         return
-    for key in (CONCEPTS, HASHES, DEFAULTS):
+    for key in (CONCEPTS, HASHES, DEFAULTS, REGIONS):
         params.pop(key, None)
 
 
 def record(p: Any, applied: list[Applied], defaults: Defaults, regions: str = REGION_SOURCE) -> None:
-    """What was applied, the files' hashes and the accordion's values, into the image's parameters (the regions
-    setting where it is not the default)."""
+    """What was applied, the files' hashes and the accordion's values, into the image's parameters (and the regions
+    setting where several concepts are composed regionally)."""
     text = "; ".join(a.describe() for a in applied)
+    p.extra_generation_params.pop(REGIONS, None)  # recorded again below where it still holds
     if len(applied) > 1:
         text += f"; composition={defaults.composition}"
         if defaults.composition == "together":
             text += f" projection={defaults.projection}"
-        elif regions != REGION_SOURCE:
-            text += f" regions={regions}"
+        else:  # every time: the WebUI's API applies a pasted infotext without the paste callback
+            p.extra_generation_params[REGIONS] = regions
     p.extra_generation_params[CONCEPTS] = text
     p.extra_generation_params[HASHES] = ", ".join(f"{a.entry.name}: {a.entry.shorthash}" for a in applied)
     p.extra_generation_params[DEFAULTS] = defaults_text(defaults)

@@ -17,6 +17,7 @@ from ..options import (
     TAU_RANGE,
 )
 from .host import OPTION_PREFIX
+from .infotext import REGIONS
 
 WARNING_MODES = ("UI and console", "console only")
 
@@ -67,6 +68,7 @@ def register() -> None:
             "the model's attention)",
             radio,
             {"choices": list(REGION_SOURCES)},
+            infotext=REGIONS,
         ),
         "covariance_prompts": shared.OptionInfo(
             25000,

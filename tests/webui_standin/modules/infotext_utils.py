@@ -62,3 +62,18 @@ def parse_generation_parameters(x: str, skip_fields: list = None):
     for key in skip_fields:
         res.pop(key, None)
     return res
+
+
+def get_override_settings(params, *, skip_fields=None):
+    """[(infotext name, setting key, value)] for every setting (its OptionInfo's `infotext`) whose pasted value
+    differs from the current one: what the paste button puts in the "Override settings" dropdown and the API's
+    `infotext` field applies."""
+    from modules import shared
+    out = []
+    for name, key in [(info.infotext, k) for k, info in shared.opts.data_labels.items() if info.infotext]:
+        if name in (skip_fields or {}) or params.get(name) is None:
+            continue
+        value = shared.opts.cast_value(key, params[name])
+        if value != getattr(shared.opts, key, None):
+            out.append((name, key, value))
+    return out

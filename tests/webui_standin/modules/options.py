@@ -124,3 +124,16 @@ class Options:
         self.data_labels[key] = info
         if key not in self.data and not info.do_not_save:
             self.data[key] = info.default
+
+    def cast_value(self, key, value):
+        """A pasted infotext's string as the setting's type (the default's)."""
+        if value is None:
+            return None
+        default = self.data_labels[key].default
+        if default is None:
+            default = getattr(self, key, None)
+        if default is None:
+            return None
+        if isinstance(default, bool) and value == "False":
+            return False
+        return type(default)(value)
