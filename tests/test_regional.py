@@ -266,18 +266,31 @@ def test_the_webui_plan_carries_the_places(trained):
 def test_a_call_whose_layers_another_extension_took_over_is_composed_by_prediction(trained):
     """An extension that puts its own forward on the attn2 modules after the composition wrapped them (regional
     prompting extensions do) leaves no layer to blend in: the call is composed by prediction instead of coming
-    out as the base prompt's."""
+    out as the base prompt's. One whose forward wraps ours (calls it, as token merging and attention patches do)
+    keeps the attention blend."""
     adapter, c = trained
     model = adapter.diffusion_model
     prompts = ["a hugsy at the left and a mochi at the right"]
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), torch.tensor([500])
-    results = {}
+    results, wrapped_calls = {}, []
+
+    def wrapping(ours):
+        def forward(*args, **kwargs):
+            wrapped_calls.append(1)
+            return ours(*args, **kwargs)
+
+        return forward
+
     for how in ("prediction", "attention"):
         composition, cond = _composition(adapter, c, prompts, how)
         layers = composition.editor.layers.values()
         try:
             results[how] = model(x, t, context=cond)
             if how == "attention":
+                for m in layers:  # the other extension's forward, calling ours
+                    m.forward = wrapping(m.forward)
+                composition.reset()
+                results["wrapped"] = model(x, t, context=cond)
                 for m in layers:  # the other extension's forward, over ours
                     m.forward = type(m).forward.__get__(m)
                 composition.reset()
@@ -288,6 +301,7 @@ def test_a_call_whose_layers_another_extension_took_over_is_composed_by_predicti
                 vars(m).pop("forward", None)
     assert torch.allclose(results["taken over"], results["prediction"], atol=1e-5)
     assert (results["attention"] - results["prediction"]).abs().max() > 1e-3  # control: the blends differ
+    assert len(wrapped_calls) == len(layers) and torch.equal(results["wrapped"], results["attention"])
 
 
 def _composition(adapter, c, prompts, how="prediction"):
