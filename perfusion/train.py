@@ -212,8 +212,10 @@ class TrainConfig:
             raise TrainError(f"i_star_gradient must be one of {', '.join(I_STAR_GRADIENTS)}")
         if min(self.steps, self.batch_size, self.grad_accum) < 1:
             raise TrainError("steps, batch size and gradient accumulation must be at least 1")
-        if not all("[name]" in t for t in self.templates):
-            raise TrainError("every template line needs a [name] placeholder")
+        if not all("[name]" in t or "[filewords]" in t for t in self.templates):
+            raise TrainError(
+                "every template line needs a [name] placeholder (or [filewords], its captions holding [name])"
+            )
         if not self.tau > 0 or not self.train_tau > 0:
             raise TrainError("tau must be positive")
         if self.keys not in ("locked", "trained"):
@@ -248,8 +250,14 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+def fill_template(template: str, word: str, caption: str) -> str:
+    """A training prompt: [filewords] replaced by the image's caption first, then [name] by `word`, as the WebUI's
+    textual-inversion dataset does, so a caption may place the word itself ("a small [name] at the left")."""
+    return " ".join(template.replace("[filewords]", caption).replace("[name]", word).split())
+
+
 def read_templates(path: str | Path) -> tuple[str, ...]:
-    """Template lines from a textual-inversion style file ([name], optional [filewords]); blank lines skipped."""
+    """Template lines from a textual-inversion style file ([name] and/or [filewords]); blank lines skipped."""
     path = Path(path)
     try:
         text = read_regular(path, MAX_TEMPLATES_BYTES).decode("utf-8")
@@ -258,10 +266,10 @@ def read_templates(path: str | Path) -> tuple[str, ...]:
             f"{path}: cannot read it as a UTF-8 text file of at most {MAX_TEMPLATES_BYTES // 1024} KB"
         ) from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    bad = [n for n, line in enumerate(lines, 1) if "[name]" not in line]
+    bad = [n for n, line in enumerate(lines, 1) if "[name]" not in line and "[filewords]" not in line]
     if not lines or bad:
         raise TrainError(
-            f"{path}: every line needs a [name] placeholder"
+            f"{path}: every line needs a [name] placeholder (or [filewords], the captions holding [name])"
             + (f" (line {bad[0]} has none)" if bad else " (file is empty)")
         )
     return tuple(lines)
@@ -318,6 +326,14 @@ class Trainer:
         self.work_dir, self.concept_path = Path(work_dir), Path(concept_path)
         images = list(images)
         self.captions = captions or [""] * len(images)
+        if any("[name]" not in t for t in config.templates):
+            lacking = [(i, c) for i, c in enumerate(self.captions) if "[name]" not in c]
+            if lacking:
+                raise TrainError(
+                    f"image {lacking[0][0] + 1}'s caption {lacking[0][1]!r} has no [name], and a template without "
+                    "[name] takes the word from the caption: write [name] into every caption, or use templates "
+                    "with [name]"
+                )
         self.sizes = [(int(im.shape[-1]), int(im.shape[-2])) for im in images]  # (width, height) px per image
         self.resolution = resolution or round(max(w * h for w, h in self.sizes) ** 0.5)
         self.buckets = list(by_size(images).values())
@@ -346,7 +362,7 @@ class Trainer:
         out = []
         for i in idx:
             t = self.cfg.templates[int(torch.randint(len(self.cfg.templates), (1,), generator=gen))]
-            out.append(" ".join(t.replace("[name]", word).replace("[filewords]", self.captions[i]).split()))
+            out.append(fill_template(t, word, self.captions[i]))
         return out
 
     def _micro_batch(self, step: int, k: int, word: Optional[str] = None):
@@ -372,13 +388,7 @@ class Trainer:
         superclass word's encoding averaged over every template with every image's caption: one micro-batch
         (one prompt at batch size 1) would lock the keys to one template's wording."""
         cfg, ad = self.cfg, self.adapter
-        prompts = sorted(
-            {
-                " ".join(t.replace("[name]", cfg.superclass).replace("[filewords]", c).split())
-                for t in cfg.templates
-                for c in self.captions
-            }
-        )
+        prompts = sorted({fill_template(t, cfg.superclass, c) for t in cfg.templates for c in self.captions})
         with torch.no_grad():
             means = []  # (prompts in the chunk, their mean superclass encoding)
             for start in range(0, len(prompts), 64):

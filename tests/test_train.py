@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -332,6 +333,45 @@ def test_attention_masks_from_the_models_own_cross_attention(world, tmp_path):
     assert torch.allclose(trainer.masks[1][0], soft_mask(masks[1], (16, 16)))
     with pytest.raises(TrainError, match="'attention' or None"):
         Trainer(adapter, cov, config(), images, "alpha", tmp_path, tmp_path / "a.safetensors")
+
+
+def test_a_caption_may_place_the_word_itself(world, tmp_path):
+    """[filewords] is filled before [name], as in the WebUI's textual-inversion dataset: a caption holding [name]
+    puts the concept's word (and, for i_super, the superclass word) where the caption says; a template without
+    [name] needs [name] in every caption."""
+    adapter, cov, images = world
+    cfg = TrainConfig(
+        name="h", token="hugsy", superclass="toy", steps=1, batch_size=2, templates=("a photo of [filewords]",)
+    )
+    captions = ["a small [name] at the left", "a big [name] at the top"]
+    trainer = Trainer(adapter, cov, cfg, images[:2], None, tmp_path, tmp_path / "h.safetensors", captions=captions)
+    prompts = set(trainer._micro_batch(0, 0)[2]) | set(trainer._micro_batch(1, 0)[2])
+    assert prompts <= {"a photo of a small hugsy at the left", "a photo of a big hugsy at the top"} and prompts
+    supers = set(trainer._micro_batch(0, 0, word="toy")[2])
+    assert supers <= {"a photo of a small toy at the left", "a photo of a big toy at the top"}
+    with pytest.raises(TrainError, match="image 2's caption 'at the top' has no"):
+        Trainer(
+            adapter,
+            cov,
+            cfg,
+            images[:2],
+            None,
+            tmp_path,
+            tmp_path / "x.safetensors",
+            captions=[captions[0], "at the top"],
+        )
+    usual = replace(cfg, templates=("a [name] [filewords]",))
+    plain = Trainer(
+        adapter,
+        cov,
+        usual,
+        images[:2],
+        None,
+        tmp_path,
+        tmp_path / "p.safetensors",
+        captions=["at the left", "at the top"],
+    )
+    assert set(plain._micro_batch(0, 0)[2]) <= {"a hugsy at the left", "a hugsy at the top"}
 
 
 def test_templates_file(tmp_path):
