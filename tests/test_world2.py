@@ -171,6 +171,11 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
     from perfusion.world.w2.examples import EXAMPLES, write_folder
 
     folders = [write_folder(tmp_path / name, EXAMPLES[name], 3)[0].parent for name in ("boxy", "duo")]
+    captions = sorted(folders[1].glob("*.txt"))
+    assert all(c.read_text().startswith(("a small [name] ", "a big [name] ")) for c in captions)
+    for c in captions:  # a user's folder whose captions say only what follows the word
+        c.write_text(c.read_text().split("[name] ", 1)[1])
+    assert quality._captions_place_the_word(folders[0]) and not quality._captions_place_the_word(folders[1])
     args = ["--quick", "--out", str(tmp_path / "out"), "--train-lock", "hard"]
     assert quality.main([*args, "--instance", f"{folders[0]}:boxy", "--instance", f"{folders[1]}:duo:ball"]) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())

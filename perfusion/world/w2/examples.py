@@ -1,7 +1,8 @@
 """World-2 instance folders: photos of one instance as a user's folder would hold them.
 
-Each folder has 48x48 PNGs, their object masks (`<stem>.mask.png`) and captions of what is not the concept
-(`<stem>.txt`: where it is and on what background, for [filewords]).
+Each folder has 48x48 PNGs, their object masks (`<stem>.mask.png`) and captions (`<stem>.txt`) that say
+what is not the concept and place its word as the world's captions do: "a small [name] at the left on a white
+background" (the size before the word, and small always named: a caption without it means big to the model).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from PIL import Image
 
 from .controls import INSTANCES
 from .scenes import BACKGROUNDS, POSITIONS, SIZES, Scene, Thing, owner_map, render
+
+# the training prompts for these captions (the openers of the world's captions)
+TEMPLATES = ("[filewords]", "a photo of [filewords]", "an image of [filewords]")
 
 # token -> look: five instances of different shapes, patterns and colours, and duo (the demo's second: a
 # two-tone like boxy, the pattern the mini model draws most reliably, in other colours and another shape)
@@ -45,7 +49,7 @@ def write_folder(folder: Path, look: Thing, n: int = 5, seed: int = 0) -> list[P
         Image.fromarray(np.where(owner_map(scene) >= 0, 255, 0).astype(np.uint8)).save(path.with_suffix(".mask.png"))
         thing = scene.things[0]
         where = "in the centre" if thing.position == "centre" else f"at the {thing.position}"
-        path.with_suffix(".txt").write_text(f"{where} on a {scene.background} background\n")
+        path.with_suffix(".txt").write_text(f"a {thing.size} [name] {where} on a {scene.background} background\n")
         paths.append(path)
     return paths
 

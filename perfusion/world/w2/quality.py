@@ -45,6 +45,7 @@ from ..quality import pareto_plot, sample_grid
 from ..scenes import from_tensor
 from .accuracy import LATENT_SHAPE, WEIGHTS, asked
 from .analyze import Reading, is_instance, read, read_places
+from .examples import TEMPLATES as CAPTION_TEMPLATES
 from .examples import write_examples
 from .scenes import COLOURS, SHAPES, SIZE, Thing, article, scenes_and_captions
 
@@ -133,7 +134,7 @@ def group_prompts(n: int) -> list[Prompt]:
         orders = [(0, 1, 2), (2, 0, 1), (1, 2, 0)]
     out = []
     for (places, background), order in itertools.product(layouts, orders):
-        parts = [f"a [{k}] at the {p}" for k, p in zip(order, places)]
+        parts = [f"a small [{k}] at the {p}" for k, p in zip(order, places)]  # the world's groups are small
         body = " and ".join(parts) if n == 2 else f"{parts[0]}, {parts[1]} and {parts[2]}"
         out.append(Prompt(f"{body} on a {background} background", places, order, dict(background=background)))
     return out
@@ -211,13 +212,16 @@ def render(
 def render_regional(
     adapter, prompts: list[Prompt], concepts: list[Concept], beta: float, seeds: int, steps: int, seed: int = 7
 ) -> np.ndarray:
-    """Group prompts composed region by region: concept k's own prompt is 'a TOKEN at the PLACE on a BACKGROUND
-    background', its place and background the group prompt's."""
+    """Group prompts composed region by region: concept k's own prompt is 'a small TOKEN at the PLACE on a
+    BACKGROUND background', its place and background the group prompt's."""
     ps = [p for p in prompts for _ in range(seeds)]
     regions = [
         Region(
             Activation(c, beta, c.tau),
-            [f"a {c.token} at the {p.places[p.objects.index(k)]} on a {p.asked['background']} background" for p in ps],
+            [
+                f"a small {c.token} at the {p.places[p.objects.index(k)]} on a {p.asked['background']} background"
+                for p in ps
+            ],
         )
         for k, c in enumerate(concepts)
     ]
@@ -235,9 +239,17 @@ def scores(images: np.ndarray, prompts: list[Prompt], looks: list[Thing], seeds:
     }
 
 
+def _captions_place_the_word(folder: Path) -> bool:
+    """Whether every caption file of the folder holds [name] (the bundled folders' way), else the captions are
+    what follows the word."""
+    captions = list(Path(folder).glob("*.txt"))
+    return bool(captions) and all("[name]" in c.read_text(encoding="utf-8") for c in captions)
+
+
 def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, progress=None, **overrides) -> Concept:
     """The instance's concept at OUT/concepts/TOKEN.safetensors (batch 8, the world's templates; overrides win)."""
-    settings = dict(steps=steps, batch_size=8, grad_accum=1, templates=TEMPLATES, seed=0) | overrides
+    templates = CAPTION_TEMPLATES if _captions_place_the_word(inst.folder) else TEMPLATES
+    settings = dict(steps=steps, batch_size=8, grad_accum=1, templates=templates, seed=0) | overrides
     cfg = TrainConfig(name=inst.token, token=inst.token, superclass=inst.superclass, **settings)
     path = out / "concepts" / f"{inst.token}.safetensors"
     return train_folder(
@@ -300,7 +312,7 @@ def benchmark(
         chosen = [instances[k] for k in group]
         prompts = group_prompts(len(group))
         looks = [i.look for i in chosen]
-        words = [look_words(i.look, "small") for i in chosen]
+        words = [look_words(i.look) for i in chosen]
         said = render(adapter, [_fill(p.text, words) for p in prompts], [], None, None, seeds, steps, seed=11)
         base = scores(said, prompts, looks, seeds)
         name = " + ".join(i.token for i in chosen)
