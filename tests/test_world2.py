@@ -191,3 +191,35 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
     assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").superclass == "ball"
     for picture in ("pareto.png", "samples.png"):
         assert (tmp_path / "out" / picture).stat().st_size > 1000
+
+
+def test_alone_scores_each_concept_at_its_own_place(monkeypatch):
+    """The pairs' "alone" column: each concept is rendered from its own clause and read at the place the group
+    prompt gives it. With renders that draw each instance where its clause says, every pair reads 1.0; with one
+    look mistaken for another, 0.0; with the instance drawn at the other concept's place, 0.0."""
+    from dataclasses import replace
+
+    from perfusion.world.w2 import quality
+
+    chekka, boxy = INSTANCES[0], INSTANCES[1]
+    concepts = [type("C", (), {"token": "chekka"})(), type("C", (), {"token": "boxy"})()]
+    drawn_at = {"chekka": lambda place: place, "boxy": lambda place: place}
+    flip = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+    def fake_render(adapter, texts, items, mode, beta, seeds, steps, seed=7):
+        (concept,) = items
+        look = {"chekka": chekka, "boxy": boxy}[concept.token]
+        out = []
+        for text in texts:
+            place, background = text.split(" at the ")[1].split(" on a ")[0], text.split(" on a ")[1].split()[0]
+            thing = replace(look, size="small", position=drawn_at[concept.token](place))
+            out += [render(Scene((thing,), background, 5))] * seeds
+        return np.stack(out)
+
+    monkeypatch.setattr(quality, "render", fake_render)
+    prompts = quality.group_prompts(2)
+    score = lambda looks: quality.alone_all_identities(None, prompts, concepts, looks, 0.6, 2, 1, 11)  # noqa: E731
+    assert score([chekka, boxy]) == 1.0
+    assert score([chekka, chekka]) == 0.0  # boxy's images are not chekka
+    drawn_at["boxy"] = lambda place: flip[place]
+    assert score([chekka, boxy]) == 0.0  # boxy drawn where chekka goes
