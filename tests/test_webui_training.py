@@ -192,6 +192,23 @@ def test_unreadable_and_empty_folders(env, tmp_path):
     assert any("is empty" in p for p in problems)
 
 
+def test_captions_placing_the_word_need_it_in_every_caption(env, tmp_path):
+    """A templates file with a line without [name] takes the word from the captions: the check names each
+    caption file that lacks it, before any work; with [name] in every caption there is no problem."""
+    concepts, photos = env
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of [filewords]\n")
+    stems = sorted(p.stem for p in photos.glob("*.png"))
+    for stem in stems:
+        (photos / f"{stem}.txt").write_text("a small [name] on a table\n")
+    problems, dataset = training.check(form(photos, templates_file=str(templates)))
+    assert problems == [] and len(dataset.samples) == len(stems)
+    (photos / f"{stems[1]}.txt").write_text("on a table\n")
+    problems, _ = training.check(form(photos, templates_file=str(templates)))
+    assert any(f"{stems[1]}.txt has no [name]" in p and str(templates) in p for p in problems), problems
+    assert not any(f"{stems[0]}.txt" in p for p in problems)
+
+
 def test_no_model_loaded(env, monkeypatch):
     concepts, photos = env
     monkeypatch.setattr(shared, "sd_model", None)

@@ -205,9 +205,10 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
             check_superclass(adapter_for(model), form.superclass)
         except (NotImplementedError, TrainError) as e:
             problems.append(str(e))
+    templates: tuple[str, ...] = ()
     if form.templates_file:
         try:
-            read_templates(form.templates_file)
+            templates = read_templates(form.templates_file)
         except (OSError, TrainError) as e:
             problems.append(f"templates file: {e}")
     if not bad_name and concept_path(form).exists() and form.existing == "ask":
@@ -230,6 +231,14 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         )
     except (DatasetError, ValueError) as e:
         problems.append(str(e))
+    if dataset is not None and any("[name]" not in t for t in templates):
+        lacking = [s.path.with_suffix(".txt").name for s in dataset.samples if "[name]" not in s.caption]
+        if lacking:
+            problems.append(
+                f"templates file {form.templates_file} has a line without [name], which takes the word from the "
+                f"caption, but {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} has no [name]: write "
+                "[name] where the word goes in every caption, or give every template line [name]"
+            )
     return problems, dataset
 
 
