@@ -16,7 +16,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -212,7 +212,7 @@ class TrainConfig:
             raise TrainError(f"i_star_gradient must be one of {', '.join(I_STAR_GRADIENTS)}")
         if min(self.steps, self.batch_size, self.grad_accum) < 1:
             raise TrainError("steps, batch size and gradient accumulation must be at least 1")
-        if not all("[name]" in t or "[filewords]" in t for t in self.templates):
+        if not all(takes_the_word(t) for t in self.templates):
             raise TrainError(
                 "every template line needs a [name] placeholder (or [filewords], its captions holding [name])"
             )
@@ -250,6 +250,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+def takes_the_word(template: str) -> bool:
+    """A template line places the word itself ([name]) or through its captions ([filewords] holding [name])."""
+    return "[name]" in template or "[filewords]" in template
+
+
+def captions_without_the_word(templates: Sequence[str], captions: Sequence[str]) -> list[int]:
+    """Indices of the captions that leave a template without [name] with no word ([] when every template has
+    [name], which then need no caption to hold it)."""
+    if all("[name]" in t for t in templates):
+        return []
+    return [i for i, c in enumerate(captions) if "[name]" not in c]
+
+
 def fill_template(template: str, word: str, caption: str) -> str:
     """A training prompt: [filewords] replaced by the image's caption first, then [name] by `word`, as the WebUI's
     textual-inversion dataset does, so a caption may place the word itself ("a small [name] at the left")."""
@@ -266,7 +279,7 @@ def read_templates(path: str | Path) -> tuple[str, ...]:
             f"{path}: cannot read it as a UTF-8 text file of at most {MAX_TEMPLATES_BYTES // 1024} KB"
         ) from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    bad = [n for n, line in enumerate(lines, 1) if "[name]" not in line and "[filewords]" not in line]
+    bad = [n for n, line in enumerate(lines, 1) if not takes_the_word(line)]
     if not lines or bad:
         raise TrainError(
             f"{path}: every line needs a [name] placeholder (or [filewords], the captions holding [name])"
@@ -326,14 +339,13 @@ class Trainer:
         self.work_dir, self.concept_path = Path(work_dir), Path(concept_path)
         images = list(images)
         self.captions = captions or [""] * len(images)
-        if any("[name]" not in t for t in config.templates):
-            lacking = [(i, c) for i, c in enumerate(self.captions) if "[name]" not in c]
-            if lacking:
-                raise TrainError(
-                    f"image {lacking[0][0] + 1}'s caption {lacking[0][1]!r} has no [name], and a template without "
-                    "[name] takes the word from the caption: write [name] into every caption, or use templates "
-                    "with [name]"
-                )
+        lacking = captions_without_the_word(config.templates, self.captions)
+        if lacking:
+            raise TrainError(
+                f"image {lacking[0] + 1}'s caption {self.captions[lacking[0]]!r} has no [name], and a template "
+                "without [name] takes the word from the caption: write [name] into every caption, or use templates "
+                "with [name]"
+            )
         self.sizes = [(int(im.shape[-1]), int(im.shape[-2])) for im in images]  # (width, height) px per image
         self.resolution = resolution or round(max(w * h for w, h in self.sizes) ** 0.5)
         self.buckets = list(by_size(images).values())

@@ -30,7 +30,15 @@ from ..files import read_regular
 from ..masks import fill_attention_masks
 from ..options import ASPECTS, BETA, BETA_RANGE, LR_SCHEDULES, METHODS, TAU, TAU_RANGE, TRAIN_LOCKS
 from ..report import overfitting_report
-from ..train import NonFiniteError, TrainConfig, Trainer, TrainError, check_superclass, read_templates
+from ..train import (
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    TrainError,
+    captions_without_the_word,
+    check_superclass,
+    read_templates,
+)
 from . import host
 from .adapter import adapter_for
 from .board import Board
@@ -231,8 +239,10 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
         )
     except (DatasetError, ValueError) as e:
         problems.append(str(e))
-    if dataset is not None and any("[name]" not in t for t in templates):
-        lacking = [s.path.with_suffix(".txt").name for s in dataset.samples if "[name]" not in s.caption]
+    if dataset is not None:
+        samples = dataset.samples
+        missing = captions_without_the_word(templates, [s.caption for s in samples])
+        lacking = [samples[i].path.with_suffix(".txt").name for i in missing]
         if lacking:
             problems.append(
                 f"templates file {form.templates_file} has a line without [name], which takes the word from the "
