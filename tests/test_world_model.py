@@ -44,6 +44,11 @@ def test_world2_run_resumes_exports_and_restarts_from_its_weights(tmp_path):
         train_model.train(6, 600, tmp_path / "b", out, world=2, batch=3, lr=5e-4, warmup=1, colourless=0.3)
     assert train_model.train(6, 600, tmp_path / "b", out, world=2, restart=True, batch=3, colourless=0.3) == 6
     assert mini.weights_meta(out)["config"]["train"]["colourless"] == 0.3
+    # more two-object scenes: the same
+    with pytest.raises(SystemExit, match="another configuration"):
+        train_model.train(7, 600, tmp_path / "b", out, world=2, batch=3, colourless=0.3, two_objects=0.45)
+    assert train_model.train(7, 600, tmp_path / "b", out, world=2, restart=True, batch=3, two_objects=0.45) == 7
+    assert mini.weights_meta(out)["config"]["train"]["two_objects"] == 0.45
 
 
 def test_warm_restart_schedule_and_a_slim_checkpoint(tmp_path):
@@ -88,12 +93,15 @@ def test_a_run_that_blows_up_goes_back_to_a_checkpoint_at_half_the_learning_rate
     assert out.count("diverged; back to step") == 3 and "learning rate x0.125" in out
 
 
-def test_the_command_line_refuses_a_colourless_value_it_cannot_use(monkeypatch, capsys):
+def test_the_command_line_refuses_scene_and_caption_shares_it_cannot_use(monkeypatch, capsys):
     from perfusion.world import train_model
 
     for argv, said in (
         (["--world", "2", "--restart", "--colourless", "1.5"], "a probability, 0 to 1 (got 1.5)"),
         (["--world", "1", "--colourless", "0.3"], "world 2's"),
+        (["--world", "1", "--two-objects", "0.4"], "--two-objects is world 2's"),
+        (["--world", "2", "--restart", "--three-objects", "-0.1"], "--three-objects is a probability"),
+        (["--world", "2", "--restart", "--two-objects", "0.9"], "together at most 1"),
     ):
         monkeypatch.setattr("sys.argv", ["train_model", *argv])
         with pytest.raises(SystemExit):

@@ -76,7 +76,7 @@ DIVERGED = 0.15  # a 25-step mean loss above this and 3x the recent best means t
 
 
 # What a warm restart may change (anything else would make the checkpoint another model's).
-RESTARTABLE = ("steps", "batch", "lr", "warmup", "restart_at", "colourless")
+RESTARTABLE = ("steps", "batch", "lr", "warmup", "restart_at", "colourless", "two_objects", "three_objects")
 
 
 def lr_at(step: int, cfg: dict, progress: Optional[float] = None) -> float:
@@ -385,6 +385,12 @@ def main() -> None:
         type=float,
         help="world 2: how often a caption leaves an object's colour out (default 0; may change only with --restart)",
     )
+    for name in ("two-objects", "three-objects"):
+        p.add_argument(
+            f"--{name}",
+            type=float,
+            help=f"world 2: the share of scenes with {name.replace('-', ' ')} (default 0.3 / 0.2; may change only with --restart)",
+        )
     a = p.parse_args()
     _, _, _, defaults, work = WORLDS[a.world]
     work = a.work or work
@@ -395,13 +401,17 @@ def main() -> None:
     if a.slim:
         print(f"wrote {slim(work / 'mini.checkpoint.safetensors', a.slim, a.world)}")
         return
-    if a.colourless is not None and a.world != 2:
-        p.error("--colourless is world 2's (world 1's captions name every colour)")
-    if a.colourless is not None and not 0.0 <= a.colourless <= 1.0:
-        p.error(f"--colourless is a probability, 0 to 1 (got {a.colourless})")
+    shares = {k: getattr(a, k) for k in ("colourless", "two_objects", "three_objects") if getattr(a, k) is not None}
+    if shares and a.world != 2:
+        p.error(f"--{next(iter(shares)).replace('_', '-')} is world 2's")
+    for key, value in shares.items():
+        if not 0.0 <= value <= 1.0:
+            p.error(f"--{key.replace('_', '-')} is a probability, 0 to 1 (got {value})")
+    if a.world == 2 and sum(shares.get(k, defaults[k]) for k in ("two_objects", "three_objects")) > 1.0:
+        p.error("--two-objects and --three-objects are shares of the scenes: together at most 1")
     if a.by_time and not a.restart:
         p.error("--by-time needs --restart (it reshapes the schedule from the step reached)")
-    tuned = {k: getattr(a, k) for k in ("batch", "warmup", "lr", "colourless") if getattr(a, k) is not None}
+    tuned = {k: getattr(a, k) for k in ("batch", "warmup", "lr") if getattr(a, k) is not None} | shares
     train(
         a.steps or defaults["steps"],
         a.minutes,
