@@ -456,3 +456,11 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
     assert (by_attention - chained).abs().max() > 1e-4 and patch.composition(m3).regions == "attention"
     with pytest.raises(ValueError, match="regions one of"):
         load(m1, c1, "boxy.safetensors", regions="words")
+    # blend "prediction": the same places, a U-Net pass per concept, as the engine does it
+    m4, c4 = load(m1, c1, "boxy.safetensors", blend="prediction")
+    by_prediction = denoise(m4, c4, placed)
+    model_management.load_models_gpu([model])
+    torch.testing.assert_close(by_prediction, engine(blend="prediction"), rtol=1e-5, atol=1e-5)
+    assert (by_prediction - chained).abs().max() > 1e-4 and patch.composition(m4).blend == "prediction"
+    with pytest.raises(ValueError, match="blend one of"):
+        load(m1, c1, "boxy.safetensors", blend="latent")

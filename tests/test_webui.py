@@ -334,7 +334,7 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     axes.add_axes()
     axes.add_axes()  # "Reload UI" calls on_before_ui again
     labels = [o.label for o in xyz.axis_options]
-    names = ("concept", "beta", "tau", "lock", "projection", "composition", "regions")
+    names = ("concept", "beta", "tau", "lock", "projection", "composition", "regions", "blend")
     assert labels == [f"[Perfusion] {x}" for x in names]
     options = {o.label.split()[-1]: o for o in xyz.axis_options}
     assert options["lock"].choices() == ["auto", "local", "global", "hard"]
@@ -404,6 +404,14 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     assert (images(regions["attention"]) - images(regions["places"])).abs().max() > 1e-4
     assert "X/Y/Z plot: regions is 'words'" in regions["words"].comments
     assert torch.equal(images(regions["words"]), images(regions["places"]))
+    assert options["blend"].choices() == ["auto", "prediction", "attention"]
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=placed, seed=1, steps=3, width=64, height=64)
+    p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate", "regional")
+    options["blend"].apply(p, "prediction", ["auto", "prediction"])  # the blend axis over the setting
+    predicted = processing.process_images(p)
+    assert "Perfusion blend: prediction" in predicted.infotexts[0] and predicted.comments == ""
+    assert "Perfusion blend: auto" in regions["places"].infotexts[0]
+    assert (images(predicted) - images(regions["places"])).abs().max() > 1e-4
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
     with pytest.raises(ValueError, match="no concept named 'nobody'"):
         options["concept"].confirm(p, ["hugsy", "nobody"])  # before the grid starts, not in its fifth cell

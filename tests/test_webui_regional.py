@@ -266,6 +266,30 @@ def test_the_regions_setting_keeps_the_models_attention_and_says_so(folder, call
     assert torch.equal(images(odd), images(placed))
 
 
+def test_the_blend_setting_runs_a_pass_per_concept_where_places_are_named_and_says_so(folder, calls):
+    """Setting *blend* to prediction: a prompt naming places is composed by a U-Net pass per concept inside the
+    places' regions, and the infotext says so; a value the setting cannot have is reported and auto used."""
+    from modules import shared
+
+    shared.opts.data["perfusion_blend"] = "prediction"
+    try:
+        out = host.txt2img(PAIR, batch_size=2, steps=2)
+    finally:
+        shared.opts.data["perfusion_blend"] = "auto"
+    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 2 and out.comments == ""
+    assert "Perfusion blend: prediction" in out.infotexts[0] and "Perfusion regions: places" in out.infotexts[0]
+    by_attention = host.txt2img(PAIR, batch_size=2, steps=2)
+    assert calls[6:] == [([], 4)] * 2 and "Perfusion blend: auto" in by_attention.infotexts[0]
+    assert (images(out) - images(by_attention)).abs().max() > 1e-3
+    shared.opts.data["perfusion_blend"] = "latent"
+    try:
+        odd = host.txt2img(PAIR, batch_size=2, steps=2)
+    finally:
+        shared.opts.data["perfusion_blend"] = "auto"
+    assert "Perfusion: setting 'blend' is 'latent'" in odd.comments
+    assert torch.equal(images(odd), images(by_attention))
+
+
 def test_pasting_an_image_offers_the_regions_it_was_made_with(folder):
     """The regions setting is the setting's own infotext field, written whenever several concepts are composed
     regionally: pasting an image made with another value than the current one offers it as an override (the
@@ -293,5 +317,11 @@ def test_pasting_an_image_offers_the_regions_it_was_made_with(folder):
         assert offered(placed) == [("Perfusion regions", "perfusion_regions", "places")]
     finally:
         shared.opts.data["perfusion_regions"] = "places"
+    shared.opts.data["perfusion_blend"] = "prediction"
+    try:
+        predicted = host.txt2img(PAIR, steps=2).infotexts[0]
+    finally:
+        shared.opts.data["perfusion_blend"] = "auto"
+    assert offered(predicted) == [("Perfusion blend", "perfusion_blend", "prediction")]
     together = host.txt2img(PAIR, steps=2, args=TOGETHER).infotexts[0]
-    assert "Perfusion regions" not in together and offered(together) == []
+    assert "Perfusion regions" not in together and "Perfusion blend" not in together and offered(together) == []

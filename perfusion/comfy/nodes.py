@@ -18,6 +18,8 @@ from ..options import (
     COMPOSITIONS,
     LOCK_CHOICES,
     PROJECTIONS,
+    REGION_BLEND,
+    REGION_BLENDS,
     REGION_SOURCE,
     REGION_SOURCES,
     TAU_RANGE,
@@ -152,6 +154,15 @@ class PerfusionConceptLoader:
                         "pass; attention always from where the model puts the superclass word.",
                     },
                 ),
+                "blend": (
+                    list(REGION_BLENDS),
+                    {
+                        "default": REGION_BLEND,
+                        "tooltip": "Regional: attention draws the image in one pass, every cross-attention reading "
+                        "each concept's own clause inside its region; prediction runs a pass per concept and blends "
+                        "the predictions; auto takes attention where the regions come from named places.",
+                    },
+                ),
             },
         }
 
@@ -170,6 +181,7 @@ class PerfusionConceptLoader:
         projection: str = "approximate",
         composition: str = COMPOSITION,
         regions: str = REGION_SOURCE,
+        blend: str = REGION_BLEND,
     ):
         path, concept = self.reader.read(concept_name)
         if (
@@ -177,10 +189,11 @@ class PerfusionConceptLoader:
             or projection not in PROJECTIONS
             or composition not in COMPOSITIONS
             or regions not in REGION_SOURCES
+            or blend not in REGION_BLENDS
         ):
             raise ValueError(
                 f"{concept_name}: lock must be one of {LOCK_CHOICES}, projection one of {PROJECTIONS}, "
-                f"composition one of {COMPOSITIONS} and regions one of {REGION_SOURCES}"
+                f"composition one of {COMPOSITIONS}, regions one of {REGION_SOURCES} and blend one of {REGION_BLENDS}"
             )
         for other in patch.applied(model):
             if other.concept.token.lower() == concept.token.lower() and other.concept.name != concept.name:
@@ -195,7 +208,9 @@ class PerfusionConceptLoader:
             contexts = KeyContexts(limit=MAX_PAIRS)  # also after a composed chain, which pairs nothing
         words = frozenset({concept.token.lower()} if lock == "global" else ())
         try:
-            patched = patch.with_concepts(model, [activation], projection, contexts, composition, MAX_PAIRS, regions)
+            patched = patch.with_concepts(
+                model, [activation], projection, contexts, composition, MAX_PAIRS, regions, blend
+            )
             taught = text.with_words(clip, [concept], words, contexts, patch.composition(patched))
         except ConceptError as e:
             raise type(e)(f"{path}: {e}") from None

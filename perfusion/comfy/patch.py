@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..hooks import Activation, Activations, Editor, KeyContexts, find_cross_attention
-from ..options import REGION_SOURCE, Composition, Projection, RegionSource
+from ..options import REGION_BLEND, REGION_SOURCE, Composition, Projection, RegionBlend, RegionSource
 from ..regional import RegionalComposition
 
 log = logging.getLogger("perfusion")
@@ -112,10 +112,11 @@ def with_concepts(
     compose: Composition = "together",
     limit: Optional[int] = None,
     regions: RegionSource = REGION_SOURCE,
+    blend: RegionBlend = REGION_BLEND,
 ) -> Any:
     """A clone of `model` applying its concepts and `added` (an added concept whose word is already applied
     replaces it): in one edit, or with compose "regional" and two or more concepts, region by region (the clone's
-    `composition(clone)` then takes the prompts; `limit` caps how many it keeps; `regions` as
+    `composition(clone)` then takes the prompts; `limit` caps how many it keeps; `regions` and `blend` as
     RegionalComposition's). Validated first:
     ConceptMismatch names a concept that does not fit, and nothing is cloned. `model` itself is not changed."""
     found = layers(model)
@@ -127,7 +128,7 @@ def with_concepts(
     composed = None
     if compose == "regional" and len(items) > 1:
         editor = Editor(found, Activations([], projection), cache_rows=False)
-        composed = RegionalComposition(editor, items, projection, limit=limit, regions=regions)
+        composed = RegionalComposition(editor, items, projection, limit=limit, regions=regions, blend=blend)
     else:
         editor = Editor(found, Activations(items, projection, contexts), cache_rows=False)
     clone = model.clone()

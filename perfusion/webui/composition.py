@@ -23,10 +23,11 @@ from .adapter import prompt_tokenizer, word_rows_in
 from .state import runtime
 
 
-def start(hooks: Hooks, items: Sequence[Activation], projection: str, regions: str) -> RegionalComposition:
-    """Put a RegionalComposition of `items` on the U-Net (regions: options.RegionSource, the setting)."""
+def start(hooks: Hooks, items: Sequence[Activation], projection: str, regions: str, blend: str) -> RegionalComposition:
+    """Put a RegionalComposition of `items` on the U-Net (regions: options.RegionSource, blend:
+    options.RegionBlend; the settings)."""
     stop()
-    runtime.regional = RegionalComposition(hooks, items, projection, model=hooks.model, regions=regions)
+    runtime.regional = RegionalComposition(hooks, items, projection, model=hooks.model, regions=regions, blend=blend)
     return runtime.regional
 
 

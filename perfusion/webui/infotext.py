@@ -2,8 +2,8 @@
 
 The infotext holds `Perfusion: hugsy tau=0.15 beta=0.6 lock=local; ...` (what was applied),
 `Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...`, `Perfusion defaults: beta=0.7 tau=0.15 ...` (the accordion) and,
-for several concepts composed regionally, `Perfusion regions: places` (the setting's own infotext name: pasting
-offers it as an override setting where it differs, as the WebUI does for Clip skip). On paste, a tag whose
+for several concepts composed regionally, `Perfusion regions: places` and `Perfusion blend: auto` (the settings'
+own infotext names: pasting offers them as override settings where they differ, as the WebUI does for Clip skip). On paste, a tag whose
 concept is known here under another name (same hash) is renamed; a concept missing here is reported; a gate
 value that came from card preferences (not from the tag) is written into the tag so the image reproduces
 elsewhere.
@@ -14,16 +14,16 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from ..options import REGION_SOURCE
 from .log import log
 from .resolve import Defaults
-from .state import Applied, library
+from .state import Applied, library, runtime
 from .tags import TAG
 
 CONCEPTS = "Perfusion"
 HASHES = "Perfusion hashes"
 DEFAULTS = "Perfusion defaults"
 REGIONS = "Perfusion regions"
+BLEND = "Perfusion blend"
 
 
 def forget(p: Any) -> None:
@@ -32,21 +32,23 @@ def forget(p: Any) -> None:
     params = getattr(p, "extra_generation_params", None)
     if params is None:  # the WebUI's dummy job while a model loads
         return
-    for key in (CONCEPTS, HASHES, DEFAULTS, REGIONS):
+    for key in (CONCEPTS, HASHES, DEFAULTS, REGIONS, BLEND):
         params.pop(key, None)
 
 
-def record(p: Any, applied: list[Applied], defaults: Defaults, regions: str = REGION_SOURCE) -> None:
+def record(p: Any, applied: list[Applied], defaults: Defaults) -> None:
     """What was applied, the files' hashes and the accordion's values, into the image's parameters (and the regions
-    setting where several concepts are composed regionally)."""
+    and blend of the regional composition on the U-Net, if any)."""
     text = "; ".join(a.describe() for a in applied)
-    p.extra_generation_params.pop(REGIONS, None)  # recorded again below where it still holds
+    for key in (REGIONS, BLEND):  # recorded again below where they still hold
+        p.extra_generation_params.pop(key, None)
     if len(applied) > 1:
         text += f"; composition={defaults.composition}"
         if defaults.composition == "together":
             text += f" projection={defaults.projection}"
-        else:  # every time: the WebUI's API applies a pasted infotext without the paste callback
-            p.extra_generation_params[REGIONS] = regions
+    if runtime.regional is not None:  # every time: the WebUI's API applies a pasted infotext without the paste callback
+        p.extra_generation_params[REGIONS] = runtime.regional.regions
+        p.extra_generation_params[BLEND] = runtime.regional.blend
     p.extra_generation_params[CONCEPTS] = text
     p.extra_generation_params[HASHES] = ", ".join(f"{a.entry.name}: {a.entry.shorthash}" for a in applied)
     p.extra_generation_params[DEFAULTS] = defaults_text(defaults)

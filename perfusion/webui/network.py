@@ -20,6 +20,8 @@ from ..options import (
     COMPOSITIONS,
     LOCK_CHOICES,
     PROJECTIONS,
+    REGION_BLEND,
+    REGION_BLENDS,
     REGION_SOURCE,
     REGION_SOURCES,
     TAU_RANGE,
@@ -59,8 +61,8 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
             rest["projection"] = value
         elif field == "composition" and value in COMPOSITIONS:
             rest["composition"] = value
-        elif field == "regions":
-            continue  # a setting, not an accordion default: read with it (_regions)
+        elif field in SETTINGS_AXES:
+            continue  # a setting, not an accordion default: read with it (_setting)
         else:
             warn(p, f"X/Y/Z plot: {field} {value!r} is out of range or unknown; the tags' and sliders' value is used")
     applied = [replace(a, activation=replace(a.activation, **gate)) for a in applied]
@@ -74,18 +76,23 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
     return applied, replace(defaults, **rest)
 
 
-def _regions(p: Any) -> str:
-    """Where a regional composition's regions come from: the X/Y/Z axis's value, else the setting (a value neither
-    can have warns, and the default is used)."""
+# the settings an X/Y/Z axis may override: {name: (choices, default)}
+SETTINGS_AXES = {"regions": (REGION_SOURCES, REGION_SOURCE), "blend": (REGION_BLENDS, REGION_BLEND)}
+
+
+def _setting(p: Any, name: str) -> str:
+    """A regional composition's setting (where the regions come from, how they are blended): the X/Y/Z axis's
+    value, else the setting (a value neither can have warns, and the default is used)."""
+    choices, default = SETTINGS_AXES[name]
     given = getattr(p, OVERRIDES, None) or {}
-    if "regions" in given:
-        source, value = "X/Y/Z plot: regions", given["regions"]
+    if name in given:
+        source, value = f"X/Y/Z plot: {name}", given[name]
     else:
-        source, value = "setting 'regions'", host.option("regions")
-    if value in REGION_SOURCES:
+        source, value = f"setting '{name}'", host.option(name)
+    if value in choices:
         return value
-    warn(p, f"{source} is {value!r}, not one of {', '.join(REGION_SOURCES)}; using {REGION_SOURCE}")
-    return REGION_SOURCE
+    warn(p, f"{source} is {value!r}, not one of {', '.join(choices)}; using {default}")
+    return default
 
 
 def set_generation_defaults(p: Any, defaults: Defaults) -> None:
@@ -251,13 +258,13 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         for a in applied:
             _register_embedding(p, model, a.activation.concept)
         runtime.applied = applied
-        regions = _regions(p)
+        regions, blend = _setting(p, "regions"), _setting(p, "blend")
         if defaults.composition == "regional" and len(applied) > 1:
             # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
-            composition.start(hooks, [a.activation for a in applied], defaults.projection, regions)
+            composition.start(hooks, [a.activation for a in applied], defaults.projection, regions, blend)
         else:
             _apply_together([a.activation for a in applied], defaults.projection)
-        infotext.record(p, applied, defaults, regions)
+        infotext.record(p, applied, defaults)
 
     def deactivate(self, p: Any) -> None:
         switch_off()

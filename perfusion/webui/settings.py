@@ -11,13 +11,15 @@ from ..options import (
     COMPOSITIONS,
     LOCK_CHOICES,
     PROJECTIONS,
+    REGION_BLEND,
+    REGION_BLENDS,
     REGION_SOURCE,
     REGION_SOURCES,
     TAU,
     TAU_RANGE,
 )
 from .host import OPTION_PREFIX
-from .infotext import REGIONS
+from .infotext import BLEND, REGIONS
 
 WARNING_MODES = ("UI and console", "console only")
 
@@ -69,6 +71,16 @@ def register() -> None:
             radio,
             {"choices": list(REGION_SOURCES)},
             infotext=REGIONS,
+        ),
+        "blend": shared.OptionInfo(
+            REGION_BLEND,
+            "Several concepts regional: how a concept's region is drawn (attention: one pass, in which every "
+            "cross-attention reads the concept's own clause inside its region; prediction: a pass per concept from "
+            "its clause, the predictions blended; auto: attention where the regions come from named places, else "
+            "prediction)",
+            radio,
+            {"choices": list(REGION_BLENDS)},
+            infotext=BLEND,
         ),
         "covariance_prompts": shared.OptionInfo(
             25000,

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from ..concept import ConceptError
-from ..options import COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, REGION_SOURCES
+from ..options import COMPOSITIONS, LOCK_CHOICES, PROJECTIONS, REGION_BLENDS, REGION_SOURCES
 from . import network, state
 from .tags import NO_CONCEPT, swap_concept
 
@@ -77,5 +77,6 @@ def add_axes() -> None:
             xyz.AxisOption(
                 f"{LABEL} regions", str, partial(_set, field="regions"), choices=lambda: list(REGION_SOURCES)
             ),
+            xyz.AxisOption(f"{LABEL} blend", str, partial(_set, field="blend"), choices=lambda: list(REGION_BLENDS)),
         ]
     )
