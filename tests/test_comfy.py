@@ -448,19 +448,13 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
     assert (engine(blend="prediction") - chained).abs().max() > 1e-4  # control: another blend
     together, _ = load(m2, c2, "boxy.safetensors", composition="together")
     assert not any(isinstance(v, patch.ComposedLayer) for v in together.object_patches.values())
-    # regions "attention": the same prompt from the model's attention, as the engine does it
-    m3, c3 = load(m1, c1, "boxy.safetensors", regions="attention")
-    by_attention = denoise(m3, c3, placed)
-    model_management.load_models_gpu([model])
-    torch.testing.assert_close(by_attention, engine(regions="attention"), rtol=1e-5, atol=1e-5)
-    assert (by_attention - chained).abs().max() > 1e-4 and patch.composition(m3).regions == "attention"
-    with pytest.raises(ValueError, match="regions one of"):
-        load(m1, c1, "boxy.safetensors", regions="words")
-    # blend "prediction": the same places, a U-Net pass per concept, as the engine does it
-    m4, c4 = load(m1, c1, "boxy.safetensors", blend="prediction")
-    by_prediction = denoise(m4, c4, placed)
-    model_management.load_models_gpu([model])
-    torch.testing.assert_close(by_prediction, engine(blend="prediction"), rtol=1e-5, atol=1e-5)
-    assert (by_prediction - chained).abs().max() > 1e-4 and patch.composition(m4).blend == "prediction"
-    with pytest.raises(ValueError, match="blend one of"):
-        load(m1, c1, "boxy.safetensors", blend="latent")
+    # regions "attention" (the same prompt from the model's attention) and blend "prediction" (a U-Net pass per
+    # concept): each as the engine does it
+    for option, value, bad in (("regions", "attention", "words"), ("blend", "prediction", "latent")):
+        m3, c3 = load(m1, c1, "boxy.safetensors", **{option: value})
+        other = denoise(m3, c3, placed)
+        model_management.load_models_gpu([model])
+        torch.testing.assert_close(other, engine(**{option: value}), rtol=1e-5, atol=1e-5)
+        assert (other - chained).abs().max() > 1e-4 and getattr(patch.composition(m3), option) == value
+        with pytest.raises(ValueError, match=f"{option} one of"):
+            load(m1, c1, "boxy.safetensors", **{option: bad})

@@ -242,52 +242,34 @@ def test_the_projection_radio_shows_only_while_together_is_picked(world):
     assert _projection_shown("together")["visible"] is True and _projection_shown("regional")["visible"] is False
 
 
-def test_the_regions_setting_keeps_the_models_attention_and_says_so(folder, calls):
-    """Setting *regions* to attention: a prompt naming places is composed from the model's attention (by prediction,
-    a pass per concept) and the infotext says so; a value the setting cannot have is reported and places used."""
+@pytest.mark.parametrize(
+    "name, value, default, bad",
+    [("regions", "attention", "places", "words"), ("blend", "prediction", "auto", "latent")],
+)
+def test_a_regional_setting_that_runs_a_pass_per_concept_says_so(folder, calls, name, value, default, bad):
+    """Setting *regions* to attention (regions from the model's attention, so blended by prediction) or *blend* to
+    prediction: a prompt naming places is composed by a U-Net pass per concept, and the infotext says so; a value
+    the setting cannot have is reported and the default used."""
     from modules import shared
 
-    shared.opts.data["perfusion_regions"] = "attention"
+    key = f"perfusion_{name}"
+    shared.opts.data[key] = value
     try:
         out = host.txt2img(PAIR, batch_size=2, steps=2)
     finally:
-        shared.opts.data["perfusion_regions"] = "places"
+        shared.opts.data[key] = default
     assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 2 and out.comments == ""
-    assert "composition=regional" in out.infotexts[0] and "Perfusion regions: attention" in out.infotexts[0]
+    assert "composition=regional" in out.infotexts[0] and f"Perfusion {name}: {value}" in out.infotexts[0]
     placed = host.txt2img(PAIR, batch_size=2, steps=2)
-    assert calls[6:] == [([], 4)] * 2 and "Perfusion regions: places" in placed.infotexts[0]
+    assert calls[6:] == [([], 4)] * 2 and f"Perfusion {name}: {default}" in placed.infotexts[0]
     assert (images(out) - images(placed)).abs().max() > 1e-3
-    shared.opts.data["perfusion_regions"] = "words"
+    shared.opts.data[key] = bad
     try:
         odd = host.txt2img(PAIR, batch_size=2, steps=2)
     finally:
-        shared.opts.data["perfusion_regions"] = "places"
-    assert "Perfusion: setting 'regions' is 'words'" in odd.comments and "Perfusion: Perfusion" not in odd.comments
+        shared.opts.data[key] = default
+    assert f"Perfusion: setting '{name}' is '{bad}'" in odd.comments and "Perfusion: Perfusion" not in odd.comments
     assert torch.equal(images(odd), images(placed))
-
-
-def test_the_blend_setting_runs_a_pass_per_concept_where_places_are_named_and_says_so(folder, calls):
-    """Setting *blend* to prediction: a prompt naming places is composed by a U-Net pass per concept inside the
-    places' regions, and the infotext says so; a value the setting cannot have is reported and auto used."""
-    from modules import shared
-
-    shared.opts.data["perfusion_blend"] = "prediction"
-    try:
-        out = host.txt2img(PAIR, batch_size=2, steps=2)
-    finally:
-        shared.opts.data["perfusion_blend"] = "auto"
-    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 2 and out.comments == ""
-    assert "Perfusion blend: prediction" in out.infotexts[0] and "Perfusion regions: places" in out.infotexts[0]
-    by_attention = host.txt2img(PAIR, batch_size=2, steps=2)
-    assert calls[6:] == [([], 4)] * 2 and "Perfusion blend: auto" in by_attention.infotexts[0]
-    assert (images(out) - images(by_attention)).abs().max() > 1e-3
-    shared.opts.data["perfusion_blend"] = "latent"
-    try:
-        odd = host.txt2img(PAIR, batch_size=2, steps=2)
-    finally:
-        shared.opts.data["perfusion_blend"] = "auto"
-    assert "Perfusion: setting 'blend' is 'latent'" in odd.comments
-    assert torch.equal(images(odd), images(by_attention))
 
 
 def test_pasting_an_image_offers_the_regions_it_was_made_with(folder):
