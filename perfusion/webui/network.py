@@ -258,9 +258,9 @@ class PerfusionNetwork(extra_networks.ExtraNetwork):
         for a in applied:
             _register_embedding(p, model, a.activation.concept)
         runtime.applied = applied
-        regions, blend = _setting(p, "regions"), _setting(p, "blend")
         if defaults.composition == "regional" and len(applied) > 1:
             # each concept's own pass switches it on and pairs its own key contexts (composition.feed)
+            regions, blend = _setting(p, "regions"), _setting(p, "blend")
             composition.start(hooks, [a.activation for a in applied], defaults.projection, regions, blend)
         else:
             _apply_together([a.activation for a in applied], defaults.projection)

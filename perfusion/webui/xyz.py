@@ -1,5 +1,5 @@
 """Axes for the WebUI's X/Y/Z plot script: sweep the gate (beta, tau), the key locking, the projection, the
-composition of several concepts and where its regions come from, and the concept itself.
+composition of several concepts, where its regions come from and how they are blended, and the concept itself.
 
 A gate axis value applies to every concept of the prompt and wins over the tags' own values (a sweep must
 show what it sweeps); it reaches the generation on the processing object, read by network._apply. The

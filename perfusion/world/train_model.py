@@ -389,7 +389,8 @@ def main() -> None:
         p.add_argument(
             f"--{name}",
             type=float,
-            help=f"world 2: the share of scenes with {name.replace('-', ' ')} (default 0.3 / 0.2; may change only with --restart)",
+            help=f"world 2: the share of scenes with {name.replace('-', ' ')} (default 0.3 / 0.2; "
+            "may change only with --restart)",
         )
     a = p.parse_args()
     _, _, _, defaults, work = WORLDS[a.world]
