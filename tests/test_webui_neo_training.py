@@ -133,8 +133,9 @@ def test_encode_reaches_the_embedding_and_leaves_no_trace(neo):
     vec = (adapter.word_embedding("teddy")[""] + 0.1).requires_grad_(True)
     context, rows = adapter.encode(["a photo of hugsy", "hugsy"], {"hugsy": {"": vec}, "teddy": None})
     assert rows["hugsy"] == [[4], [1]] and rows["teddy"] == [[], []]
-    context[0, 4].sum().backward()
-    assert vec.grad is not None and vec.grad.abs().sum() > 0
+    # a plain sum of a LayerNorm output is constant: its gradient is float noise, so weigh the row
+    (context[0, 4] * torch.randn(context.shape[-1], generator=torch.Generator().manual_seed(0))).sum().backward()
+    assert vec.grad is not None and vec.grad.abs().sum() > 1e-3
     assert classic_engine.last_extra_generation_params == {"TI": "a user's embedding"}
     assert "hugsy" not in neo.text_processing_engine.embeddings.word_embeddings
     with torch.no_grad():
