@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -269,6 +270,17 @@ def fill_template(template: str, word: str, caption: str) -> str:
     return " ".join(template.replace("[filewords]", caption).replace("[name]", word).split())
 
 
+def mirror_caption(caption: str) -> str:
+    """The caption of a mirrored photo: "left" and "right" swapped as whole words, case kept ("a small [name] at
+    the left" -> "... at the right"), so a flipped copy is not taught to draw the object where the caption is not."""
+
+    def swap(m: re.Match) -> str:
+        word = "right" if m[0].lower() == "left" else "left"
+        return word.upper() if m[0].isupper() else word.capitalize() if m[0][0].isupper() else word
+
+    return re.sub(r"\b(left|right)\b", swap, caption, flags=re.IGNORECASE)
+
+
 def read_templates(path: str | Path) -> tuple[str, ...]:
     """Template lines from a textual-inversion style file ([name] and/or [filewords]); blank lines skipped."""
     path = Path(path)
@@ -370,11 +382,12 @@ class Trainer:
             grids.append(torch.stack([grid, grid.flip(-1)])[: z.shape[0]].to(z.device))
         return latents, grids
 
-    def _prompts(self, gen: torch.Generator, idx: list[int], word: str) -> list[str]:
+    def _prompts(self, gen: torch.Generator, idx: list[int], flips: list[int], word: str) -> list[str]:
         out = []
-        for i in idx:
+        for i, flipped in zip(idx, flips):
             t = self.cfg.templates[int(torch.randint(len(self.cfg.templates), (1,), generator=gen))]
-            out.append(fill_template(t, word, self.captions[i]))
+            caption = mirror_caption(self.captions[i]) if flipped else self.captions[i]
+            out.append(fill_template(t, word, caption))
         return out
 
     def _micro_batch(self, step: int, k: int, word: Optional[str] = None):
@@ -389,7 +402,7 @@ class Trainer:
         flip = torch.randint(self.latents[0].shape[0], (self.cfg.batch_size,), generator=gen).tolist()
         x0 = torch.stack([self.latents[i][f] for f, i in zip(flip, idx)])
         mask = torch.stack([self.masks[i][f] for f, i in zip(flip, idx)])
-        prompts = self._prompts(gen, idx, word or self.word)
+        prompts = self._prompts(gen, idx, flip, word or self.word)
         t = torch.randint(self.adapter.alphas_cumprod.shape[0], (self.cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         return x0, mask, prompts, t.to(x0.device), noise.to(x0.device), self.sizes[idx[0]]

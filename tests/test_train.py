@@ -341,7 +341,13 @@ def test_a_caption_may_place_the_word_itself(world, tmp_path):
     [name] needs [name] in every caption."""
     adapter, cov, images = world
     cfg = TrainConfig(
-        name="h", token="hugsy", superclass="toy", steps=1, batch_size=2, templates=("a photo of [filewords]",)
+        name="h",
+        token="hugsy",
+        superclass="toy",
+        steps=1,
+        batch_size=2,
+        templates=("a photo of [filewords]",),
+        flip=False,  # mirrored copies: the next test
     )
     captions = ["a small [name] at the left", "a big [name] at the top"]
     trainer = Trainer(adapter, cov, cfg, images[:2], None, tmp_path, tmp_path / "h.safetensors", captions=captions)
@@ -372,6 +378,35 @@ def test_a_caption_may_place_the_word_itself(world, tmp_path):
         captions=["at the left", "at the top"],
     )
     assert set(plain._micro_batch(0, 0)[2]) <= {"a hugsy at the left", "a hugsy at the top"}
+
+
+def test_a_mirrored_photo_trains_with_its_caption_mirrored(world, tmp_path):
+    """With flip on, a mirrored copy's caption says right where the photo's says left (and the reverse); a caption
+    that names no side is the same for both copies."""
+    from perfusion.train import mirror_caption
+
+    assert mirror_caption("Left of a tree, LEFT arm, right-handed, at the right") == (
+        "Right of a tree, RIGHT arm, left-handed, at the left"
+    )
+    assert mirror_caption("a leftover, rightly, in the centre") == "a leftover, rightly, in the centre"
+    adapter, cov, images = world
+    cfg = TrainConfig(name="h", token="hugsy", superclass="toy", steps=1, batch_size=4, templates=("[filewords]",))
+    captions = ["a small [name] at the left", "a big [name] at the top"]
+    trainer = Trainer(adapter, cov, cfg, images[:2], None, tmp_path, tmp_path / "h.safetensors", captions=captions)
+    want = {
+        (0, 0): "a small hugsy at the left",
+        (0, 1): "a small hugsy at the right",
+        (1, 0): "a big hugsy at the top",
+        (1, 1): "a big hugsy at the top",
+    }
+    seen = set()
+    for step in range(8):
+        x0, _, prompts, *_ = trainer._micro_batch(step, 0)
+        for z, prompt in zip(x0, prompts):
+            (drawn,) = [(i, f) for i, zs in enumerate(trainer.latents) for f in range(2) if torch.equal(zs[f], z)]
+            assert prompt == want[drawn]
+            seen.add(drawn)
+    assert {(0, 0), (0, 1)} <= seen  # both copies of the placed photo were drawn
 
 
 def test_templates_file(tmp_path):
