@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -127,8 +128,6 @@ def test_controls_are_look_alikes():
 
 
 def test_benchmark_judges_rendered_ground_truth():
-    from dataclasses import replace
-
     from perfusion.world.w2.quality import group_prompts, judge, other_object, single_prompts
 
     chekka, boxy, stripo = INSTANCES[:3]
@@ -159,6 +158,22 @@ def test_benchmark_judges_rendered_ground_truth():
         for look, place in zip([(chekka, boxy, stripo)[k] for k in triple.objects], triple.places)
     )
     assert judge(render(Scene(things, triple.asked["background"], 4)), triple, [chekka, boxy, stripo])[0] == [True] * 3
+
+
+def test_example_photos_cover_both_sizes_and_every_place():
+    """An example folder's photos: half small (the odd one small), no place or background twice among the first
+    five, the look unchanged; another seed, another order."""
+    from perfusion.world.w2.examples import EXAMPLES, instance_scenes
+
+    for k, look in enumerate(EXAMPLES.values()):
+        for n in (1, 4, 5):
+            things = [s.things[0] for s in instance_scenes(look, n, seed=k)]
+            assert [t.size for t in things].count("small") == (n + 1) // 2
+            assert (
+                len({t.position for t in things}) == n and len({s.background for s in instance_scenes(look, 4, k)}) == 4
+            )
+            assert all(replace(t, size=look.size, position=look.position) == look for t in things)
+    assert instance_scenes(EXAMPLES["boxy"], 5, seed=0) != instance_scenes(EXAMPLES["boxy"], 5, seed=1)
 
 
 def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
@@ -197,7 +212,6 @@ def test_alone_scores_each_concept_at_its_own_place(monkeypatch):
     """The pairs' "alone" column: each concept is rendered from its own clause and read at the place the group
     prompt gives it. With renders that draw each instance where its clause says, every pair reads 1.0; with one
     look mistaken for another, 0.0; with the instance drawn at the other concept's place, 0.0."""
-    from dataclasses import replace
 
     from perfusion.world.w2 import quality
 
