@@ -171,6 +171,7 @@ class Mode:
     betas: tuple = (0.5, 0.6, 0.7, 0.8)
     edit: bool = True
     regional: bool = False  # each concept from its own prompt inside its own region (perfusion.regional)
+    blend: str = "auto"  # regional only: how a region is drawn (options.RegionBlend)
 
 
 MODES = (
@@ -183,7 +184,8 @@ GROUP_MODES = (
     Mode("local exact", projection="exact", betas=(0.7,)),
     Mode("global approximate", lock="global", betas=(0.5,)),
     Mode("global exact", lock="global", projection="exact", betas=(0.5,)),
-    Mode("local regional", betas=(0.6,), regional=True),
+    Mode("local regional", betas=(0.6,), regional=True),  # auto: the attention blend, as every place is named
+    Mode("local regional, prediction blend", betas=(0.6,), regional=True, blend="prediction"),
 )
 
 
@@ -219,14 +221,23 @@ def own_clauses(prompts: list[Prompt], tokens: list[str]) -> list[list[str]]:
 
 
 def render_regional(
-    adapter, prompts: list[Prompt], concepts: list[Concept], beta: float, seeds: int, steps: int, seed: int = 7
+    adapter,
+    prompts: list[Prompt],
+    concepts: list[Concept],
+    beta: float,
+    seeds: int,
+    steps: int,
+    seed: int = 7,
+    blend: str = "auto",
 ) -> np.ndarray:
     """Group prompts composed region by region, each concept from its own clause (`own_clauses`)."""
     ps = [p for p in prompts for _ in range(seeds)]
     clauses = own_clauses(ps, [c.token for c in concepts])
     regions = [Region(Activation(c, beta, c.tau), clauses[k]) for k, c in enumerate(concepts)]
     texts = [_fill(p.text, [c.token for c in concepts]) for p in ps]
-    return from_tensor(generate_regional(adapter, texts, regions, latent_shape=LATENT_SHAPE, seed=seed, steps=steps))
+    return from_tensor(
+        generate_regional(adapter, texts, regions, latent_shape=LATENT_SHAPE, seed=seed, steps=steps, blend=blend)
+    )
 
 
 def alone_all_identities(
@@ -333,18 +344,20 @@ def benchmark(
         base = scores(said, prompts, looks, seeds)
         name = " + ".join(i.token for i in chosen)
         rows.append({"group": name, "method": "base (words)", **base})
-        for mode in (GROUP_MODES[0], GROUP_MODES[-1]) if quick else GROUP_MODES:
-            members = [concepts[k] for k in group]
+        members, alone = [concepts[k] for k in group], None
+        for mode in [m for m in GROUP_MODES if m is GROUP_MODES[0] or m.regional] if quick else GROUP_MODES:
             if mode.regional:
-                images = render_regional(adapter, prompts, members, mode.betas[0], seeds, steps, seed=11)
+                images = render_regional(
+                    adapter, prompts, members, mode.betas[0], seeds, steps, seed=11, blend=mode.blend
+                )
             else:
                 texts = [_fill(p.text, [i.token for i in chosen]) for p in prompts]
                 images = render(adapter, texts, members, mode, mode.betas[0], seeds, steps, seed=11)
             r = scores(images, prompts, looks, seeds)
             if mode.regional:
-                r["alone_all_identities"] = alone_all_identities(
-                    adapter, prompts, members, looks, mode.betas[0], seeds, steps, seed=11
-                )
+                if alone is None:  # the same for every blend: computed once per group
+                    alone = alone_all_identities(adapter, prompts, members, looks, mode.betas[0], seeds, steps, seed=11)
+                r["alone_all_identities"] = alone
             rows.append(
                 {
                     "group": name,
@@ -359,7 +372,7 @@ def benchmark(
                 f"(base words, every object as asked {base['all_words']:.2f})",
                 flush=True,
             )
-            if mode in (GROUP_MODES[0], GROUP_MODES[-1]):
+            if mode is GROUP_MODES[0] or mode.regional:
                 grids.append((f"{name}: {mode.name}", images[::seeds]))
     return rows, grids
 
