@@ -106,13 +106,18 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
         marks = " ".join(_mark(look, r) for look, r in zip(looks, readings))
         cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
     rows.append((f"Two concepts applied together in one prompt ({a} + {b}), every order and layout", cells))
-    cells = []
-    for prompt, img in zip(prompts, render_regional(adapter, prompts, [ca, cb], BETA, 1, steps, seed=seed)):
-        looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
-        marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
-        cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
-    title = "The same prompts composed region by region (perfusion.regional: each from its clause, where it names)"
-    rows.append((title, cells))
+    titles = {
+        "auto": "The same prompts composed region by region (perfusion.regional: each from its clause, where it names)",
+        "prediction": "Composed region by region with the prediction blend (a U-Net pass per concept)",
+    }
+    for blend, title in titles.items():
+        cells = []
+        composed = render_regional(adapter, prompts, [ca, cb], BETA, 1, steps, seed=seed, blend=blend)
+        for prompt, img in zip(prompts, composed):
+            looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
+            marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
+            cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
+        rows.append((title, cells))
     return rows
 
 
