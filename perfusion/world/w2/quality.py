@@ -36,7 +36,7 @@ from ...concept import Concept
 from ...dataset import load_dataset
 from ...generate import generate
 from ...hooks import Activation
-from ...options import TRAIN_LOCKS
+from ...options import TRAIN_LOCKS, RegionBlend
 from ...regional import Region, generate_regional
 from ...train import TrainConfig
 from .. import model as mini
@@ -171,7 +171,7 @@ class Mode:
     betas: tuple = (0.5, 0.6, 0.7, 0.8)
     edit: bool = True
     regional: bool = False  # each concept from its own prompt inside its own region (perfusion.regional)
-    blend: str = "auto"  # regional only: how a region is drawn (options.RegionBlend)
+    blend: RegionBlend = "auto"  # regional only: how a region is drawn
 
 
 MODES = (
@@ -228,7 +228,7 @@ def render_regional(
     seeds: int,
     steps: int,
     seed: int = 7,
-    blend: str = "auto",
+    blend: RegionBlend = "auto",
 ) -> np.ndarray:
     """Group prompts composed region by region, each concept from its own clause (`own_clauses`)."""
     ps = [p for p in prompts for _ in range(seeds)]
