@@ -98,26 +98,26 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
         )
     )
     prompts = group_prompts(2)
+
+    def marked(pictures) -> list[tuple[np.ndarray, str]]:
+        """Each group prompt's picture, labelled with the reader's verdict on each object at its place."""
+        cells = []
+        for prompt, img in zip(prompts, pictures):
+            looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
+            marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
+            cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
+        return cells
+
     both = [Activation(ca, BETA, TAU), Activation(cb, BETA, TAU)]
-    cells = []
-    for prompt, img in zip(prompts, images([p.text.replace("[0]", a).replace("[1]", b) for p in prompts], both)):
-        readings = read_places(img, prompt.places)
-        looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
-        marks = " ".join(_mark(look, r) for look, r in zip(looks, readings))
-        cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
-    rows.append((f"Two concepts applied together in one prompt ({a} + {b}), every order and layout", cells))
+    together = images([p.text.replace("[0]", a).replace("[1]", b) for p in prompts], both)
+    rows.append((f"Two concepts applied together in one prompt ({a} + {b}), every order and layout", marked(together)))
     titles = {
         "auto": "The same prompts composed region by region (perfusion.regional: each from its clause, where it names)",
         "prediction": "Composed region by region with the prediction blend (a U-Net pass per concept)",
     }
     for blend, title in titles.items():
-        cells = []
         composed = render_regional(adapter, prompts, [ca, cb], BETA, 1, steps, seed=seed, blend=blend)
-        for prompt, img in zip(prompts, composed):
-            looks = [EXAMPLES[(a, b)[k]] for k in prompt.objects]
-            marks = " ".join(_mark(look, r) for look, r in zip(looks, read_places(img, prompt.places)))
-            cells.append((img, f"{' + '.join((a, b)[k] for k in prompt.objects)}: {marks}"))
-        rows.append((title, cells))
+        rows.append((title, marked(composed)))
     return rows
 
 
