@@ -35,6 +35,10 @@ def test_world2_run_resumes_exports_and_restarts_from_its_weights(tmp_path):
     # another batch and learning rate are refused on a plain resume, taken by a warm restart
     with pytest.raises(SystemExit, match="another configuration"):
         train_model.train(4, 600, tmp_path / "a", out, world=2, batch=3)
+    # a restart with neither a checkpoint nor weights to go on from is refused, not trained from scratch
+    with pytest.raises(SystemExit, match="found neither"):
+        train_model.train(5, 600, tmp_path / "b", tmp_path / "none.safetensors", world=2, restart=True)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
     # a restart with no checkpoint starts from the exported weights: their EMA, their step
     assert train_model.train(5, 600, tmp_path / "b", out, world=2, restart=True, batch=3, lr=5e-4, warmup=1) == 5
     again = mini.weights_meta(out)["config"]["train"]

@@ -264,6 +264,8 @@ def train(
     elif restart and out.exists():  # no run under way: go on from the exported weights
         step, saved, log = load_weights(out, models)
         source = out
+    elif restart:  # a warm restart from nothing would silently train a new model from scratch
+        raise SystemExit(f"--restart found neither {ckpt} nor {out}: copy the weights to go on from to {out}")
     if saved is not None:
         if "colourless" in cfg:  # a checkpoint from before the option named every colour
             saved = {"colourless": 0.0, **saved}
