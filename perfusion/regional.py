@@ -211,6 +211,24 @@ def blend(base: torch.Tensor, own: Sequence[torch.Tensor], masks: Sequence[torch
     return out
 
 
+def hide_others(x: torch.Tensor, regions: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The latent x [n, C, h, w] as concept k's own pass sees it: every other concept's region (regions [K, n, h, w]
+    in [0, 1], outside region k) made background, i.e. each channel's mean over the pixels in no region plus noise
+    of their spread there. Its prediction is kept inside region k only, but the convolutions carry what lies next to
+    it inside: another object's colours would come out in this concept's object (docs/world.md)."""
+    if len(regions) < 2:
+        return x
+    others = torch.cat([regions[:k], regions[k + 1 :]]).amax(0)
+    hidden = (others * (1 - regions[k]))[:, None].to(x)  # [n, 1, h, w]
+    background = (1 - regions.amax(0))[:, None].to(x)
+    background = torch.where(background.sum((2, 3), keepdim=True) >= 1, background, 1 - hidden)  # no pixel is free
+    area = background.sum((2, 3), keepdim=True).clamp(min=1)
+    mean = (x * background).sum((2, 3), keepdim=True) / area
+    spread = ((x - mean).square() * background).sum((2, 3), keepdim=True).div(area).sqrt()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
+    return x * (1 - hidden) + (mean + spread * noise) * hidden
+
+
 def base_prompts(prompts: list[str], regions: Sequence[Region]) -> list[str]:
     """The prompts with every region's concept word (whole words, any case) replaced by its superclass word."""
     return [as_superclass(text, [r.item.concept for r in regions]) for text in prompts]
@@ -490,6 +508,8 @@ class RegionalComposition:
         size = tuple(x.shape[-2:])
         index = [b for b, _, _ in matched]
         masks = self._masks(capture, matched, size)  # [regions, matched, h, w]
+        known = torch.tensor([[t.own[k] is not None and t.rows[k] is not None for _, t, _ in matched] for k in range(len(self.items))])
+        regions = masks * known[:, :, None, None].to(masks)  # [regions, matched, h, w]: 0 where a region is unknown
         preds, weights = [], []
         for k in range(len(self.items)):
             groups = _own_groups(matched, k, whole)
@@ -498,7 +518,8 @@ class RegionalComposition:
             full = output[index].clone()
             for mine in groups:
                 rows = [matched[j] for j in mine]
-                full[mine] = self._own_pass(forward, args, kwargs, context, rows, k, whole).to(full)
+                own_x = hide_others(x[index][mine], regions[:, mine], k, self._seed(k))
+                full[mine] = self._own_pass(forward, args, kwargs, context, rows, k, whole, own_x).to(full)
             mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
             mask[[j for mine in groups for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
             for j, (_, twins, _) in enumerate(matched):
@@ -513,11 +534,19 @@ class RegionalComposition:
         return out
 
     def _own_pass(
-        self, forward: Callable, args: tuple, kwargs: dict, context: torch.Tensor, rows: list, k: int, whole: bool
+        self,
+        forward: Callable,
+        args: tuple,
+        kwargs: dict,
+        context: torch.Tensor,
+        rows: list,
+        k: int,
+        whole: bool,
+        own_x: torch.Tensor,
     ) -> torch.Tensor:
-        """The U-Net's prediction for the batch rows `rows` (matched entries) with concept k's own prompt and only
-        its edit on: a call on those rows, or (whole) on the whole batch with the own prompt in those rows (brought
-        to the call's length as _fit does)."""
+        """The U-Net's prediction for the batch rows `rows` (matched entries) with concept k's own prompt, only its
+        edit on, and `own_x` [len(rows), C, h, w] as their latent: a call on those rows, or (whole) on the whole
+        batch with the own prompt and latent in those rows (the prompt brought to the call's length as _fit does)."""
         index = torch.as_tensor([b for b, _, _ in rows])
         size, length = context.shape[0], context.shape[1]
         own = [fit(t.own[k].to(context)) for _, t, fit in rows]
@@ -528,8 +557,14 @@ class RegionalComposition:
         if whole:
             sub_args, sub_kwargs = args, dict(kwargs)
             own = context.clone().index_copy_(0, index.to(context.device), own)
+            x = args[0] if args else kwargs["x"]
+            own_x = x.clone().index_copy_(0, index.to(x.device), own_x.to(x))
         else:
             sub_args, sub_kwargs = batch_slice(args, index, size), batch_slice(kwargs, index, size)
+        if args:
+            sub_args = (own_x, *sub_args[1:])
+        else:
+            sub_kwargs["x"] = own_x
         if "context" in kwargs:
             sub_kwargs["context"] = own
         else:
@@ -540,6 +575,11 @@ class RegionalComposition:
         finally:
             self.editor.clear()
         return out[index.to(out.device)] if whole else out
+
+    def _seed(self, k: int) -> int:
+        """The seed of concept k's hidden places' noise in this call: the same for the same timestep (a
+        reproducible image), another for each concept and step."""
+        return 1_000_003 * k + (round(self._last_t * 1_000) if self._last_t is not None else 0)
 
     def _running(self, b: int, blank: torch.Tensor) -> torch.Tensor:
         """Batch row b's attention summed over the earlier calls [regions, h, w]; `blank` (zeros) at the first call

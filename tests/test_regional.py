@@ -20,6 +20,7 @@ from perfusion.regional import (
     blend,
     concept_places,
     generate_regional,
+    hide_others,
     mask_rows,
     named_place,
     own_prompt,
@@ -57,6 +58,37 @@ def test_blend_matches_a_float64_reference_and_caps_the_masks():
     assert (total > 1).any()  # the cap was exercised
     assert torch.equal(blend(base, own, [torch.zeros(2, 4, 4)] * 2), base)  # no region: the base
     assert torch.allclose(blend(base, own, [torch.ones(2, 4, 4), torch.zeros(2, 4, 4)]), own[0])  # one full region
+
+
+def test_a_concepts_pass_sees_the_other_concepts_places_as_background():
+    """hide_others: inside region k and wherever no other region lies the latent is untouched; another region's
+    place becomes the background's mean plus noise of its spread (so the other object's colour is gone), the same
+    for the same seed; with one region, or the others empty, nothing changes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64) * 0.3 + 0.5
+    x[:, :, 4:12, 10:14] += torch.tensor([2.0, -1.5, 1.0], dtype=torch.float64)[:, None, None]  # the other object
+    left = place_mask((0.25, 0.5), (16, 16)).double()
+    right = place_mask((0.75, 0.5), (16, 16)).double()
+    regions = torch.stack([left, right])[:, None].expand(2, 2, 16, 16)  # [K, n, h, w]
+    seen = hide_others(x, regions, 0, seed=7)
+    hidden = right * (1 - left)
+    untouched = hidden == 0
+    assert torch.equal(seen[:, :, untouched], x[:, :, untouched])
+    free = (1 - torch.maximum(left, right))[None, None]
+    mean = (x * free).sum((2, 3), keepdim=True) / free.sum()
+    spread = ((x - mean) ** 2 * free).sum((2, 3), keepdim=True).div(free.sum()).sqrt()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).double()
+    reference = x * (1 - hidden) + (mean + spread * noise) * hidden
+    assert torch.allclose(seen, reference, atol=1e-6)
+    inside = hidden == 1
+    object_gone = (seen[:, :, inside].mean(-1) - mean[..., 0, 0]).abs().max()
+    assert object_gone < 0.15 < (x[:, :, inside].mean(-1) - mean[..., 0, 0]).abs().min()  # control: it was there
+    assert torch.equal(hide_others(x, regions, 0, seed=7), seen)
+    assert not torch.equal(hide_others(x, regions, 0, seed=8), seen)
+    assert torch.equal(hide_others(x, regions[:1], 0, seed=7), x)  # one concept: nothing to hide
+    empty = torch.stack([left[None].expand(2, 16, 16), torch.zeros(2, 16, 16, dtype=torch.float64)])
+    assert torch.equal(hide_others(x, empty, 0, seed=7), x)  # the other's place unknown
+    assert hide_others(x.half(), regions.half(), 1, seed=7).dtype == torch.float16
 
 
 def test_base_prompts_and_mask_rows(trained):
@@ -249,6 +281,32 @@ def test_a_prompt_naming_places_gets_their_regions_blended_inside_the_attention(
     assert (predicted - base).abs().max() > 1e-3 and (predicted - out).abs().max() > 1e-3
     with pytest.raises(ValueError, match="regions must be one of"):
         RegionalComposition(attach(model), [r.item for r in regions], regions="words")
+
+
+def test_each_concepts_own_pass_sees_the_other_concepts_place_as_background(trained, monkeypatch):
+    """The prediction blend with places: the base pass gets the sampler's latent; each concept's pass gets it with
+    the other concept's place hidden (hide_others) and its own place as it is."""
+    adapter, c = trained
+    model = adapter.diffusion_model
+    hooks = attach(model)
+    real, inputs = type(model).forward, []
+
+    def spy(self, x, *args, **kwargs):
+        inputs.append(([i.concept.token for i in hooks.activations.items], x.clone()))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    prompts = ["a hugsy at the left and a mochi at the right"] * 2
+    generate_regional(adapter, prompts, _regions(c), latent_shape=(4, 8, 8), steps=2, seed=5, blend="prediction")
+    left, right = place_mask((0.25, 0.5), (8, 8)), place_mask((0.75, 0.5), (8, 8))
+    for step in range(2):
+        (base, x), (first, x_hugsy), (second, x_mochi) = inputs[3 * step : 3 * step + 3]
+        assert (base, first, second) == ([], ["hugsy"], ["mochi"])
+        x = x[: len(prompts)]  # the prompt's rows (the unconditional ones follow)
+        for seen, mine, other in ((x_hugsy, left, right), (x_mochi, right, left)):
+            kept = (other * (1 - mine)) == 0
+            assert torch.equal(seen[:, :, kept], x[:, :, kept])
+            assert (seen[:, :, other == 1] - x[:, :, other == 1]).abs().min() > 0  # control: the place changed
 
 
 def test_the_webui_plan_carries_the_places(trained):
