@@ -508,7 +508,9 @@ class RegionalComposition:
         size = tuple(x.shape[-2:])
         index = [b for b, _, _ in matched]
         masks = self._masks(capture, matched, size)  # [regions, matched, h, w]
-        known = torch.tensor([[t.own[k] is not None and t.rows[k] is not None for _, t, _ in matched] for k in range(len(self.items))])
+        known = torch.tensor(
+            [[t.own[k] is not None and t.rows[k] is not None for _, t, _ in matched] for k in range(len(self.items))]
+        )
         regions = masks * known[:, :, None, None].to(masks)  # [regions, matched, h, w]: 0 where a region is unknown
         preds, weights = [], []
         for k in range(len(self.items)):
