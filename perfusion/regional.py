@@ -214,8 +214,9 @@ def blend(base: torch.Tensor, own: Sequence[torch.Tensor], masks: Sequence[torch
 def hide_others(x: torch.Tensor, regions: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """The latent x [n, C, h, w] as concept k's own pass sees it: every other concept's region (regions [K, n, h, w]
     in [0, 1], outside region k) made background, i.e. each channel's mean over the pixels in no region plus noise
-    of their spread there. Its prediction is kept inside region k only, but the convolutions carry what lies next to
-    it inside: another object's colours would come out in this concept's object (docs/world.md)."""
+    of their spread there (the same noise for every row, from `seed`). Its prediction is kept inside region k only,
+    but the convolutions carry what lies next to it inside: another object's colours would come out in this
+    concept's object (docs/world.md)."""
     if len(regions) < 2:
         return x
     others = torch.cat([regions[:k], regions[k + 1 :]]).amax(0)
@@ -225,7 +226,8 @@ def hide_others(x: torch.Tensor, regions: torch.Tensor, k: int, seed: int) -> to
     area = background.sum((2, 3), keepdim=True).clamp(min=1)
     mean = (x * background).sum((2, 3), keepdim=True) / area
     spread = ((x - mean).square() * background).sum((2, 3), keepdim=True).div(area).sqrt()
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
+    # one noise for every row: a row's view does not depend on its place in the batch
+    noise = torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x)
     return x * (1 - hidden) + (mean + spread * noise) * hidden
 
 

@@ -406,14 +406,16 @@ def test_two_chained_loaders_compose_region_by_region_as_the_engine_does(world, 
 
 def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_engine_does(world):
     """Where the prompt names a place for each concept, the loaders' object patches on every attn2 forward blend
-    there (one U-Net pass); the result equals the engine's composition with the same texts and places, and a
-    loader applying them together takes those patches off again."""
+    there with blend "attention" (one U-Net pass), and by prediction by default; each result equals the engine's
+    composition with the same texts, places and blend, and a loader applying them together takes those patches off
+    again."""
     from perfusion.regional import RegionalComposition, Twins
 
     adapter, model, clip, _, concepts = world
     placed = "a photo of hugsy at the left and boxy at the right"
-    m1, c1 = load(model, clip, "hugsy.safetensors")
-    m2, c2 = load(m1, c1, "boxy.safetensors")
+    by_default = denoise(*load(*load(model, clip, "hugsy.safetensors"), "boxy.safetensors"), placed)
+    m1, c1 = load(model, clip, "hugsy.safetensors", blend="attention")
+    m2, c2 = load(m1, c1, "boxy.safetensors", blend="attention")
     layer_keys = [k for k, v in m2.object_patches.items() if isinstance(v, patch.ComposedLayer)]
     assert len(layer_keys) == len(patch.layers(model)) > 0
     chained = denoise(m2, c2, placed)
@@ -444,8 +446,9 @@ def test_a_prompt_naming_places_is_composed_inside_the_cross_attentions_as_the_e
             composition.detach()
             hooks.detach()
 
-    torch.testing.assert_close(chained, engine(), rtol=1e-5, atol=1e-5)
-    assert (engine(blend="prediction") - chained).abs().max() > 1e-4  # control: another blend
+    torch.testing.assert_close(chained, engine(blend="attention"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_default, engine(), rtol=1e-5, atol=1e-5)
+    assert (by_default - chained).abs().max() > 1e-4  # control: the blends differ
     together, _ = load(m2, c2, "boxy.safetensors", composition="together")
     assert not any(isinstance(v, patch.ComposedLayer) for v in together.object_patches.values())
     # regions "attention" (the same prompt from the model's attention) and blend "prediction" (a U-Net pass per

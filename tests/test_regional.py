@@ -11,7 +11,7 @@ import perfusion.regional as regional
 from perfusion.adapter import concept_words
 from perfusion.generate import generate
 from perfusion.hooks import Activation, attach
-from perfusion.options import REGION_BLENDS
+from perfusion.options import REGION_BLEND, REGION_BLENDS
 from perfusion.regional import (
     Region,
     RegionalComposition,
@@ -77,13 +77,14 @@ def test_a_concepts_pass_sees_the_other_concepts_places_as_background():
     free = (1 - torch.maximum(left, right))[None, None]
     mean = (x * free).sum((2, 3), keepdim=True) / free.sum()
     spread = ((x - mean) ** 2 * free).sum((2, 3), keepdim=True).div(free.sum()).sqrt()
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).double()
+    noise = torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(7)).double()
     reference = x * (1 - hidden) + (mean + spread * noise) * hidden
     assert torch.allclose(seen, reference, atol=1e-6)
     inside = hidden == 1
     object_gone = (seen[:, :, inside].mean(-1) - mean[..., 0, 0]).abs().max()
     assert object_gone < 0.15 < (x[:, :, inside].mean(-1) - mean[..., 0, 0]).abs().min()  # control: it was there
     assert torch.equal(hide_others(x, regions, 0, seed=7), seen)
+    assert torch.equal(hide_others(x[1:], regions[:, 1:], 0, seed=7), seen[1:])  # a row's view: not its position
     assert not torch.equal(hide_others(x, regions, 0, seed=8), seen)
     assert torch.equal(hide_others(x, regions[:1], 0, seed=7), x)  # one concept: nothing to hide
     empty = torch.stack([left[None].expand(2, 16, 16), torch.zeros(2, 16, 16, dtype=torch.float64)])
@@ -257,28 +258,33 @@ def test_the_places_a_prompt_names_and_their_regions():
 
 
 def test_a_prompt_naming_places_gets_their_regions_blended_inside_the_attention(trained, monkeypatch):
-    """The default: where every concept's clause names a place, one U-Net call per step with the places' regions
-    (the model's attention does not decide them); a prompt that names none is composed by prediction as before."""
+    """blend "auto": where every concept's clause names a place, one U-Net call per step with the places' regions
+    (the model's attention does not decide them); a prompt that names none is composed by prediction. The default
+    blend composes both by prediction."""
     adapter, c = trained
     model = adapter.diffusion_model
     regions = _regions(c)
     placed = ["a hugsy at the left and a mochi at the right"] * 2
     unplaced = ["a hugsy beside a mochi"] * 2
-    kw = dict(latent_shape=(4, 8, 8), steps=2, seed=5)
+    kw = dict(latent_shape=(4, 8, 8), steps=2, seed=5, blend="auto")
     unet_calls = _unet_calls(monkeypatch, model, attach(model))
     out = generate_regional(adapter, placed, regions, **kw)
     assert unet_calls == [([], 4)] * 2
+    unet_calls.clear()
+    by_default = generate_regional(adapter, placed, regions, **{**kw, "blend": REGION_BLEND})
+    assert REGION_BLEND == "prediction" and unet_calls == [([], 4), (["hugsy"], 2), (["mochi"], 2)] * 2
     unet_calls.clear()
     generate_regional(adapter, unplaced, [Region(r.item, unplaced) for r in regions], **kw)
     assert unet_calls == [([], 4), (["hugsy"], 2), (["mochi"], 2)] * 2  # prediction: the base, then each concept
     monkeypatch.setattr(regional, "min_max", lambda maps: torch.zeros_like(maps))  # the attention gives nothing
     assert torch.equal(generate_regional(adapter, placed, regions, **kw), out)  # the places alone decide
-    by_attention = generate_regional(adapter, placed, regions, **kw, regions_from="attention", blend="attention")
+    by_attention = generate_regional(adapter, placed, regions, **{**kw, "blend": "attention"}, regions_from="attention")
     assert (by_attention - out).abs().max() > 1e-3  # control: without the places the regions are empty
-    base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, **kw)
+    base = generate(adapter, ["a toy at the left and a cat at the right"] * 2, latent_shape=(4, 8, 8), steps=2, seed=5)
     assert torch.allclose(by_attention, base, atol=1e-5)
-    predicted = generate_regional(adapter, placed, regions, **kw, blend="prediction")  # the places, by prediction
+    predicted = generate_regional(adapter, placed, regions, **{**kw, "blend": "prediction"})  # the places
     assert (predicted - base).abs().max() > 1e-3 and (predicted - out).abs().max() > 1e-3
+    assert torch.equal(predicted, by_default)
     with pytest.raises(ValueError, match="regions must be one of"):
         RegionalComposition(attach(model), [r.item for r in regions], regions="words")
 
@@ -568,11 +574,12 @@ def test_the_seam_cuts_every_batch_input_to_the_rows_it_runs_sdxls_vector_too():
     assert [n for n, _ in seen] == [4, 2, 2] * 2
     assert torch.equal(seen[1][1], y[:2]) and torch.equal(seen[4][1], y[:2])  # the prompts' own vectors
     assert torch.allclose(first[:2], second[2:], atol=1e-5) and torch.allclose(first[2:], second[:2], atol=1e-5)
-    # places named: one call with every row's own vector, blended in the attn2 layers, in either batch order too
+    # places named, the attention blend: one call with every row's own vector, blended in the attn2 layers, in
+    # either batch order too
     placed = [Twins(tw.base, tw.own, tw.rows, (), ((0.25, 0.5), (0.75, 0.5))) for tw in twins]
     seen.clear()
     type(unet).forward = spy
-    composition = RegionalComposition(hooks, items, model=hooks.model)
+    composition = RegionalComposition(hooks, items, model=hooks.model, blend="attention")
     composition.add(cond, placed)
     try:
         first = unet(x, t, context=torch.cat([cond, uncond]), y=y)

@@ -407,11 +407,11 @@ def test_xyz_plot_axes_sweep_the_gate_over_the_tags_values(folder, monkeypatch):
     assert options["blend"].choices() == ["auto", "prediction", "attention"]
     p = processing.StableDiffusionProcessingTxt2Img(prompt=placed, seed=1, steps=3, width=64, height=64)
     p.scripts, p.script_args = r, (0, True, 0.7, 0.15, "local", "approximate", "regional")
-    options["blend"].apply(p, "prediction", ["auto", "prediction"])  # the blend axis over the setting
-    predicted = processing.process_images(p)
-    assert "Perfusion blend: prediction" in predicted.infotexts[0] and predicted.comments == ""
-    assert "Perfusion blend: auto" in regions["places"].infotexts[0]
-    assert (images(predicted) - images(regions["places"])).abs().max() > 1e-4
+    options["blend"].apply(p, "attention", ["prediction", "attention"])  # the blend axis over the setting
+    attended = processing.process_images(p)
+    assert "Perfusion blend: attention" in attended.infotexts[0] and attended.comments == ""
+    assert "Perfusion blend: prediction" in regions["places"].infotexts[0]  # the default
+    assert (images(attended) - images(regions["places"])).abs().max() > 1e-4
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=1, steps=3, width=64, height=64)
     with pytest.raises(ValueError, match="no concept named 'nobody'"):
         options["concept"].confirm(p, ["hugsy", "nobody"])  # before the grid starts, not in its fifth cell

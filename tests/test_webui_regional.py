@@ -65,16 +65,26 @@ def test_two_concepts_compose_region_by_region_by_default(folder, calls, layer_c
     info = out.infotexts[0]
     assert "hugsy tau=0.15 beta=0.7 lock=local; boxy tau=0.15 beta=0.7 lock=local; composition=regional" in info
     assert "composition=regional" in info.split("Perfusion defaults:")[1] and out.comments == ""
-    # per step, the prompt naming a place for each concept: one pass on the batch's 2 prompts and 2 unconditional
-    # rows, in which every cross-attention also reads each concept's clause for the 2 prompts
-    assert calls == [([], 4)] * 3
-    assert [(on, rows) for on, rows, _ in layer_calls] == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3
+    # per step (the prediction blend): the base pass on the batch's 2 prompts and 2 unconditional rows, then each
+    # concept's pass on the 2 prompts, whether the prompt names places or not
+    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3
     unplaced = host.txt2img(UNPLACED, batch_size=2, steps=3)
-    # no place named: the base pass, then each concept's pass on the 2 prompts
-    assert calls[3:] == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3 and unplaced.comments == ""
+    assert calls[9:] == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3 and unplaced.comments == ""
+    # the attention blend, for the prompt naming a place for each concept: one pass, in which every
+    # cross-attention also reads each concept's clause for the 2 prompts
+    from modules import shared
+
+    layer_calls.clear()
+    shared.opts.data["perfusion_blend"] = "attention"
+    try:
+        attended = host.txt2img(PAIR, batch_size=2, steps=3)
+    finally:
+        shared.opts.data["perfusion_blend"] = "prediction"
+    assert calls[18:] == [([], 4)] * 3 and attended.comments == ""
+    assert [(on, rows) for on, rows, _ in layer_calls] == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 3
     together = host.txt2img(PAIR, batch_size=2, steps=3, args=TOGETHER)
     assert "composition=together projection=approximate" in together.infotexts[0]
-    assert calls[12:] == [(["hugsy", "boxy"], 4)] * 3  # the paper's: one pass, both concepts on
+    assert calls[21:] == [(["hugsy", "boxy"], 4)] * 3  # the paper's: one pass, both concepts on
     assert (images(out) - images(together)).abs().max() > 1e-3
     assert torch.equal(images(out), images(host.txt2img(PAIR, batch_size=2, steps=3)))  # reproducible
 
@@ -242,14 +252,20 @@ def test_the_projection_radio_shows_only_while_together_is_picked(world):
     assert _projection_shown("together")["visible"] is True and _projection_shown("regional")["visible"] is False
 
 
+PER_CONCEPT = [([], 4), (["hugsy"], 2), (["boxy"], 2)]  # a step's U-Net calls: the base pass, then each concept's
+
+
 @pytest.mark.parametrize(
-    "name, value, default, bad",
-    [("regions", "attention", "places", "words"), ("blend", "prediction", "auto", "latent")],
+    "name, value, default, bad, value_calls",
+    [
+        ("regions", "attention", "places", "words", PER_CONCEPT),
+        ("blend", "attention", "prediction", "latent", [([], 4)]),
+    ],
 )
-def test_a_regional_setting_that_runs_a_pass_per_concept_says_so(folder, calls, name, value, default, bad):
-    """Setting *regions* to attention (regions from the model's attention, so blended by prediction) or *blend* to
-    prediction: a prompt naming places is composed by a U-Net pass per concept, and the infotext says so; a value
-    the setting cannot have is reported and the default used."""
+def test_a_regional_setting_says_so_and_a_bad_value_is_reported(folder, calls, name, value, default, bad, value_calls):
+    """Setting *regions* to attention (regions from the model's attention) or *blend* to attention (one U-Net pass,
+    blended inside the cross-attentions): a prompt naming places is composed that way, and the infotext says so; a
+    value the setting cannot have is reported and the default used."""
     from modules import shared
 
     key = f"perfusion_{name}"
@@ -258,10 +274,10 @@ def test_a_regional_setting_that_runs_a_pass_per_concept_says_so(folder, calls, 
         out = host.txt2img(PAIR, batch_size=2, steps=2)
     finally:
         shared.opts.data[key] = default
-    assert calls == [([], 4), (["hugsy"], 2), (["boxy"], 2)] * 2 and out.comments == ""
+    assert calls == value_calls * 2 and out.comments == ""
     assert "composition=regional" in out.infotexts[0] and f"Perfusion {name}: {value}" in out.infotexts[0]
     placed = host.txt2img(PAIR, batch_size=2, steps=2)
-    assert calls[6:] == [([], 4)] * 2 and f"Perfusion {name}: {default}" in placed.infotexts[0]
+    assert calls[2 * len(value_calls) :] == PER_CONCEPT * 2 and f"Perfusion {name}: {default}" in placed.infotexts[0]
     assert (images(out) - images(placed)).abs().max() > 1e-3
     shared.opts.data[key] = bad
     try:
@@ -299,11 +315,11 @@ def test_pasting_an_image_offers_the_regions_it_was_made_with(folder):
         assert offered(placed) == [("Perfusion regions", "perfusion_regions", "places")]
     finally:
         shared.opts.data["perfusion_regions"] = "places"
-    shared.opts.data["perfusion_blend"] = "prediction"
+    shared.opts.data["perfusion_blend"] = "attention"
     try:
-        predicted = host.txt2img(PAIR, steps=2).infotexts[0]
+        attended = host.txt2img(PAIR, steps=2).infotexts[0]
     finally:
-        shared.opts.data["perfusion_blend"] = "auto"
-    assert offered(predicted) == [("Perfusion blend", "perfusion_blend", "prediction")]
+        shared.opts.data["perfusion_blend"] = "prediction"
+    assert offered(attended) == [("Perfusion blend", "perfusion_blend", "attention")]
     together = host.txt2img(PAIR, steps=2, args=TOGETHER).infotexts[0]
     assert "Perfusion regions" not in together and "Perfusion blend" not in together and offered(together) == []
