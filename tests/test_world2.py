@@ -200,7 +200,7 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
         "base (words)",
         "local approximate",
         "local regional",
-        "local regional, prediction blend",
+        "local regional, attention blend",
     ]
     assert "key lock while training: hard" in (tmp_path / "out" / "results.md").read_text()
     assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").lock == "hard"

@@ -112,8 +112,9 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
     together = images([p.text.replace("[0]", a).replace("[1]", b) for p in prompts], both)
     rows.append((f"Two concepts applied together in one prompt ({a} + {b}), every order and layout", marked(together)))
     titles = {
-        "auto": "The same prompts composed region by region (perfusion.regional: each from its clause, where it names)",
-        "prediction": "Composed region by region with the prediction blend (a U-Net pass per concept)",
+        "prediction": "The same prompts composed region by region (perfusion.regional, the default: a U-Net pass per "
+        "concept from its clause, kept where the clause names)",
+        "attention": "Composed region by region with the attention blend (one U-Net pass)",
     }
     for blend, title in titles.items():
         composed = render_regional(adapter, prompts, [ca, cb], BETA, 1, steps, seed=seed, blend=blend)

@@ -36,7 +36,7 @@ from ...concept import Concept
 from ...dataset import load_dataset
 from ...generate import generate
 from ...hooks import Activation
-from ...options import TRAIN_LOCKS, RegionBlend
+from ...options import REGION_BLEND, TRAIN_LOCKS, RegionBlend
 from ...regional import Region, generate_regional
 from ...train import TrainConfig
 from .. import model as mini
@@ -171,7 +171,7 @@ class Mode:
     betas: tuple = (0.5, 0.6, 0.7, 0.8)
     edit: bool = True
     regional: bool = False  # each concept from its own prompt inside its own region (perfusion.regional)
-    blend: RegionBlend = "auto"  # regional only: how a region is drawn
+    blend: RegionBlend = REGION_BLEND  # regional only: how a region is drawn
 
 
 MODES = (
@@ -184,8 +184,8 @@ GROUP_MODES = (
     Mode("local exact", projection="exact", betas=(0.7,)),
     Mode("global approximate", lock="global", betas=(0.5,)),
     Mode("global exact", lock="global", projection="exact", betas=(0.5,)),
-    Mode("local regional", betas=(0.6,), regional=True),  # auto: the attention blend, as every place is named
-    Mode("local regional, prediction blend", betas=(0.6,), regional=True, blend="prediction"),
+    Mode("local regional", betas=(0.6,), regional=True),  # the default blend: prediction
+    Mode("local regional, attention blend", betas=(0.6,), regional=True, blend="attention"),
 )
 
 
@@ -228,7 +228,7 @@ def render_regional(
     seeds: int,
     steps: int,
     seed: int = 7,
-    blend: RegionBlend = "auto",
+    blend: RegionBlend = REGION_BLEND,
 ) -> np.ndarray:
     """Group prompts composed region by region, each concept from its own clause (`own_clauses`)."""
     ps = [p for p in prompts for _ in range(seeds)]
