@@ -39,6 +39,8 @@ from .tags import parse_request
 # script's process() and the extra network's activate() both see), under this attribute.
 GENERATION_DEFAULTS = "perfusion_defaults"
 OVERRIDES = "perfusion_xyz"  # {field: value} from the X/Y/Z plot's axes
+# the settings an X/Y/Z axis may override: {name: (choices, default)}
+SETTINGS_AXES = {"regions": (REGION_SOURCES, REGION_SOURCE), "blend": (REGION_BLENDS, REGION_BLEND)}
 
 
 def override(p: Any, field: str, value: Any) -> None:
@@ -74,10 +76,6 @@ def _with_overrides(p: Any, applied: list[Applied], defaults: Defaults) -> tuple
             for a in applied
         ]
     return applied, replace(defaults, **rest)
-
-
-# the settings an X/Y/Z axis may override: {name: (choices, default)}
-SETTINGS_AXES = {"regions": (REGION_SOURCES, REGION_SOURCE), "blend": (REGION_BLENDS, REGION_BLEND)}
 
 
 def _setting(p: Any, name: str) -> str:
