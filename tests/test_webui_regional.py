@@ -288,6 +288,21 @@ def test_a_regional_setting_says_so_and_a_bad_value_is_reported(folder, calls, n
     assert torch.equal(images(odd), images(placed))
 
 
+def test_an_api_request_overriding_a_setting_leaves_the_setting_as_it_was(folder):
+    """An API request's override_settings for a Perfusion setting holds for that request only: the WebUI restores
+    the keys it finds in opts.data afterwards, so the settings must be there (a first override once stayed the
+    server's value until restart, seen in the real A1111 v1.10.1)."""
+    from modules import shared
+
+    assert shared.opts.data["perfusion_blend"] == "prediction" and "perfusion_regions" in shared.opts.data
+    overrides = {"perfusion_blend": "attention", "perfusion_regions": "attention"}
+    overridden = host.txt2img(PAIR, steps=2, override_settings=overrides)
+    assert "Perfusion blend: attention" in overridden.infotexts[0]
+    after = host.txt2img(PAIR, steps=2)
+    assert "Perfusion blend: prediction" in after.infotexts[0] and "Perfusion regions: places" in after.infotexts[0]
+    assert shared.opts.perfusion_blend == "prediction" and shared.opts.perfusion_regions == "places"
+
+
 def test_pasting_an_image_offers_the_regions_it_was_made_with(folder):
     """The regions setting is the setting's own infotext field, written whenever several concepts are composed
     regionally: pasting an image made with another value than the current one offers it as an override (the

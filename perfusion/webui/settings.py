@@ -96,9 +96,10 @@ def register() -> None:
             {"choices": list(WARNING_MODES)},
         ),
     }
-    shared.options_templates.update(
-        shared.options_section(("perfusion", "Perfusion"), {OPTION_PREFIX + k: v for k, v in options.items()})
-    )
-    for key, info in options.items():  # opts already built (Reload UI, or an import after start-up)
-        if OPTION_PREFIX + key not in shared.opts.data_labels:
-            shared.opts.add_option(OPTION_PREFIX + key, info)
+    sectioned = shared.options_section(("perfusion", "Perfusion"), {OPTION_PREFIX + k: v for k, v in options.items()})
+    shared.options_templates.update(sectioned)
+    # opts is built before extensions load, over options_templates itself (A1111 v1.10.1): the labels are there
+    # now, but not the defaults in opts.data, and an API request's override_settings is restored afterwards only
+    # for keys in opts.data (otherwise it stays the server's value). add_option keeps a value already there.
+    for key, info in sectioned.items():
+        shared.opts.add_option(key, info)

@@ -238,14 +238,14 @@ def test_extension_scripts_callbacks_and_reload_ui():
 def test_options():
     calls = []
     opts = shared.opts
-    opts.add_option("perfusion_beta", shared.OptionInfo(0.75, "Beta", None, {"minimum": 0}, section=("perfusion", "Perfusion")))
-    assert opts.perfusion_beta == 0.75 and opts.data["perfusion_beta"] == 0.75
-    opts.onchange("perfusion_beta", lambda: calls.append(opts.perfusion_beta), call=False)
-    assert opts.set("perfusion_beta", 0.5) and calls == [0.5]
-    opts.perfusion_beta = 0.25  # attribute assignment: no onchange
-    assert opts.data["perfusion_beta"] == 0.25 and calls == [0.5]
-    shared.options_templates.update(shared.options_section(("perfusion", "Perfusion"), {"perfusion_tmpl": shared.OptionInfo(3)}))
-    assert opts.perfusion_tmpl == 3 and "perfusion_tmpl" not in opts.data
+    opts.add_option("standin_beta", shared.OptionInfo(0.75, "Beta", None, {"minimum": 0}, section=("perfusion", "Perfusion")))
+    assert opts.standin_beta == 0.75 and opts.data["standin_beta"] == 0.75
+    opts.onchange("standin_beta", lambda: calls.append(opts.standin_beta), call=False)
+    assert opts.set("standin_beta", 0.5) and calls == [0.5]
+    opts.standin_beta = 0.25  # attribute assignment: no onchange
+    assert opts.data["standin_beta"] == 0.25 and calls == [0.5]
+    shared.options_templates.update(shared.options_section(("perfusion", "Perfusion"), {"standin_tmpl": shared.OptionInfo(3)}))
+    assert opts.standin_tmpl == 3 and "standin_tmpl" not in opts.data
     with pytest.raises(AttributeError):
         opts.no_such_option  # noqa: B018
     assert shared.cmd_opts.api is False and shared.cmd_opts.lowvram is False and shared.cmd_opts.data_dir == paths.data_path
