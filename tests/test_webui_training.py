@@ -248,6 +248,7 @@ def test_training_api_checks_runs_and_reports_status(env):
     app = fastapi.FastAPI()
     script_callbacks.app_started_callback(None, app)
     client = TestClient(app)
+    assert "hugsy" not in [c["name"] for c in client.get("/perfusion/v1/concepts").json()["concepts"]]
     bad = client.post("/perfusion/v1/train", json={**asdict(form(photos)), "superclass": "teddy bear"})
     assert bad.status_code == 422 and any("exactly one" in p for p in bad.json()["detail"])
     assert client.post("/perfusion/v1/train", json={"name": "x", "colour": 1}).status_code == 422
@@ -260,6 +261,8 @@ def test_training_api_checks_runs_and_reports_status(env):
         time.sleep(0.1)
     assert status["state"] == "done" and status["step"] == 4, status
     assert (concepts / "hugsy.safetensors").exists()
+    listed = client.get("/perfusion/v1/concepts").json()["concepts"]  # no refresh asked: the folder changed
+    assert [c["name"] for c in listed if c["usable"]] == ["hugsy"]
 
 
 def test_the_tab_has_one_widget_per_form_field_in_field_order(webui, monkeypatch):

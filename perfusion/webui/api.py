@@ -1,6 +1,6 @@
 """HTTP routes on the WebUI's FastAPI app, behind the same --api-auth credentials as /sdapi.
 
-GET  /perfusion/v1/concepts       every concept file with its metadata
+GET  /perfusion/v1/concepts       every concept file with its metadata (rescanned if the folder changed)
 POST /perfusion/v1/refresh        rescan the concepts folder; returns the same list
 POST /perfusion/v1/train          start training (the tab's fields as JSON); 422 lists every problem
 GET  /perfusion/v1/train/status   state, step, total, loss, ETA, message
@@ -21,8 +21,9 @@ ROUTES = ("/perfusion/v1/concepts", "/perfusion/v1/refresh", "/perfusion/v1/trai
 
 
 def concepts() -> dict:
-    """The payload of both routes."""
+    """The payload of both routes (a concept trained or copied in since the last scan is listed)."""
     lib = library()
+    lib.refresh_if_changed()
     items = []
     for name in sorted(lib.entries, key=str.lower):
         entry = lib.entries[name]

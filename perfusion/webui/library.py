@@ -163,6 +163,11 @@ class Library:
                 self.refresh()
         return None
 
+    def refresh_if_changed(self) -> None:
+        """Rescan if a folder changed since the last scan (a concept trained or copied in): one stat per folder."""
+        if self._folders_changed():
+            self.refresh()
+
     def _folders_changed(self) -> bool:
         return any(_folder_stamp(Path(f)) != stamp for f, stamp in self._folder_stamps.items())
 
