@@ -321,6 +321,9 @@ def test_committed_workflows_match_the_nodes():
                 assert node["type"] in nodes.NODE_CLASS_MAPPINGS
                 if node["type"] == "PerfusionConceptLoader":
                     assert len(node["widgets_values"]) == len(widgets), name
+                    for key in ("composition", "regions", "blend"):  # an example composes as the docs' default
+                        stored = node["widgets_values"][widgets.index(key)]
+                        assert stored == required["optional"][key][1]["default"], (name, key, stored)
     assert seen == set(nodes.NODE_CLASS_MAPPINGS)
 
 

@@ -150,17 +150,18 @@ class PerfusionConceptLoader:
                     {
                         "default": REGION_SOURCE,
                         "tooltip": "Regional: places takes each concept's region from the place its clause names "
-                        "('at the left', 'in the top right corner') when every concept names its own, in one U-Net "
-                        "pass; attention always from where the model puts the superclass word.",
+                        "('at the left', 'in the top right corner') when every concept names its own; attention "
+                        "always from where the model puts the superclass word.",
                     },
                 ),
                 "blend": (
                     list(REGION_BLENDS),
                     {
                         "default": REGION_BLEND,
-                        "tooltip": "Regional: attention draws the image in one pass, every cross-attention reading "
-                        "each concept's own clause inside its region; prediction runs a pass per concept and blends "
-                        "the predictions; auto takes attention where the regions come from named places.",
+                        "tooltip": "Regional: prediction runs a pass per concept and blends the predictions (keeps "
+                        "each look best); attention draws the image in one pass (faster), every cross-attention "
+                        "reading each concept's own clause inside its region; auto takes attention where the "
+                        "regions come from named places.",
                     },
                 ),
             },
