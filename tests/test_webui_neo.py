@@ -83,3 +83,30 @@ def test_the_training_tab_is_offered(neo):
     pytest.importorskip("gradio")
     blocks = tab.create_tab()[0][0].blocks.values()
     assert any(getattr(b, "elem_id", None) == "perfusion_train_start" for b in blocks)
+
+
+def test_composing_leaves_the_engines_infotext_record_as_the_prompt_left_it(neo, monkeypatch):
+    """Neo's text engine notes every embedding word it encodes in a module-level record (`TI`) that the next
+    image's infotext reads: the clauses regional composition encodes must leave it as the prompt left it (in the
+    real Neo it grew by the concepts' names with every image)."""
+    from backend.text_processing import classic_engine
+    from modules.prompt_parser import SdConditioning
+
+    from perfusion.webui import composition
+
+    model, _ = neo
+    record = classic_engine.last_extra_generation_params
+    real = model.get_learned_conditioning
+
+    def noting(texts):  # as Neo's engine does for the words it finds
+        record["TI"] = ", ".join([*record.get("TI", "").split(", "), "hugsy"]).lstrip(", ")
+        return real(texts)
+
+    monkeypatch.setattr(model, "get_learned_conditioning", noting)
+    monkeypatch.setattr(classic_engine, "last_extra_generation_params", {"TI": "hugsy"})  # the prompt's own note
+    record = classic_engine.last_extra_generation_params
+    rows = composition._encode(SimpleNamespace(width=64, height=64), model, ["a hugsy at the left", "a teddy"])
+    assert len(rows) == 2 and rows[0].shape[-1] == model.adapter.context_dim
+    assert record == {"TI": "hugsy"}
+    model.get_learned_conditioning(SdConditioning(["a hugsy"], width=64, height=64))
+    assert record == {"TI": "hugsy, hugsy"}  # control: an encoding outside it does note

@@ -155,17 +155,12 @@ class BackendAdapter(WebUIAdapter):
     def _condition(self, prompts: list[str], size: tuple[int, int]) -> torch.Tensor:
         """The text engines' conditioning of `prompts` (registered words included) with gradients: rows [B, N, d]
         (SDXL: carrying the pooled vector [B, k] whose size conditioning says `size`, (width, height) px)."""
-        from backend.text_processing import classic_engine
         from modules.prompt_parser import SdConditioning
 
         self._ready(self.sd_model.forge_objects.clip.patcher, self.encoders)
-        record = dict(classic_engine.last_extra_generation_params)  # the engine notes each word it used ("TI")
-        try:
+        with host.text_engine_notes_kept():
             learned = type(self.sd_model).get_learned_conditioning.__wrapped__  # without its inference_mode
             cond = learned(self.sd_model, SdConditioning(prompts, width=size[0], height=size[1]))
-        finally:
-            classic_engine.last_extra_generation_params.clear()
-            classic_engine.last_extra_generation_params.update(record)
         return with_pooled(cond["crossattn"], cond["vector"]) if self.sdxl else cond
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

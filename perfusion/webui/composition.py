@@ -81,7 +81,8 @@ def _encode(p: Any, model: Any, texts: list[str]) -> list[torch.Tensor]:
     """The WebUI's conditioning of each text (emphasis, CLIP skip, the concepts' words registered): [N, d] each."""
     from modules.prompt_parser import SdConditioning
 
-    cond = model.get_learned_conditioning(SdConditioning(texts, width=p.width, height=p.height))
+    with host.text_engine_notes_kept():
+        cond = model.get_learned_conditioning(SdConditioning(texts, width=p.width, height=p.height))
     (tensor,) = list(host.cond_tensors(cond))
     return list(tensor)
 

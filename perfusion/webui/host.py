@@ -287,6 +287,24 @@ def vae_on(sd_model: Any, device: Any) -> Iterator[None]:
         vae.to(was)
 
 
+@contextmanager
+def text_engine_notes_kept() -> Iterator[None]:
+    """Forge's and Neo's text engine notes every embedding word it encodes in a module-level record that the
+    image's infotext reads ("TI"): an encoding of the extension's own (a concept's clause, a training prompt) leaves
+    it as it found it. Nothing to keep on A1111 and reForge."""
+    try:
+        from backend.text_processing import classic_engine
+    except ImportError:
+        yield
+        return
+    record = dict(classic_engine.last_extra_generation_params)
+    try:
+        yield
+    finally:
+        classic_engine.last_extra_generation_params.clear()
+        classic_engine.last_extra_generation_params.update(record)
+
+
 def clear_cond_caches(p: Any) -> None:
     """Forget the conditioning the WebUI cached for unchanged prompts (the lists are shared by all jobs:
     A1111 keeps [key, cond], Forge Neo [key, cond, extra])."""
