@@ -95,7 +95,6 @@ def test_composing_leaves_the_engines_infotext_record_as_the_prompt_left_it(neo,
     from perfusion.webui import composition
 
     model, _ = neo
-    record = classic_engine.last_extra_generation_params
     real = model.get_learned_conditioning
 
     def noting(texts):  # as Neo's engine does for the words it finds
