@@ -32,6 +32,10 @@ class CovarianceError(ValueError):
     """A covariance file that cannot be used; the message names the file and the problem."""
 
 
+class NonFiniteEncodingError(CovarianceError):
+    """The text encoder gave NaN or Inf for the corpus's ordinary prompts: no covariance can come of it."""
+
+
 @dataclass
 class Covariance:
     """C [d, d] float64 (ridge included) with where it came from."""
@@ -105,6 +109,10 @@ def build_covariance(
         if progress:
             progress(min(start + batch_size, total), total)
     c = outer.cpu() / rows
+    if not torch.isfinite(c).all():  # caught here, not as a failed Cholesky factorisation later
+        raise NonFiniteEncodingError(
+            "the text encoder gave NaN or Inf values for ordinary prompts (the covariance corpus); nothing was saved"
+        )
     c = c + torch.eye(c.shape[0], dtype=c.dtype) * (ridge * c.trace() / c.shape[0])
     return Covariance(c, rows, total, encoder_hash, clip_skip, positions, ridge)
 

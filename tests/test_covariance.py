@@ -93,3 +93,21 @@ def test_cache_key_cannot_collide(tmp_path, encoder):
     assert len(list(tmp_path.iterdir())) == 2  # same model and size, other corpus: another file
     with pytest.raises(ValueError, match="hash"):
         perfusion.cached_covariance(tmp_path, encoder, a, encoder_hash="")
+
+
+def test_a_text_encoder_giving_nan_is_refused_before_anything_is_saved(tmp_path, encoder):
+    """NaN or Inf in the encodings (a random checkpoint's text encoder under the WebUI's emphasis 'Original') is
+    named when the covariance is built, and no cache file is written."""
+    from perfusion.covariance import NonFiniteEncodingError, build_covariance, cached_covariance
+
+    def broken(texts):
+        context, lengths = encoder(texts)
+        return context * float("nan"), lengths
+
+    prompts = prompt_corpus(32)
+    with pytest.raises(NonFiniteEncodingError, match="NaN or Inf values for ordinary prompts"):
+        build_covariance(broken, prompts)
+    with pytest.raises(NonFiniteEncodingError):
+        cached_covariance(tmp_path, broken, prompts, encoder_hash="x")
+    assert list(tmp_path.iterdir()) == []
+    assert torch.isfinite(build_covariance(encoder, prompts).matrix).all()  # control: a sound encoder builds one

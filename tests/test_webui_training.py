@@ -120,19 +120,27 @@ def test_an_error_mid_run_leaves_the_status_failed(env, monkeypatch):
 
 
 @pytest.mark.parametrize("emphasis, hint", [("Original", "Emphasis mode to 'No norm'"), ("No norm", "--no-half")])
-def test_nan_in_the_text_encoding_fails_with_what_to_change(env, monkeypatch, emphasis, hint):
+@pytest.mark.parametrize("where", ["training prompts", "every prompt"])
+def test_nan_in_the_text_encoding_fails_with_what_to_change(env, monkeypatch, emphasis, hint, where):
+    """NaN from the text encoder: in the training prompts only, the first step stops; in every prompt (a random or
+    converted checkpoint under emphasis 'Original'), already the covariance corpus's encodings, before training and
+    with the same hint (it used to fail later, as a bare Cholesky error)."""
     concepts, photos = env
     encode = WebUIAdapter.encode
 
     def nan_encode(self, prompts, words=None, size=None):
         context, rows = encode(self, prompts, words, size)
-        return context * float("nan"), rows
+        hit = where == "every prompt" or any("hugsy" in p for p in prompts)
+        return (context * float("nan") if hit else context), rows
 
     monkeypatch.setattr(WebUIAdapter, "encode", nan_encode)
     monkeypatch.setitem(shared.opts.data, "emphasis", emphasis)
     result = training.train(form(photos))
-    assert result.state == "failed" and "step 1: the text encoder" in result.message and hint in result.message
+    said = "step 1: the text encoder" if where == "training prompts" else "for ordinary prompts (the covariance corpus)"
+    assert result.state == "failed" and said in result.message and hint in result.message, result.message
     assert not (concepts / "hugsy.safetensors").exists()
+    saved = list((concepts.parent / "concepts-training").glob("cache/*.safetensors"))
+    assert len(saved) == (where == "training prompts")  # a sound covariance is kept, a NaN one never saved
 
 
 def test_interrupt_saves_and_resume_continues_to_the_end(env):

@@ -24,7 +24,7 @@ from modules import devices
 from ..adapter import encode_by_size
 from ..concept import is_concept_file
 from ..corpus import prompt_corpus
-from ..covariance import adapter_encoder, cached_covariance
+from ..covariance import NonFiniteEncodingError, adapter_encoder, cached_covariance
 from ..dataset import DatasetError, load_dataset
 from ..files import read_regular
 from ..masks import fill_attention_masks
@@ -389,6 +389,9 @@ def _train(form: TrainForm, dataset, preview) -> Status:
             clip_skip=cfg.clip_skip,
             progress=covariance_progress,
         )
+    except NonFiniteEncodingError as e:
+        status = Status("failed", form.name, message=f"{e}{_non_finite_hint('text encoder')}")
+        return status
     except CovarianceInterrupted:
         status = Status(
             "interrupted",
@@ -438,7 +441,7 @@ def _train(form: TrainForm, dataset, preview) -> Status:
                 preview=preview,
             )
     except NonFiniteError as e:
-        status = Status("failed", form.name, status.step, cfg.steps, message=f"{e}{_non_finite_hint(e)}")
+        status = Status("failed", form.name, status.step, cfg.steps, message=f"{e}{_non_finite_hint(e.where)}")
         return status
     finally:
         if board is not None:
@@ -458,9 +461,10 @@ def _train(form: TrainForm, dataset, preview) -> Status:
     return status
 
 
-def _non_finite_hint(e: NonFiniteError) -> str:
-    """What to change in the WebUI for a NaN met while training."""
-    if e.where == "text encoder" and host.webui_option("emphasis", "Original") == "Original":
+def _non_finite_hint(where: str) -> str:
+    """What to change in the WebUI for a NaN met while training, in the text encoder or the loss
+    (NonFiniteError.where)."""
+    if where == "text encoder" and host.webui_option("emphasis", "Original") == "Original":
         return (
             ". The WebUI's emphasis mode 'Original' divides the encoding by its own mean, which is 0/0 when "
             "the text encoder's last layer norm has no bias (random or converted checkpoints): set Settings > "
