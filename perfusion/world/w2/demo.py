@@ -112,8 +112,7 @@ def render_rows(adapter, concepts: dict[str, Concept], folders: dict[str, Path],
     together = images([p.text.replace("[0]", a).replace("[1]", b) for p in prompts], both)
     rows.append((f"Two concepts applied together in one prompt ({a} + {b}), every order and layout", marked(together)))
     titles = {
-        "prediction": "The same prompts composed region by region (perfusion.regional, the default: a U-Net pass per "
-        "concept from its clause, kept where the clause names)",
+        "prediction": "The same prompts composed region by region (the default: a pass per concept, from its clause)",
         "attention": "Composed region by region with the attention blend (one U-Net pass)",
     }
     for blend, title in titles.items():
