@@ -295,9 +295,12 @@ def text_engine_notes_kept() -> Iterator[None]:
     try:
         from backend.text_processing import classic_engine
     except ImportError:
+        classic_engine = None
+    notes = getattr(classic_engine, "last_extra_generation_params", None)
+    if not isinstance(notes, dict):
         yield
         return
-    record = dict(classic_engine.last_extra_generation_params)
+    record = dict(notes)
     try:
         yield
     finally:
