@@ -2,7 +2,7 @@
 
 The infotext holds `Perfusion: hugsy tau=0.15 beta=0.6 lock=local; ...` (what was applied),
 `Perfusion hashes: hugsy: 1a2b3c4d5e6f, ...`, `Perfusion defaults: beta=0.7 tau=0.15 ...` (the accordion) and,
-for several concepts composed regionally, `Perfusion regions: places` and `Perfusion blend: auto` (the settings'
+for several concepts composed regionally, `Perfusion regions: places` and `Perfusion blend: prediction` (the settings'
 own infotext names: pasting offers them as override settings where they differ, as the WebUI does for Clip
 skip). On paste, a tag whose concept is known here under another name (same hash) is renamed; a concept missing
 here is reported; a gate value that came from card preferences (not from the tag) is written into the tag so the

@@ -74,10 +74,10 @@ def register() -> None:
         ),
         "blend": shared.OptionInfo(
             REGION_BLEND,
-            "Several concepts regional: how a concept's region is drawn (attention: one pass, in which every "
-            "cross-attention reads the concept's own clause inside its region; prediction: a pass per concept from "
-            "its clause, the predictions blended; auto: attention where the regions come from named places, else "
-            "prediction)",
+            "Several concepts regional: how a concept's region is drawn (prediction: a pass per concept from its "
+            "clause, the predictions blended, keeps each look best; attention: one pass, in which every "
+            "cross-attention reads the concept's own clause inside its region, faster; auto: attention where the "
+            "regions come from named places, else prediction)",
             radio,
             {"choices": list(REGION_BLENDS)},
             infotext=BLEND,
