@@ -510,10 +510,13 @@ class RegionalComposition:
         size = tuple(x.shape[-2:])
         index = [b for b, _, _ in matched]
         masks = self._masks(capture, matched, size)  # [regions, matched, h, w]
+        # [regions, matched]: whether a row's concept has a region (its own prompt and its superclass row)
         known = torch.tensor(
-            [[t.own[k] is not None and t.rows[k] is not None for _, t, _ in matched] for k in range(len(self.items))]
+            [[t.own[k] is not None and t.rows[k] is not None for _, t, _ in matched] for k in range(len(self.items))],
+            device=masks.device,
         )
-        regions = masks * known[:, :, None, None].to(masks)  # [regions, matched, h, w]: 0 where a region is unknown
+        regions = masks * known[:, :, None, None]  # [regions, matched, h, w]: 0 where a region is unknown
+        latents = x[index]
         preds, weights = [], []
         for k in range(len(self.items)):
             groups = _own_groups(matched, k, whole)
@@ -522,13 +525,11 @@ class RegionalComposition:
             full = output[index].clone()
             for mine in groups:
                 rows = [matched[j] for j in mine]
-                own_x = hide_others(x[index][mine], regions[:, mine], k, self._seed(k))
+                own_x = hide_others(latents[mine], regions[:, mine], k, self._seed(k))
                 full[mine] = self._own_pass(forward, args, kwargs, context, rows, k, whole, own_x).to(full)
             mask = torch.zeros(len(matched), *size, device=output.device, dtype=output.dtype)
             mask[[j for mine in groups for j in mine]] = 1.0  # a concept alone in its prompt: everywhere
-            for j, (_, twins, _) in enumerate(matched):
-                if twins.own[k] is not None and twins.rows[k] is not None:
-                    mask[j] = masks[k, j].to(mask)
+            mask = torch.where(known[k, :, None, None].to(mask.device), regions[k].to(mask), mask)
             preds.append(full)
             weights.append(mask)
         if not preds:
