@@ -19,6 +19,7 @@ from perfusion.world.w2.scenes import (
     owner_map,
     random_scene,
     render,
+    render_with_cover,
     scenes_and_captions,
 )
 
@@ -72,6 +73,20 @@ def test_render_paints_body_and_accent_inside_the_silhouette():
     )
     assert np.abs(top.mean(0) - COLOURS["red"]).max() < 8 and np.abs(bottom.mean(0) - COLOURS["blue"]).max() < 8
     assert (img[_away_from(owner >= 0)] == (15, 15, 15)).all()
+
+
+def test_the_cover_of_a_scene_is_where_its_objects_are():
+    scenes, _ = scenes_and_captions(5, 12)
+    for scene in scenes:
+        img, cover = render_with_cover(scene)
+        owner = owner_map(scene)
+        assert np.array_equal(img, render(scene))
+        assert np.array_equal(cover > 0.5, owner >= 0)  # objects never overlap: their union is the owner map's
+        assert (cover[_away_from(owner >= 0)] == 0).all() and (cover[_away_from(owner < 0)] == 1).all()
+        edge = (cover > 0) & (cover < 1)
+        assert edge.any()  # the box filter's partly covered pixels: a fraction, not a threshold
+    empty = Scene((), "gray")
+    assert not render_with_cover(empty)[1].any()
 
 
 def test_reader_reads_rendered_ground_truth():

@@ -1,5 +1,6 @@
 """The mini model's builder and trainer: seeded, resumable, restartable, slim checkpoints."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,42 @@ def test_world2_run_resumes_exports_and_restarts_from_its_weights(tmp_path):
         train_model.train(7, 600, tmp_path / "b", out, world=2, batch=3, colourless=0.3, two_objects=0.45)
     assert train_model.train(7, 600, tmp_path / "b", out, world=2, restart=True, batch=3, two_objects=0.45) == 7
     assert mini.weights_meta(out)["config"]["train"]["two_objects"] == 0.45
+    # a loss that weighs the objects' pixels: the same, and the batches carry the objects' cover
+    with pytest.raises(SystemExit, match="another configuration"):
+        train_model.train(8, 600, tmp_path / "b", out, world=2, batch=3, two_objects=0.45, object_weight=4.0)
+    assert train_model.train(8, 600, tmp_path / "b", out, world=2, restart=True, batch=3, object_weight=4.0) == 8
+    assert mini.weights_meta(out)["config"]["train"]["object_weight"] == 4.0
+    cfg = mini.weights_meta(out)["config"]["train"]
+    images, _, cover = train_model._batch(2, cfg, 48, 8)
+    plain_images, _, none = train_model._batch(2, {**cfg, "object_weight": 0.0}, 48, 8)
+    assert none is None and np.array_equal(images, plain_images)  # the same scenes either way
+    assert cover.shape == images.shape[:3] and 0 < cover.mean() < 0.5 and cover.max() == 1.0
+
+
+def test_the_object_weighted_loss_weighs_what_objects_cover():
+    from perfusion.world.train_model import weighted_loss
+
+    gen = torch.Generator().manual_seed(0)
+    error = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    cover = torch.rand(2, 6, 6, generator=gen, dtype=torch.float64)
+    plain = error.square().mean()
+    torch.testing.assert_close(weighted_loss(error, cover, 0.0), plain)
+    torch.testing.assert_close(weighted_loss(error, None, 4.0), plain)
+    # float64 reference, pixel by pixel
+    w = 1 + 4.0 * cover
+    reference = sum(
+        w[b, y, x] * error[b, c, y, x] ** 2 for b in range(2) for c in range(3) for y in range(6) for x in range(6)
+    ) / (3 * w.sum())
+    torch.testing.assert_close(weighted_loss(error, cover, 4.0), reference)
+    # an error only on the object half weighs 1 + 4 times one only on the background half; no cover: the same
+    half = torch.zeros(2, 6, 6, dtype=torch.float64)
+    half[:, :, :3] = 1.0
+    on_object, on_background = torch.zeros_like(error), torch.zeros_like(error)
+    on_object[..., :3], on_background[..., 3:] = 1.0, 1.0
+    torch.testing.assert_close(
+        (weighted_loss(on_object, half, 4.0) / weighted_loss(on_background, half, 4.0)).item(), 5.0
+    )
+    torch.testing.assert_close(weighted_loss(on_object, None, 4.0), weighted_loss(on_background, None, 4.0))
 
 
 def test_warm_restart_schedule_and_a_slim_checkpoint(tmp_path):
@@ -106,6 +143,8 @@ def test_the_command_line_refuses_scene_and_caption_shares_it_cannot_use(monkeyp
         (["--world", "1", "--two-objects", "0.4"], "--two-objects is world 2's"),
         (["--world", "2", "--restart", "--three-objects", "-0.1"], "--three-objects is a probability"),
         (["--world", "2", "--restart", "--two-objects", "0.9"], "together at most 1"),
+        (["--world", "1", "--object-weight", "4"], "--object-weight is world 2's"),
+        (["--world", "2", "--restart", "--object-weight", "-1"], "0 or more"),
     ):
         monkeypatch.setattr("sys.argv", ["train_model", *argv])
         with pytest.raises(SystemExit):

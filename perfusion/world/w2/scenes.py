@@ -126,7 +126,14 @@ def _downsample(x: np.ndarray) -> np.ndarray:
 
 def render(scene: Scene) -> np.ndarray:
     """The scene as uint8 [48, 48, 3] (4x supersampled, box-filtered)."""
-    return np.clip(_downsample(_draw(scene)[0]).round(), 0, 255).astype(np.uint8)
+    return render_with_cover(scene)[0]
+
+
+def render_with_cover(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """The scene as uint8 [48, 48, 3] and how much of each pixel its objects cover, float32 [48, 48] in 0..1."""
+    img, owner = _draw(scene)
+    cover = _downsample((owner >= 0).astype(np.float32))
+    return np.clip(_downsample(img).round(), 0, 255).astype(np.uint8), cover
 
 
 def owner_map(scene: Scene) -> np.ndarray:
