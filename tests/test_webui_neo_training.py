@@ -252,6 +252,49 @@ def test_a_quantized_unet_is_named_by_check(neo, photos, monkeypatch):
     assert not any("quantized" in p for p in training.check(form(photos))[0])
 
 
+def test_a_checkpoint_chosen_and_not_loaded_yet_is_loaded_for_training(neo, photos, monkeypatch):
+    """Neo loads the checkpoint chosen in the UI only when a job needs it (`sd_models.forge_model_reload`, which
+    every generation calls first), so after a start there is no model until the first image. Training loads it
+    the same way, inside its job; the API's check before queueing does not count it as missing."""
+    from modules import sd_models
+
+    class ModelData:  # Neo's sd_models.model_data: the chosen checkpoint's parameters, and those of the loaded one
+        forge_loading_parameters: dict = {}
+        forge_hash = ""
+
+    data, loads = ModelData(), []
+
+    @torch.inference_mode()
+    def forge_model_reload():  # Neo's: loads when the chosen parameters differ from the loaded ones
+        current = str(data.forge_loading_parameters)
+        if data.forge_hash == current:
+            return shared.sd_model, False
+        try:
+            assert data.forge_loading_parameters["checkpoint_info"] is not None
+        except Exception:
+            raise ValueError("Failed to find available model...") from None
+        loads.append(current)
+        shared.sd_model, data.forge_hash = neo, current
+        return neo, True
+
+    monkeypatch.setattr(shared, "sd_model", None)
+    monkeypatch.setattr(sd_models, "model_data", data, raising=False)
+    monkeypatch.setattr(sd_models, "forge_model_reload", forge_model_reload, raising=False)
+    missing = "no model is loaded: choose a Stable Diffusion checkpoint first"
+    quick = form(photos, name="lazybear", steps=2, preview_every=0, report_samples=0)
+    # no checkpoint chosen: named, whether or not the check may load one
+    assert missing in training.check(quick)[0] and missing in training.check(quick, load=True)[0]
+    assert training.train(quick).state == "failed" and loads == []
+    data.forge_loading_parameters = {"checkpoint_info": "tiny-sd15-neo.safetensors [663b4cd7]"}
+    # chosen: the check outside the queue lock (the API's) neither complains nor loads
+    assert training.check(quick)[0] == [] and shared.sd_model is None
+    result = training.train(quick)  # the job loads it, as a generation would
+    assert result.state == "done", result.message
+    assert len(loads) == 1 and shared.sd_model is neo and load_concept(result.concept).steps == 2
+    again = form(photos, name="lazybear2", steps=2)
+    assert training.check(again, load=True)[0] == [] and len(loads) == 1  # loaded already: not again
+
+
 @pytest.fixture
 def neo_xl(neo):
     """Neo with an SDXL-shaped model (the A1111 SDXL stand-in's encoders and U-Net, built as Neo builds them)."""

@@ -60,7 +60,7 @@ def start_training(body: dict) -> dict:
     with _starting:  # one request at a time between this check and the status change below
         if training.status.state in ("queued", "training"):
             raise HTTPException(status_code=409, detail=[f"already {training.status.state}: {training.status.name}"])
-        problems, _ = training.check(form)
+        problems, _ = training.check(form)  # outside the queue lock: a checkpoint not loaded yet loads in the job
         if problems:
             raise HTTPException(status_code=422, detail=problems)
         training.status = training.Status("queued", form.name)

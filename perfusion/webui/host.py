@@ -105,6 +105,34 @@ def sd_model() -> Any:
     return shared.sd_model
 
 
+def load_chosen_model() -> Any:
+    """The model to train on: `sd_model()`, on Forge's backend first (re)loaded from the checkpoint chosen in the UI,
+    as a generation does before it runs (Forge and Neo load a checkpoint only when a job needs it, so after a start
+    there is none until the first image). Call it with the WebUI's queue lock held. None when none can be loaded."""
+    if forge_backend():
+        from modules import sd_models
+
+        reload = getattr(sd_models, "forge_model_reload", None)
+        if reload is not None:
+            try:
+                reload()
+            except ValueError:  # Forge's "Failed to find available model...": no checkpoint chosen or found
+                pass
+    return sd_model()
+
+
+def model_chosen() -> bool:
+    """Whether a model is loaded or, on Forge's backend, a checkpoint is chosen that a job will load."""
+    if diffusion_model(sd_model()) is not None:
+        return True
+    if not forge_backend():
+        return False
+    from modules import sd_models
+
+    chosen = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None) or {}
+    return chosen.get("checkpoint_info") is not None
+
+
 def job_state() -> Any:
     """The WebUI's job state: progress text, interrupt flag, live preview."""
     from modules import shared

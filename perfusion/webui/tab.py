@@ -88,7 +88,7 @@ def check_only(*values: Any) -> str:
     """Check button (in the generation queue: it may run the model): problems, the dataset's summary and,
     when ready, the usable images with the masks training will use (the part outside a mask dimmed)."""
     form = TrainForm(**dict(zip(FIELDS, values)))
-    problems, dataset = training.check(form)
+    problems, dataset = training.check(form, load=True)
     lines = problems or ["Ready to train."]
     if dataset is not None:
         lines.append(dataset.summary())

@@ -184,8 +184,10 @@ def work_dir(form: TrainForm) -> Path:
     return host.work_folder() / "runs" / form.name
 
 
-def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
-    """(problems, dataset): every problem the form has, before any work; the dataset when it loads."""
+def check(form: TrainForm, load: bool = False) -> tuple[list[str], Optional[Any]]:
+    """(problems, dataset): every problem the form has, before any work; the dataset when it loads. load: bring in
+    the checkpoint chosen in the UI where the host loads one only for a job (`host.load_chosen_model`; only with
+    the queue lock held); without it a checkpoint chosen and not loaded yet is no problem."""
     problems: list[str] = []
     bad_name = name_problem(form.name)
     if bad_name:
@@ -205,9 +207,10 @@ def check(form: TrainForm) -> tuple[list[str], Optional[Any]]:
     if form.existing not in EXISTING:
         problems.append(f"existing concept {form.existing!r}: one of {', '.join(EXISTING)}")
     problems += form_problems(form)
-    model = host.sd_model()
+    model = host.load_chosen_model() if load else host.sd_model()
     if host.diffusion_model(model) is None:
-        problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
+        if load or not host.model_chosen():  # else Forge loads the chosen one when the job starts, and checks then
+            problems.append("no model is loaded: choose a Stable Diffusion checkpoint first")
     else:
         try:
             check_superclass(adapter_for(model), form.superclass)
@@ -350,7 +353,7 @@ def train(form: TrainForm, preview: Optional[Callable[[Any, int], Any]] = None) 
     """Check, then train through the WebUI's job state (the caller holds the queue lock). Returns the final
     status; problems found before training are in its message and nothing is written."""
     global status
-    problems, dataset = check(form)
+    problems, dataset = check(form, load=True)
     if problems:
         status = Status("failed", form.name, message="\n".join(problems))
         return status
