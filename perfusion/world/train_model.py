@@ -58,6 +58,8 @@ DEFAULTS = dict(
     train_text=False,
     token_scale=10.0,
 )
+# World 2's options added after its first runs, at their defaults: a checkpoint from before them was trained so
+WORLD2_ADDED = {"colourless": 0.0, "object_weight": 0.0}
 # World 2's model is 3x larger and sees 30 % two- and 20 % three-object scenes (their words have to be bound to
 # the right object). world -> (scenes module, U-Net config, text config, defaults, checkpoint folder)
 WORLDS = {
@@ -66,17 +68,7 @@ WORLDS = {
         world2,
         mini.UNET_W2,
         mini.TEXT_W2,
-        dict(
-            DEFAULTS,
-            steps=12000,
-            lr=1e-3,
-            warmup=300,
-            two_objects=0.3,
-            three_objects=0.2,
-            colourless=0.0,
-            object_weight=0.0,
-            world=2,
-        ),
+        dict(DEFAULTS, steps=12000, lr=1e-3, warmup=300, two_objects=0.3, three_objects=0.2, world=2, **WORLD2_ADDED),
         Path("cache/world2"),
     ),
 }
@@ -97,8 +89,6 @@ RESTARTABLE = (
     "three_objects",
     "object_weight",
 )
-# world 2's options a checkpoint from before them was trained without
-WORLD2_ADDED = {"colourless": 0.0, "object_weight": 0.0}
 
 
 def weighted_loss(error: torch.Tensor, cover: Optional[torch.Tensor], object_weight: float) -> torch.Tensor:
