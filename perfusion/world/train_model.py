@@ -250,17 +250,14 @@ def _batch(world: int, cfg: dict, length: int, step: int) -> tuple[np.ndarray, t
     scenes = WORLDS[world][0]
     # world 1 has no three-object scenes and names every colour
     layout = {k: cfg[k] for k in ("two_objects", "three_objects", "colourless") if k in cfg}
-    seed = cfg["seed"] * 1_000_003 + step
-    if not cfg.get("object_weight"):
-        images, captions, _ = scenes.batch(
-            seed, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
-        )
-        return images, mini.tokenize(_tokenizer(), captions, length), None
     drawn, captions = scenes.scenes_and_captions(
-        seed, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
+        cfg["seed"] * 1_000_003 + step, cfg["batch"], scenes.PATTERNS, drop_caption=cfg["drop_caption"], **layout
     )
+    ids = mini.tokenize(_tokenizer(), captions, length)
+    if not cfg.get("object_weight"):  # the loss needs no cover (and world 1 draws none)
+        return np.stack([scenes.render(s) for s in drawn]), ids, None
     images, cover = zip(*(scenes.render_with_cover(s) for s in drawn))
-    return np.stack(images), mini.tokenize(_tokenizer(), captions, length), np.stack(cover)
+    return np.stack(images), ids, np.stack(cover)
 
 
 @functools.cache

@@ -124,16 +124,21 @@ def _downsample(x: np.ndarray) -> np.ndarray:
     return x.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, *x.shape[2:]).mean((1, 3))
 
 
+def _pixels(img: np.ndarray) -> np.ndarray:
+    """A supersampled drawing as uint8 [48, 48, 3] (box-filtered)."""
+    return np.clip(_downsample(img).round(), 0, 255).astype(np.uint8)
+
+
 def render(scene: Scene) -> np.ndarray:
     """The scene as uint8 [48, 48, 3] (4x supersampled, box-filtered)."""
-    return render_with_cover(scene)[0]
+    return _pixels(_draw(scene)[0])
 
 
 def render_with_cover(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """The scene as uint8 [48, 48, 3] and how much of each pixel its objects cover, float32 [48, 48] in 0..1."""
+    """The scene as uint8 [48, 48, 3] and how much of each pixel its objects cover, float32 [48, 48] in 0..1, from
+    one drawing."""
     img, owner = _draw(scene)
-    cover = _downsample((owner >= 0).astype(np.float32))
-    return np.clip(_downsample(img).round(), 0, 255).astype(np.uint8), cover
+    return _pixels(img), _downsample((owner >= 0).astype(np.float32))
 
 
 def owner_map(scene: Scene) -> np.ndarray:
