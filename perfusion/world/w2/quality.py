@@ -333,6 +333,7 @@ def benchmark(
                 )
                 if beta == mode.betas[len(mode.betas) // 2]:
                     grids.append((f"{inst.token}: {mode.name} b={beta}", images[::seeds]))
+    shown = lambda mode: mode is GROUP_MODES[0] or mode.regional  # noqa: E731 (in the quick run and the grids)
     groups = list(itertools.combinations(range(len(instances)), 2))
     groups += list(itertools.combinations(range(len(instances)), 3))[: 1 if quick else 4]
     for group in groups:
@@ -345,7 +346,7 @@ def benchmark(
         name = " + ".join(i.token for i in chosen)
         rows.append({"group": name, "method": "base (words)", **base})
         members, alone = [concepts[k] for k in group], None
-        for mode in [m for m in GROUP_MODES if m is GROUP_MODES[0] or m.regional] if quick else GROUP_MODES:
+        for mode in [m for m in GROUP_MODES if shown(m)] if quick else GROUP_MODES:
             if mode.regional:
                 images = render_regional(
                     adapter, prompts, members, mode.betas[0], seeds, steps, seed=11, blend=mode.blend
@@ -372,7 +373,7 @@ def benchmark(
                 f"(base words, every object as asked {base['all_words']:.2f})",
                 flush=True,
             )
-            if mode is GROUP_MODES[0] or mode.regional:
+            if shown(mode):
                 grids.append((f"{name}: {mode.name}", images[::seeds]))
     return rows, grids
 
