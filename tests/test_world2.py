@@ -15,13 +15,18 @@ from perfusion.world.w2.scenes import (
     PATTERNS,
     Scene,
     Thing,
-    batch,
     owner_map,
     random_scene,
     render,
     render_with_cover,
     scenes_and_captions,
 )
+
+
+def batch(seed: int, n: int, **layout) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """What the model trainer draws for one step: images uint8 [n, 48, 48, 3], captions, scenes."""
+    scenes, captions = scenes_and_captions(seed, n, **layout)
+    return np.stack([render(s) for s in scenes]), captions, scenes
 
 
 def _away_from(inside: np.ndarray) -> np.ndarray:

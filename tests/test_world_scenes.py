@@ -10,12 +10,18 @@ from perfusion.world.scenes import (
     SHAPES,
     Scene,
     Thing,
-    batch,
     from_tensor,
     owner_map,
     render,
+    scenes_and_captions,
     to_tensor,
 )
+
+
+def batch(seed: int, n: int) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """What the model trainer draws for one step: images uint8 [n, 32, 32, 3], captions, scenes."""
+    scenes, captions = scenes_and_captions(seed, n)
+    return np.stack([render(s) for s in scenes]), captions, scenes
 
 
 def test_batches_are_deterministic_and_varied():

@@ -183,14 +183,6 @@ def scenes_and_captions(
     return scenes, ["" if rng.random() < drop_caption else caption(s, rng) for s in scenes]
 
 
-def batch(
-    seed: int, n: int, patterns=PATTERNS, two_objects: float = 0.25, drop_caption: float = 0.0
-) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n scenes for one seed: images uint8 [n, 32, 32, 3], captions, scenes."""
-    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, drop_caption)
-    return np.stack([render(s) for s in scenes]), captions, scenes
-
-
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [n, H, W, 3] -> float32 [n, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1

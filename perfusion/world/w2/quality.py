@@ -333,7 +333,11 @@ def benchmark(
                 )
                 if beta == mode.betas[len(mode.betas) // 2]:
                     grids.append((f"{inst.token}: {mode.name} b={beta}", images[::seeds]))
-    shown = lambda mode: mode is GROUP_MODES[0] or mode.regional  # noqa: E731 (in the quick run and the grids)
+
+    def shown(mode) -> bool:
+        """In the quick run and the grids: the first mode and the regional ones."""
+        return mode is GROUP_MODES[0] or mode.regional
+
     groups = list(itertools.combinations(range(len(instances)), 2))
     groups += list(itertools.combinations(range(len(instances)), 3))[: 1 if quick else 4]
     for group in groups:

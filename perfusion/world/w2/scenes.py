@@ -216,17 +216,3 @@ def scenes_and_captions(
     rng = random.Random(seed)
     scenes = [random_scene(rng, patterns, two_objects, three_objects) for _ in range(n)]
     return scenes, ["" if rng.random() < drop_caption else caption(s, rng, colourless) for s in scenes]
-
-
-def batch(
-    seed: int,
-    n: int,
-    patterns=PATTERNS,
-    two_objects: float = 0.3,
-    three_objects: float = 0.2,
-    drop_caption: float = 0.0,
-    colourless: float = 0.0,
-) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n scenes for one seed: images uint8 [n, 48, 48, 3], captions, scenes."""
-    scenes, captions = scenes_and_captions(seed, n, patterns, two_objects, three_objects, drop_caption, colourless)
-    return np.stack([render(s) for s in scenes]), captions, scenes
