@@ -43,3 +43,17 @@ def test_demo_quick_run_writes_concepts_and_a_contact_sheet(tmp_path, capsys):
         c = perfusion.load_concept(tmp_path / "concepts" / f"{token}.safetensors")
         assert c.steps == 3 and c.context_dim == 64 and c.base_model_hash and c.lock == "local"
         assert len(list((tmp_path / "instances" / token).glob("*-?.png"))) == 5
+
+
+def test_world2_accuracy_lists_each_one_object_miss_with_what_was_read(capsys):
+    from perfusion.world.w2 import accuracy
+
+    assert accuracy.main(["--scenes", "8", "--steps", "8", "--misses"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line[:32].strip(): line[32:] for line in lines if not line.startswith("miss ")}
+    one = int(table["every attribute (one object)"].split("n=")[1].rstrip(")"))
+    right = float(table["every attribute (one object)"].split("%")[0]) / 100
+    misses = [line for line in lines if line.startswith("miss ")]
+    assert one > 0 and len(misses) == round(one * (1 - right))
+    assert all("->" in line for line in misses)  # each names what was asked and what was read
+    assert float(table["background"].split("%")[0]) >= 90  # the committed model follows captions

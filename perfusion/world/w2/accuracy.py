@@ -1,6 +1,6 @@
 """How well a world-2 mini model follows captions: held-out captions generated, read back, compared.
 
-    ./dev.sh python -m perfusion.world.w2.accuracy [--weights FILE] [--scenes 160] [--steps 25]
+    ./dev.sh python -m perfusion.world.w2.accuracy [--weights FILE] [--scenes 160] [--steps 25] [--misses]
 
 One-object scenes: shape, colour (the caption's), pattern, size, position, background, and every one at once.
 Two- and three-object scenes: each object fully right (shape, colour, pattern), all at once. The accent
@@ -38,7 +38,8 @@ def asked(reading: Reading, thing: Thing) -> dict[str, bool]:
 
 
 def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batch: int = 40, seed: int = 3) -> dict:
-    """{'accuracy': {attribute: fraction}, 'counts', 'images', 'captions'} over n held-out scenes."""
+    """{'accuracy': {attribute: fraction}, 'counts', 'images', 'captions', 'misses'} over n held-out scenes; misses:
+    (scene index, what the caption asked, what was read) per one-object scene with an attribute wrong."""
     rng = random.Random(HELD_OUT_SEED)
     scenes = [random_scene(rng) for _ in range(n)]
     text_rng = random.Random(HELD_OUT_SEED + 1)
@@ -58,13 +59,15 @@ def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batc
             for k in range(0, n, batch)
         ]
     )
-    right = defaultdict(list)
-    for scene, img in zip(scenes, images):
+    right, misses = defaultdict(list), []
+    for index, (scene, img) in enumerate(zip(scenes, images)):
         if len(scene.things) == 1:
             r, t = read(img), scene.things[0]
             checks = {**asked(r, t), "size": r.size == t.size, "position": r.position == t.position}
             checks["background"] = r.background == scene.background
             checks["every attribute (one object)"] = all(checks.values())
+            if not checks["every attribute (one object)"]:
+                misses.append((index, t, r))
         else:
             readings = read_places(img, tuple(t.position for t in scene.things))
             per = [all(asked(r, t).values()) for r, t in zip(readings, scene.things)]
@@ -81,6 +84,7 @@ def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batc
         "counts": {k: len(v) for k, v in right.items()},
         "images": images,
         "captions": captions,
+        "misses": misses,
     }
 
 
@@ -91,10 +95,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--grid", type=Path, help="also write the first 40 samples as a PNG grid")
+    p.add_argument("--misses", action="store_true", help="also list each one-object scene read wrong")
     a = p.parse_args(argv)
     result = accuracy(mini.load(a.weights), a.scenes, a.steps, a.guidance)
     for k, v in result["accuracy"].items():
         print(f"{k:32s} {v:6.1%}  (n={result['counts'][k]})")
+    if a.misses:
+        fields = ("shape", "colour", "accent", "pattern", "size", "position")
+        for index, thing, reading in result["misses"]:
+            wrong = [
+                f"{f} {getattr(thing, f)} -> {getattr(reading, f)}"
+                for f in fields
+                if getattr(thing, f) != getattr(reading, f)
+            ]
+            print(f"miss {index:4d}: {result['captions'][index]!r}: " + ", ".join(wrong))
     if a.grid:
         from PIL import Image
 
