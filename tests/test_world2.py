@@ -227,6 +227,27 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
     assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").superclass == "ball"
     for picture in ("pareto.png", "samples.png"):
         assert (tmp_path / "out" / picture).stat().st_size > 1000
+    # the firmer pair measurement: the pair only, the regional modes and each concept alone
+    pairs = tmp_path / "pairs"
+    instances = ["--instance", f"{folders[0]}:boxy", "--instance", f"{folders[1]}:duo:ball"]
+    assert quality.main([*args[:1], "--out", str(pairs), "--only", "pairs", *instances]) == 0
+    rows = json.loads((pairs / "results.json").read_text())
+    assert [(r["group"], r["method"]) for r in rows] == [
+        ("boxy + duo", "base (words)"),
+        ("boxy + duo", "local regional"),
+        ("boxy + duo", "local regional, attention blend"),
+    ]
+    assert "alone_all_identities" in rows[1] and not (pairs / "pareto.png").exists()
+
+
+def test_firm_pair_prompts_put_every_order_and_layout_on_every_background():
+    from perfusion.world.w2.quality import group_prompts
+    from perfusion.world.w2.scenes import BACKGROUNDS
+
+    prompts = group_prompts(2, every_background=True)
+    seen = {(p.places, p.objects, p.asked["background"]) for p in prompts}
+    assert len(prompts) == len(seen) == 16 and {b for *_, b in seen} == set(BACKGROUNDS)
+    assert {(p.places, p.objects) for p in group_prompts(2)} == {(p.places, p.objects) for p in prompts}
 
 
 def test_alone_scores_each_concept_at_its_own_place(monkeypatch):

@@ -1,6 +1,7 @@
 """Identity against alignment on world 2, for instances from any folders, alone and in pairs and triples.
 
     ./dev.sh python -m perfusion.world.w2.quality [--instance DIR[:TOKEN[:SUPERCLASS]] ...] [--quick]
+        [--only groups|pairs]
 
 Each instance's look (shape, body colour, pattern, accent) is read off its own images by the identity
 reader (w2/analyze.py); its token defaults to the folder's name and its superclass to the shape read.
@@ -15,6 +16,8 @@ trains every concept with the key held at its superclass's (options.TrainLock); 
   the base model given each instance's words ("a small red checkered ball"): the fraction in which every
   object shows what its words ask. (Words cannot ask for an accent colour, so their identity score is
   chance; it is reported too.)
+- --only pairs: the firmer pair measurement: every pair, its 4 prompts on each of the 4 backgrounds (16), with
+  the regional modes and each concept alone only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -47,7 +50,9 @@ from .accuracy import LATENT_SHAPE, WEIGHTS, asked
 from .analyze import Reading, is_instance, read, read_places
 from .examples import TEMPLATES as CAPTION_TEMPLATES
 from .examples import write_examples
-from .scenes import COLOURS, SHAPES, SIZE, Thing, article, scenes_and_captions
+from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZE, Thing, article, scenes_and_captions
+
+Part = Literal["all", "groups", "pairs"]  # what a run measures (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,13 @@ def single_prompts(other: Thing) -> list[Prompt]:
     ]
 
 
-def group_prompts(n: int) -> list[Prompt]:
-    """Prompts with concepts [0]..[n-1] (n = 2 or 3), every concept in every place once."""
+def group_prompts(n: int, every_background: bool = False) -> list[Prompt]:
+    """Prompts with concepts [0]..[n-1] (n = 2 or 3), every concept in every place once (a pair's on each
+    background with every_background)."""
     if n == 2:
         layouts = [(("left", "right"), "gray"), (("top", "bottom"), "white")]
+        if every_background:
+            layouts = [(places, b) for places, _ in layouts for b in BACKGROUNDS]
         orders = [(0, 1), (1, 0)]
     else:
         layouts = [
@@ -291,10 +299,10 @@ def benchmark(
     seeds: int,
     steps: int,
     quick: bool,
-    groups_only: bool = False,
+    part: Part = "all",
 ) -> tuple[list[dict], list]:
     rows, grids, rng = [], [], random.Random(0)
-    for inst, concept in [] if groups_only else zip(instances, concepts):
+    for inst, concept in zip(instances, concepts) if part == "all" else []:
         other = other_object([inst.look], rng)
         prompts = single_prompts(other)
         looks = [inst.look]
@@ -339,10 +347,11 @@ def benchmark(
         return mode is GROUP_MODES[0] or mode.regional
 
     groups = list(itertools.combinations(range(len(instances)), 2))
-    groups += list(itertools.combinations(range(len(instances)), 3))[: 1 if quick else 4]
+    if part != "pairs":
+        groups += list(itertools.combinations(range(len(instances)), 3))[: 1 if quick else 4]
     for group in groups:
         chosen = [instances[k] for k in group]
-        prompts = group_prompts(len(group))
+        prompts = group_prompts(len(group), every_background=part == "pairs")
         looks = [i.look for i in chosen]
         words = [look_words(i.look) for i in chosen]
         said = render(adapter, [_fill(p.text, words) for p in prompts], [], None, None, seeds, steps, seed=11)
@@ -350,7 +359,7 @@ def benchmark(
         name = " + ".join(i.token for i in chosen)
         rows.append({"group": name, "method": "base (words)", **base})
         members, alone = [concepts[k] for k in group], None
-        for mode in [m for m in GROUP_MODES if shown(m)] if quick else GROUP_MODES:
+        for mode in [m for m in GROUP_MODES if (m.regional if part == "pairs" else shown(m) or not quick)]:
             if mode.regional:
                 images = render_regional(
                     adapter, prompts, members, mode.betas[0], seeds, steps, seed=11, blend=mode.blend
@@ -442,7 +451,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/quality2"))
     p.add_argument("--train-lock", choices=TRAIN_LOCKS, default="local", help="the key lock concepts train with")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 training steps, 1 seed, 3 sampling steps")
-    p.add_argument("--groups-only", action="store_true", help="only the pairs and triples (no single-concept rows)")
+    p.add_argument(
+        "--only",
+        choices=("groups", "pairs"),
+        help="groups: the pairs and triples only; pairs: the pairs on every background, regional modes only",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.seeds, a.sample_steps = 3, 1, 3
@@ -457,11 +470,11 @@ def main(argv=None) -> int:
     adapter = mini.load(a.weights)
     cov = world_covariance(adapter, a.out / "cache", captions=scenes_and_captions)
     concepts = [train_concept(adapter, cov, inst, a.steps, a.out, lock=a.train_lock) for inst in instances]
-    rows, grids = benchmark(adapter, instances, concepts, a.seeds, a.sample_steps, a.quick, a.groups_only)
+    rows, grids = benchmark(adapter, instances, concepts, a.seeds, a.sample_steps, a.quick, a.only or "all")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(rows, indent=1))
     (a.out / "results.md").write_text(markdown(rows, a))
-    if not a.groups_only:
+    if not a.only:
         pareto_plot(
             mean_over_instances(rows), a.out / "pareto.png", ["base (superclass word)", *(m.name for m in MODES)]
         )
