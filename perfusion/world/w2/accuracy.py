@@ -39,7 +39,7 @@ def asked(reading: Reading, thing: Thing) -> dict[str, bool]:
 
 def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batch: int = 40, seed: int = 3) -> dict:
     """{'accuracy': {attribute: fraction}, 'counts', 'images', 'captions', 'misses'} over n held-out scenes; misses:
-    (scene index, what the caption asked, what was read) per one-object scene with an attribute wrong."""
+    (scene index, the scene its caption asked for, what was read) per one-object scene with an attribute wrong."""
     rng = random.Random(HELD_OUT_SEED)
     scenes = [random_scene(rng) for _ in range(n)]
     text_rng = random.Random(HELD_OUT_SEED + 1)
@@ -67,7 +67,7 @@ def accuracy(adapter, n: int = 160, steps: int = 25, guidance: float = 2.0, batc
             checks["background"] = r.background == scene.background
             checks["every attribute (one object)"] = all(checks.values())
             if not checks["every attribute (one object)"]:
-                misses.append((index, t, r))
+                misses.append((index, scene, r))
         else:
             readings = read_places(img, tuple(t.position for t in scene.things))
             per = [all(asked(r, t).values()) for r, t in zip(readings, scene.things)]
@@ -101,12 +101,11 @@ def main(argv=None) -> int:
     for k, v in result["accuracy"].items():
         print(f"{k:32s} {v:6.1%}  (n={result['counts'][k]})")
     if a.misses:
-        fields = ("shape", "colour", "accent", "pattern", "size", "position")
-        for index, thing, reading in result["misses"]:
+        fields = ("shape", "colour", "accent", "pattern", "size", "position", "background")
+        for index, scene, reading in result["misses"]:
+            asked_for = {**vars(scene.things[0]), "background": scene.background}
             wrong = [
-                f"{f} {getattr(thing, f)} -> {getattr(reading, f)}"
-                for f in fields
-                if getattr(thing, f) != getattr(reading, f)
+                f"{f} {asked_for[f]} -> {getattr(reading, f)}" for f in fields if asked_for[f] != getattr(reading, f)
             ]
             print(f"miss {index:4d}: {result['captions'][index]!r}: " + ", ".join(wrong))
     if a.grid:
