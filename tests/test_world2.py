@@ -211,7 +211,7 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
     for c in captions:  # a user's folder whose captions say only what follows the word
         c.write_text(c.read_text().split("[name] ", 1)[1])
     assert quality._captions_place_the_word(folders[0]) and not quality._captions_place_the_word(folders[1])
-    args = ["--quick", "--out", str(tmp_path / "out"), "--train-lock", "hard"]
+    args = ["--quick", "--out", str(tmp_path / "out"), "--train-lock", "hard", "--train-seed", "3"]
     assert quality.main([*args, "--instance", f"{folders[0]}:boxy", "--instance", f"{folders[1]}:duo:ball"]) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["instance"] for r in rows if "instance" in r} == {"boxy", "duo"}
@@ -222,9 +222,13 @@ def test_benchmark_smoke_runs_on_any_instance_folders(tmp_path):
         "local regional",
         "local regional, attention blend",
     ]
-    assert "key lock while training: hard" in (tmp_path / "out" / "results.md").read_text()
-    assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").lock == "hard"
-    assert load_concept(tmp_path / "out" / "concepts" / "duo.safetensors").superclass == "ball"
+    assert "key lock while training: hard, training seed 3" in (tmp_path / "out" / "results.md").read_text()
+    duo = load_concept(tmp_path / "out" / "concepts" / "duo.safetensors")
+    assert (duo.lock, duo.superclass) == ("hard", "ball")
+    trained = duo.shared_metadata  # the world's recipe and the asked seed reached the trainer
+    assert (trained["ss_seed"], trained["ss_batch_size_per_device"]) == ("3", str(quality.RECIPE["batch_size"]))
+    assert float(trained["ss_learning_rate"]) == quality.RECIPE["lr_values"]
+    assert float(trained["ss_text_encoder_lr"]) == quality.RECIPE["lr_embedding"]
     for picture in ("pareto.png", "samples.png"):
         assert (tmp_path / "out" / picture).stat().st_size > 1000
     # the firmer pair measurement: the pair only, the regional modes and each concept alone

@@ -281,10 +281,16 @@ def _captions_place_the_word(folder: Path) -> bool:
     return bool(captions) and all("[name]" in c.read_text(encoding="utf-8") for c in captions)
 
 
+# How the world's concepts train: batches of 8 at twice the trainer's learning rates (the paper's, for Stable
+# Diffusion). On the 5.4M-parameter mini model those leave a small instance's look half learnt in 150 steps, and
+# more steps lose it instead (docs/world.md, seventh and thirteenth sessions).
+RECIPE = dict(batch_size=8, grad_accum=1, lr_values=0.06, lr_embedding=0.012)
+
+
 def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, progress=None, **overrides) -> Concept:
-    """The instance's concept at OUT/concepts/TOKEN.safetensors (batch 8, the world's templates; overrides win)."""
+    """The instance's concept at OUT/concepts/TOKEN.safetensors (`RECIPE`, the world's templates; overrides win)."""
     templates = CAPTION_TEMPLATES if _captions_place_the_word(inst.folder) else TEMPLATES
-    settings = dict(steps=steps, batch_size=8, grad_accum=1, templates=templates, seed=0) | overrides
+    settings = dict(steps=steps, templates=templates, seed=0) | RECIPE | overrides
     cfg = TrainConfig(name=inst.token, token=inst.token, superclass=inst.superclass, **settings)
     path = out / "concepts" / f"{inst.token}.safetensors"
     return train_folder(
@@ -414,8 +420,9 @@ def mean_over_instances(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], args) -> str:
     lines = [
-        f"{args.steps} training steps (key lock while training: {args.train_lock}), {args.seeds} seeds per prompt, "
-        f"DDIM {args.sample_steps} steps, guidance 2.",
+        f"{args.steps} training steps (batch {RECIPE['batch_size']}, learning rates {RECIPE['lr_values']} values / "
+        f"{RECIPE['lr_embedding']} embedding, key lock while training: {args.train_lock}, training seed "
+        f"{args.train_seed}), {args.seeds} seeds per prompt, DDIM {args.sample_steps} steps, guidance 2.",
         "",
         "| instance | method | beta | identity fidelity | prompt alignment |",
         "|---|---|---|---|---|",
@@ -449,6 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("docs/quality2"))
+    p.add_argument("--train-seed", type=int, default=0, help="the concepts' training seed (one training is a draw)")
     p.add_argument("--train-lock", choices=TRAIN_LOCKS, default="local", help="the key lock concepts train with")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 training steps, 1 seed, 3 sampling steps")
     p.add_argument(
@@ -469,7 +477,9 @@ def main(argv=None) -> int:
         )
     adapter = mini.load(a.weights)
     cov = world_covariance(adapter, a.out / "cache", captions=scenes_and_captions)
-    concepts = [train_concept(adapter, cov, inst, a.steps, a.out, lock=a.train_lock) for inst in instances]
+    concepts = [
+        train_concept(adapter, cov, inst, a.steps, a.out, lock=a.train_lock, seed=a.train_seed) for inst in instances
+    ]
     rows, grids = benchmark(adapter, instances, concepts, a.seeds, a.sample_steps, a.quick, a.only or "all")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(rows, indent=1))
