@@ -1,10 +1,11 @@
 """Identity against alignment on world 2, for instances from any folders, alone and in pairs and triples.
 
     ./dev.sh python -m perfusion.world.w2.quality [--instance DIR[:TOKEN[:SUPERCLASS]] ...] [--quick]
-        [--only groups|pairs]
+        [--only groups|pairs] [--train-seed N]
 
-Each instance's look (shape, body colour, pattern, accent) is read off its own images by the identity
-reader (w2/analyze.py); its token defaults to the folder's name and its superclass to the shape read.
+Each concept trains by the world's `RECIPE` (training seed N, 0 by default: one training is a draw). Each
+instance's look (shape, body colour, pattern, accent) is read off its own images by the identity reader
+(w2/analyze.py); its token defaults to the folder's name and its superclass to the shape read.
 Without --instance the bundled looks (w2/examples.py) are written to OUT/instances and used. --train-lock hard
 trains every concept with the key held at its superclass's (options.TrainLock); inference modes name their lock.
 
