@@ -55,5 +55,8 @@ def test_world2_accuracy_lists_each_one_object_miss_with_what_was_read(capsys):
     right = float(table["every attribute (one object)"].split("%")[0]) / 100
     misses = [line for line in lines if line.startswith("miss ")]
     assert one > 0 and len(misses) == round(one * (1 - right))
-    assert all("->" in line for line in misses)  # each names what was asked and what was read
+    scored = {"shape", "colour", "pattern", "size", "position", "background"}
+    for line in misses:  # each names, for a scored attribute, what was asked and what was read
+        said = line.split("': ", 1)[1].split(", ")
+        assert said and all(part.split()[0] in scored and " -> " in part for part in said), line
     assert float(table["background"].split("%")[0]) >= 90  # the committed model follows captions

@@ -291,7 +291,7 @@ RECIPE = dict(batch_size=8, grad_accum=1, lr_values=0.06, lr_embedding=0.012)
 def train_concept(adapter, cov, inst: Instance, steps: int, out: Path, progress=None, **overrides) -> Concept:
     """The instance's concept at OUT/concepts/TOKEN.safetensors (`RECIPE`, the world's templates; overrides win)."""
     templates = CAPTION_TEMPLATES if _captions_place_the_word(inst.folder) else TEMPLATES
-    settings = dict(steps=steps, templates=templates, seed=0) | RECIPE | overrides
+    settings = dict(steps=steps, templates=templates) | RECIPE | overrides
     cfg = TrainConfig(name=inst.token, token=inst.token, superclass=inst.superclass, **settings)
     path = out / "concepts" / f"{inst.token}.safetensors"
     return train_folder(
@@ -457,7 +457,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("docs/quality2"))
-    p.add_argument("--train-seed", type=int, default=0, help="the concepts' training seed (one training is a draw)")
+    p.add_argument(
+        "--train-seed", type=int, default=TrainConfig.seed, help="the concepts' training seed (one training is a draw)"
+    )
     p.add_argument("--train-lock", choices=TRAIN_LOCKS, default="local", help="the key lock concepts train with")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 training steps, 1 seed, 3 sampling steps")
     p.add_argument(
